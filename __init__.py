@@ -1,0 +1,22 @@
+"""attnlab: induction heads, in-context learning and query/key geometry in BERT-style transformers.
+
+The small public API (the rest is machinery):
+
+- :func:`attnlab.load_model` - load a BERT-family or GPT-2 model + tokenizer (Hub id, cache or folder).
+- :func:`attnlab.extract_attention` - attention rows of chosen queries, every layer and head, batched.
+- :func:`attnlab.head_weights` - per-head W_Q, W_K, W_V, W_O slices and biases.
+"""
+
+from attnlab.core.models import LoadedModel, load_model
+from attnlab.core.extractor import AttentionRows, extract_attention
+from attnlab.core.weights import HeadWeights, head_weights
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "AttentionRows",
+    "extract_attention",
+    "HeadWeights",
+    "head_weights",
+]
+__version__ = "0.1.0"

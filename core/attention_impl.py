@@ -1,0 +1,76 @@
+"""The one hook point: an attention implementation that is SDPA plus an optional recorder.
+
+transformers routes every attention call of BERT and GPT-2 through a registry of attention functions
+(``AttentionInterface``). We register ``"attnlab_sdpa"``: it runs the model's own
+``scaled_dot_product_attention`` unchanged, and, when a :class:`Recorder` is active, hands it the
+per-head queries and keys *as the model computed them* (after any scaling the architecture does in
+its projection) together with the mask and scaling the model used. The recorder then computes only the
+attention rows it was asked for, so the forward pass never materialises ``[layers, heads, seq, seq]``.
+
+Hook names (TransformerLens style, one per activation):
+    ``q``      per-head queries  ``[batch, heads, seq, d_head]``
+    ``k``      per-head keys     ``[batch, heads, seq, d_head]``
+    ``mask``   the model's mask  (None, bool ``[batch|1, 1, seq, seq]`` True=attend, or additive float)
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Callable
+
+import torch
+
+CAPTURE_IMPLEMENTATION = "attnlab_sdpa"
+
+# The recorder for the forward pass in flight (None: behave exactly like plain SDPA).
+_ACTIVE_RECORDER: contextvars.ContextVar = contextvars.ContextVar("attnlab_recorder", default=None)
+
+
+def _capture_attention_forward(module, query, key, value, attention_mask, scaling=None, is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    recorder = _ACTIVE_RECORDER.get()
+    if recorder is not None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        recorder.record(module, query, key, attention_mask, float(scaling), bool(causal))
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+_installed = False
+
+
+def install_capture_attention() -> None:
+    """Register the capture implementation with transformers (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention_forward)
+    # Masks are built exactly as for SDPA, so the recorder sees the mask SDPA sees.
+    AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
+    _installed = True
+
+
+class recording:
+    """Context manager that makes ``recorder`` receive every attention call in its block."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+        self._token = None
+
+    def __enter__(self):
+        self._token = _ACTIVE_RECORDER.set(self.recorder)
+        return self.recorder
+
+    def __exit__(self, *exc):
+        _ACTIVE_RECORDER.reset(self._token)
+        return False
+
+
+RecordFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], None]

@@ -1,0 +1,284 @@
+"""The shared engine: attention rows of chosen queries, for every layer and head, batched.
+
+The model runs its own SDPA attention; during that forward pass a recorder (see ``attention_impl``)
+receives each layer's per-head queries and keys and computes softmax rows *only* for the query positions
+asked for. Cost over a plain forward pass: one ``[Q, d_head] x [d_head, seq]`` product per head and layer.
+
+Shapes (B batch, S padded length, Q queries per sequence, L layers, H heads, d = d_head):
+    input_ids, attention_mask    [B, S]      right padding only (attention_mask 1 = token, 0 = pad)
+    query_positions              [B, Q]      indices into the unpadded part of each sequence
+    AttentionRows.attention      [B, Q, L, H, S]   float32, each row sums to 1, padded keys get 0
+    AttentionRows.scores         [B, Q, L, H, S]   float32 pre-softmax q.k * scaling, before masking
+    AttentionRows.queries/keys   [B, S, L, H, d]   float32 per-head vectors as the model computed them
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from attnlab.core.attention_impl import recording
+from attnlab.core.errors import InputError
+from attnlab.core.models import LoadedModel, as_loaded
+
+DEFAULT_MEMORY_BUDGET_MB = 1024
+
+
+@dataclass
+class AttentionRows:
+    """What :func:`extract_attention` returns; absent parts are None. All tensors on ``out_device``."""
+
+    attention: torch.Tensor | None
+    scores: torch.Tensor | None
+    queries: torch.Tensor | None
+    keys: torch.Tensor | None
+    query_positions: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids [B, S]`` and ``attention_mask [B, S]``."""
+    if len(sequences) == 0:
+        raise InputError("no sequences given")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+class _LastLayerRecorded(Exception):
+    """Raised after the last layer's q/k are recorded: the rest of the forward pass is not needed."""
+
+
+class _RowRecorder:
+    """Receives (q, k, mask) per layer and keeps only what was asked for.
+
+    After the last layer it aborts the forward pass: that layer's value/output projections, its MLP and
+    the pooler cannot change any attention row, so computing them would be wasted work.
+    """
+
+    def __init__(self, layer_of, n_layers, query_positions, want_attention, want_scores, want_qk, out_device):
+        self.layer_of = layer_of
+        self.qpos = query_positions  # [B, Q] on the model's device
+        self.want_attention, self.want_scores, self.want_qk = want_attention, want_scores, want_qk
+        self.out_device = out_device
+        self.attention = [None] * n_layers
+        self.scores = [None] * n_layers
+        self.queries = [None] * n_layers
+        self.keys = [None] * n_layers
+
+    def record(self, module, q, k, mask, scaling, causal):
+        layer = self.layer_of[id(module)]
+        self._record(layer, q, k, mask, scaling, causal)
+        if layer == len(self.attention) - 1:
+            raise _LastLayerRecorded
+
+    def _record(self, layer, q, k, mask, scaling, causal):
+        batch, _, seq, _ = q.shape
+        if self.want_qk:
+            self.queries[layer] = q.transpose(1, 2).float().to(self.out_device)  # [B, S, H, d]
+            self.keys[layer] = k.transpose(1, 2).float().to(self.out_device)
+        if not (self.want_attention or self.want_scores) or self.qpos.shape[1] == 0:
+            return
+        rows = torch.arange(batch, device=q.device)[:, None]
+        q_rows = q.transpose(1, 2)[rows, self.qpos]  # [B, Q, H, d]
+        # fp32 for the few rows we keep, whatever dtype the model runs in
+        scores = torch.einsum("bqhd,bhkd->bqhk", q_rows.float(), k.float()) * scaling  # [B, Q, H, S]
+        if self.want_scores:
+            self.scores[layer] = scores.to(self.out_device)
+        if not self.want_attention:
+            return
+        masked = self._apply_mask(scores, mask, causal, rows, k.shape[2])
+        self.attention[layer] = torch.softmax(masked, dim=-1).to(self.out_device)
+
+    def _apply_mask(self, scores, mask, causal, rows, n_keys):
+        """Apply exactly the mask SDPA applied to these rows (bool: True attends; float: additive)."""
+        if mask is None:
+            if not causal:
+                return scores
+            key_idx = torch.arange(n_keys, device=scores.device)
+            allowed = key_idx[None, None, :] <= self.qpos[:, :, None]  # [B, Q, S]
+            return scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
+        m = mask[:, 0].expand(scores.shape[0], -1, -1)[rows, self.qpos]  # [B, Q, S]
+        if m.dtype == torch.bool:
+            return scores.masked_fill(~m[:, :, None, :], float("-inf"))
+        return scores + m[:, :, None, :].float()
+
+    def stacked(self, name):
+        parts = getattr(self, name)
+        if any(p is None for p in parts):
+            return None
+        return torch.stack(parts, dim=2)  # layers go after [B, Q] (rows) or [B, S] (q/k vectors)
+
+
+def _layer_index(lm: LoadedModel) -> dict:
+    """Map each self-attention module (by id) to its layer number."""
+    base = lm.base
+    if lm.model_type == "gpt2":
+        modules = [block.attn for block in base.h]
+    else:
+        modules = [layer.attention.self for layer in base.encoder.layer]
+    return {id(m): i for i, m in enumerate(modules)}
+
+
+def validate_inputs(lm: LoadedModel, input_ids, attention_mask, query_positions):
+    """Turn user input into tensors and reject what would fail deep inside transformers."""
+    input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must have shape [batch, seq] with both > 0, got {tuple(input_ids.shape)}")
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    lengths = attention_mask.sum(1)
+    if (attention_mask[:, 1:] > attention_mask[:, :-1]).any() or (lengths == 0).any():
+        raise InputError(
+            "attention_mask must be right-padded (ones, then zeros) with at least one token per sequence; "
+            "left padding shifts position ids and changes the model's output"
+        )
+    longest = int(lengths.max())
+    if longest > lm.max_positions:
+        raise InputError(
+            f"sequence of {longest} tokens is longer than the model's {lm.max_positions} positions "
+            f"(max_position_embeddings of {lm.name}); lower the sequence length (e.g. --seq-len) so that every "
+            f"sequence including special tokens has at most {lm.max_positions} tokens"
+        )
+    real = input_ids[attention_mask.bool()]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= lm.vocab_size):
+        raise InputError(
+            f"token ids must lie in [0, {lm.vocab_size}) for {lm.name}; got range "
+            f"[{int(real.min())}, {int(real.max())}]"
+        )
+    if query_positions is None:
+        # every position; rows of padding positions are computed for position 0 and zeroed afterwards
+        all_positions = torch.arange(seq).expand(batch, seq)
+        query_positions = torch.where(all_positions < lengths[:, None], all_positions, 0)
+    query_positions = torch.as_tensor(query_positions, dtype=torch.long)
+    if query_positions.ndim == 1:
+        query_positions = query_positions[:, None]
+    if query_positions.ndim != 2 or query_positions.shape[0] != batch:
+        raise InputError(
+            f"query_positions must have shape [batch={batch}, queries], got {tuple(query_positions.shape)}"
+        )
+    if query_positions.numel():
+        bad = (query_positions < 0) | (query_positions >= lengths[:, None])
+        if bad.any():
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise InputError(
+                f"query position {int(query_positions[b, j])} of sequence {b} is out of range: that sequence has "
+                f"{int(lengths[b])} tokens (positions 0..{int(lengths[b]) - 1}; padding cannot be a query)"
+            )
+    return input_ids, attention_mask, query_positions
+
+
+def bytes_per_sequence(lm: LoadedModel, seq: int, n_queries: int, want_qk: bool) -> int:
+    """A deliberately generous estimate of peak memory one sequence adds to a forward pass."""
+    cfg = lm.config
+    hidden = cfg.hidden_size
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    item = torch.finfo(lm.dtype).bits // 8
+    activations = seq * (8 * hidden + 2 * inner) * item
+    attention = 2 * cfg.num_attention_heads * seq * seq * item  # math-kernel SDPA may build one layer's map
+    kept = 2 * n_queries * lm.n_layers * cfg.num_attention_heads * seq * 4
+    if want_qk:
+        kept += 2 * seq * lm.n_layers * hidden * 4
+    return activations + attention + kept
+
+
+def extract_attention(
+    model,
+    input_ids,
+    attention_mask=None,
+    query_positions=None,
+    *,
+    return_attention: bool = True,
+    return_scores: bool = False,
+    return_qk: bool = False,
+    batch_size: int | None = None,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    out_device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> AttentionRows:
+    """Attention probabilities of the chosen query rows for every layer and head.
+
+    Args:
+        model: a :class:`LoadedModel` or a supported transformers model.
+        input_ids: ``[B, S]`` token ids (right-padded), or a 1-D tensor for one sequence.
+        attention_mask: ``[B, S]``, 1 for tokens and 0 for padding; default all ones.
+        query_positions: ``[B, Q]`` (or ``[B]`` for one query each). None: every position (full maps -
+            memory grows with S^2). ``[B, 0]``: no rows (useful with ``return_qk``).
+        return_scores: also return pre-softmax scores ``q.k * scaling`` (before masking).
+        return_qk: also return per-head queries and keys ``[B, S, L, H, d_head]``.
+        batch_size: sequences per forward pass; default chosen from ``memory_budget_mb``.
+
+    Returns:
+        :class:`AttentionRows`; ``attention`` is ``[B, Q, L, H, S]`` float32.
+    """
+    lm = as_loaded(model)
+    query_positions_given = query_positions
+    input_ids, attention_mask, query_positions = validate_inputs(lm, input_ids, attention_mask, query_positions)
+    batch, seq = input_ids.shape
+    if batch_size is None:
+        per_seq = bytes_per_sequence(lm, seq, query_positions.shape[1], return_qk)
+        batch_size = max(1, int(memory_budget_mb * 2**20 // per_seq))
+    batch_size = max(1, min(int(batch_size), batch))
+    device = lm.device
+    layer_of = _layer_index(lm)
+    wanted = {"attention": return_attention, "scores": return_scores, "queries": return_qk, "keys": return_qk}
+    pieces: dict[str, list] = {name: [] for name, want in wanted.items() if want}
+
+    starts = range(0, batch, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="attention", unit="chunk")
+    with torch.inference_mode():
+        for start in starts:
+            stop = min(start + batch_size, batch)
+            width = int(attention_mask[start:stop].sum(1).max())  # trim padding shared by the whole chunk
+            ids = input_ids[start:stop, :width].to(device)
+            mask = attention_mask[start:stop, :width].to(device)
+            recorder = _RowRecorder(
+                layer_of, lm.n_layers, query_positions[start:stop].to(device),
+                return_attention, return_scores, return_qk, out_device,
+            )
+            try:
+                with recording(recorder):
+                    lm.base(input_ids=ids, attention_mask=mask)
+            except _LastLayerRecorded:
+                pass
+            for name in pieces:
+                part = recorder.stacked(name)
+                pad = seq - width  # restore the caller's width: keys (or positions) beyond the chunk are padding
+                if pad:
+                    shape = list(part.shape)
+                    if name in {"attention", "scores"}:
+                        shape[-1] = pad
+                        part = torch.cat([part, part.new_zeros(shape)], dim=-1)
+                    else:
+                        shape[1] = pad
+                        part = torch.cat([part, part.new_zeros(shape)], dim=1)
+                pieces[name].append(part)
+    out = {name: torch.cat(parts) for name, parts in pieces.items()}
+    if query_positions_given is None:
+        padding_rows = ~attention_mask.bool().to(out_device)  # [B, S] query rows that are padding
+        for name in ("attention", "scores"):
+            if name in out:
+                out[name][padding_rows] = 0
+    return AttentionRows(
+        attention=out.get("attention"),
+        scores=out.get("scores"),
+        queries=out.get("queries"),
+        keys=out.get("keys"),
+        query_positions=query_positions,
+        attention_mask=attention_mask,
+    )

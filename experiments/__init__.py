@@ -1,0 +1,1 @@
+"""One module per experiment, plus the ``attnlab`` command line (``cli``)."""

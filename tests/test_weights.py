@@ -1,0 +1,48 @@
+"""Per-head weights rebuild the extractor's pre-softmax scores (BERT and GPT-2's fused c_attn)."""
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_gpt2
+
+from attnlab import extract_attention, head_weights
+from attnlab.core.models import wrap_model
+
+
+def _attention_inputs(lm, ids):
+    """x fed to each layer's attention: BERT the layer input, GPT-2 ln_1 of it. [L, S, d_model]."""
+    with torch.no_grad():
+        hidden = lm.base(ids[None], output_hidden_states=True).hidden_states
+    if lm.model_type == "gpt2":
+        return torch.stack([block.ln_1(hidden[i][0]) for i, block in enumerate(lm.base.h)])
+    return torch.stack([h[0] for h in hidden[:-1]])
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
+def test_scores_from_slices_equal_extractor(make):
+    lm = wrap_model(make())
+    ids = torch.randint(0, 120, (15,), generator=torch.Generator().manual_seed(0))
+    w = head_weights(lm)
+    assert w.W_Q.shape == (3, 4, 32, 8) and w.W_O.shape == (3, 4, 8, 32) and w.b_O.shape == (3, 32)
+    x = _attention_inputs(lm, ids)
+    q = torch.einsum("lsm,lhmd->lhsd", x, w.W_Q) + w.b_Q[:, :, None]
+    k = torch.einsum("lsm,lhmd->lhsd", x, w.W_K) + w.b_K[:, :, None]
+    rebuilt = torch.einsum("lhqd,lhkd->qlhk", q, k) * w.scaling[None, :, None, None]
+    got = extract_attention(lm, ids[None], None, None, return_scores=True, return_attention=False).scores[0]
+    torch.testing.assert_close(got, rebuilt, atol=1e-5, rtol=1e-5)
+
+
+def test_value_and_output_slices_rebuild_attention_output():
+    """sum_h softmax(...) (x W_V + b_V) W_O + b_O equals the model's attention sublayer (dense) output."""
+    lm = wrap_model(tiny_bert())
+    ids = torch.randint(0, 120, (10,), generator=torch.Generator().manual_seed(1))
+    w = head_weights(lm)
+    x = _attention_inputs(lm, ids)[1]  # layer 1
+    attn = extract_attention(lm, ids[None], None, None).attention[0, :, 1]  # [Q, H, K]
+    v = torch.einsum("sm,hmd->hsd", x, w.W_V[1]) + w.b_V[1][:, None]
+    z = torch.einsum("qhk,hkd->qhd", attn, v)
+    out = torch.einsum("qhd,hdm->qm", z, w.W_O[1]) + w.b_O[1]
+    layer = lm.base.encoder.layer[1].attention
+    with torch.no_grad():
+        ctx = layer.self(x[None])[0][0]
+        expected = layer.output.dense(ctx)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
