@@ -234,8 +234,20 @@ def load_model(
     return LoadedModel(model, tok, name_or_path, source, masked_lm, meta)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None):
+    """The model's tokenizer; None for a local folder that holds no tokenizer files.
+
+    (transformers would otherwise build an empty tokenizer for such a folder.) Experiments then fall back
+    to bert-base-uncased's id layout.
+    """
     from transformers import AutoTokenizer
+
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        return None
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)

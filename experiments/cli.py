@@ -13,7 +13,28 @@ from attnlab.core.errors import AttnlabError
 # Modules that define ``add_parser(subparsers)``; each owns its subcommand(s).
 SUBCOMMAND_MODULES = [
     "attnlab.experiments.info",
+    "attnlab.experiments.induction",
 ]
+
+
+def load_plugins(specs: list[str]) -> None:
+    """Import user modules (dotted names or .py files) so their @register_variant calls run."""
+    import importlib.util
+    from pathlib import Path
+
+    for spec in specs:
+        if spec.endswith(".py"):
+            path = Path(spec)
+            if not path.exists():
+                raise AttnlabError(f"plugin file {spec} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"attnlab_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(spec)
+            except ImportError as exc:
+                raise AttnlabError(f"cannot import plugin module {spec!r}: {exc}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'attnlab COMMAND --help' for the options of one command.",
     )
     parser.add_argument("--verbose", action="store_true", help="show library warnings and full tracebacks")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a module or .py file first, e.g. one that registers RRT variants "
+                             "(repeatable; also read from ATTNLAB_PLUGINS, comma-separated)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
@@ -42,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
+        load_plugins([p for p in os.environ.get("ATTNLAB_PLUGINS", "").split(",") if p] + args.plugin)
         return int(args.func(args) or 0)
     except AttnlabError as exc:
         if args.verbose:

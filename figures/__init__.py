@@ -1,0 +1,1 @@
+"""Plotting only: functions take arrays and a path, and write an image atomically."""

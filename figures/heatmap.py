@@ -1,0 +1,31 @@
+"""Layers x heads heatmaps in the paper's style (Blues, fixed 0-1 scale, layers as rows)."""
+
+from __future__ import annotations
+
+import numpy as np
+import seaborn as sns
+
+from attnlab.figures.style import plt, save
+
+
+def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", cbar_label=None,
+                 center=None, norm=None, fmt_ticks=None) -> None:
+    """values: [layers, heads]. Size grows with the grid so a 24 x 16 map stays legible."""
+    values = np.asarray(values, dtype=float)
+    layers, heads = values.shape
+    width = max(6.0, 0.45 * heads + 2.5)
+    height = max(4.5, 0.38 * layers + 1.5)
+    fig, ax = plt.subplots(figsize=(width, height))
+    kwargs = dict(cmap=cmap, linewidths=0.5, linecolor="white", square=False, ax=ax,
+                  cbar_kws={"label": cbar_label} if cbar_label else None)
+    if norm is not None:
+        kwargs["norm"] = norm
+    else:
+        kwargs.update(vmin=vmin, vmax=vmax, center=center)
+    sns.heatmap(values, **kwargs)
+    ax.set_xlabel("Head", fontsize=13)
+    ax.set_ylabel("Layer", fontsize=13)
+    ax.set_title(title, fontsize=12)
+    ax.set_xticks(np.arange(heads) + 0.5, [str(h) for h in range(heads)], rotation=0)
+    ax.set_yticks(np.arange(layers) + 0.5, [str(layer) for layer in range(layers)], rotation=0)
+    save(fig, path)

@@ -1,0 +1,17 @@
+"""Shared figure plumbing: a headless backend and atomic PNG saving."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files for reports; never open a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from attnlab.core.outputs import atomic_path  # noqa: E402
+
+
+def save(fig, path, dpi: int = 150) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)

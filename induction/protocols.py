@@ -1,0 +1,139 @@
+"""Token protocols: which ids random sequences are made of, and how they are framed.
+
+``paper`` replicates the paper's code; ``clean`` (default) makes every target well defined.
+
+``paper`` quirks replicated on purpose (variants document their own index quirks):
+  * one [SEP] (id 102) in front, no [CLS], no final [SEP];
+  * token ids uniform in [100, 20000) *with replacement*: a sequence can repeat a token, and can contain
+    special ids that fall in that range (101 [CLS], 102 [SEP], 103 [MASK]) and [unused] entries;
+  * target indices that come out negative index from the end, as Python/NumPy indexing did in that code.
+
+``clean``: ``[CLS] ... [SEP]``; tokens drawn without replacement from ordinary vocabulary entries (no special
+and no ``[unused]`` tokens), so each token occurs once per copy and "the previous instance" is unique.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.core.errors import InputError
+
+PAPER_LOW, PAPER_HIGH = 100, 20000  # token id range of the paper's code (high exclusive)
+PAPER_SEP, PAPER_MASK = 102, 103
+PROTOCOLS = ("clean", "paper")
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Special ids and the pool of ordinary ids a model's vocabulary offers."""
+
+    cls_id: int | None
+    sep_id: int | None
+    mask_id: int | None
+    ordinary_ids: torch.Tensor  # 1-D, sorted
+    vocab_size: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, vocab_size: int) -> "TokenSpec":
+        special = set(tokenizer.all_special_ids)
+        unused = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")
+        vocab = tokenizer.get_vocab()
+        ordinary = sorted(i for tok, i in vocab.items() if i < vocab_size and i not in special and not unused.match(tok))
+        return cls(tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
+                   torch.tensor(ordinary, dtype=torch.long), vocab_size)
+
+    @classmethod
+    def bert_uncased_layout(cls, vocab_size: int) -> "TokenSpec":
+        """bert-base-uncased's id layout: 0 [PAD], 1-99 & 104-998 [unused], 100-103 [UNK]/[CLS]/[SEP]/[MASK]."""
+        return cls(101, 102, 103, torch.arange(999, vocab_size), vocab_size)
+
+
+class Protocol:
+    """Frames random token sequences; variants call ``draw`` and ``frame`` and read ``name``."""
+
+    name: str
+
+    def __init__(self, spec: TokenSpec):
+        self.spec = spec
+
+    @property
+    def mask_id(self) -> int:
+        return self.spec.mask_id
+
+    def draw(self, n_trials: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``[n_trials, n]`` random token ids."""
+        raise NotImplementedError
+
+    def frame(self, body: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Add the protocol's special tokens around ``body [T, S]``; return (ids, offset of body)."""
+        raise NotImplementedError
+
+
+class PaperProtocol(Protocol):
+    name = "paper"
+
+    def __init__(self, spec: TokenSpec):
+        super().__init__(spec)
+        if spec.vocab_size < PAPER_HIGH:
+            raise InputError(
+                f"protocol 'paper' draws token ids in [{PAPER_LOW}, {PAPER_HIGH}) but the model's vocabulary has "
+                f"only {spec.vocab_size} entries; use --protocol clean"
+            )
+        if spec.sep_id not in (None, PAPER_SEP) or spec.mask_id not in (None, PAPER_MASK):
+            raise InputError(
+                f"protocol 'paper' hard-codes [SEP]={PAPER_SEP} and [MASK]={PAPER_MASK} (bert-base-uncased's ids) but "
+                f"this tokenizer has [SEP]={spec.sep_id}, [MASK]={spec.mask_id}; use --protocol clean"
+            )
+
+    @property
+    def mask_id(self) -> int:
+        return PAPER_MASK
+
+    def draw(self, n_trials, n, generator):
+        return torch.randint(PAPER_LOW, PAPER_HIGH, (n_trials, n), generator=generator)
+
+    def frame(self, body):
+        sep = torch.full((body.shape[0], 1), PAPER_SEP, dtype=torch.long)
+        return torch.cat([sep, body], dim=1), 1
+
+
+class CleanProtocol(Protocol):
+    name = "clean"
+
+    def __init__(self, spec: TokenSpec):
+        super().__init__(spec)
+        missing = [n for n, v in (("[CLS]", spec.cls_id), ("[SEP]", spec.sep_id), ("[MASK]", spec.mask_id)) if v is None]
+        if missing:
+            raise InputError(f"protocol 'clean' needs {', '.join(missing)} token(s), which this model's tokenizer lacks")
+
+    def draw(self, n_trials, n, generator):
+        pool = self.spec.ordinary_ids
+        if n > len(pool):
+            raise InputError(f"cannot draw {n} distinct tokens from {len(pool)} ordinary vocabulary entries")
+        # without replacement: the first n of a random permutation, per trial
+        picks = torch.argsort(torch.rand(n_trials, len(pool), generator=generator), dim=1)[:, :n]
+        return pool[picks]
+
+    def frame(self, body):
+        t = body.shape[0]
+        cls = torch.full((t, 1), self.spec.cls_id, dtype=torch.long)
+        sep = torch.full((t, 1), self.spec.sep_id, dtype=torch.long)
+        return torch.cat([cls, body, sep], dim=1), 1
+
+
+def make_protocol(name: str, spec: TokenSpec) -> Protocol:
+    if name == "paper":
+        return PaperProtocol(spec)
+    if name == "clean":
+        return CleanProtocol(spec)
+    raise InputError(f"unknown protocol {name!r}; use one of {', '.join(PROTOCOLS)}")
+
+
+def token_spec_for(lm) -> TokenSpec:
+    """The model's TokenSpec: from its tokenizer, else bert-base-uncased's id layout."""
+    if lm.tokenizer is not None:
+        return TokenSpec.from_tokenizer(lm.tokenizer, lm.vocab_size)
+    return TokenSpec.bert_uncased_layout(lm.vocab_size)
