@@ -14,6 +14,7 @@ from attnlab.core.errors import AttnlabError
 SUBCOMMAND_MODULES = [
     "attnlab.experiments.info",
     "attnlab.experiments.induction",
+    "attnlab.experiments.icl",
 ]
 
 

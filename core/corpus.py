@@ -1,0 +1,107 @@
+"""Text corpora for ICL and geometry: one spec string, three kinds of source.
+
+    path/to/file.jsonl[.gz]       one JSON object per line with a ``text`` field (``id``/``title`` optional)
+    path/to/folder/               every ``*.txt`` file is a document (sorted by name)
+    hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]   a Hugging Face dataset, e.g. the default
+                                  ``hf:wikimedia/wikipedia:20231101.simple:train:text``
+                                  (the paper used ``hf:wikipedia:20220301.simple:train:text``)
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnlab.core.errors import CorpusError
+
+DEFAULT_CORPUS = "hf:wikimedia/wikipedia:20231101.simple:train:text"
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    text: str
+
+
+def load_corpus(spec: str, limit: int | None = None) -> list[Document]:
+    """Documents of ``spec`` (see module docstring), at most ``limit`` of them."""
+    if spec.startswith("hf:"):
+        docs = _load_hf(spec[3:], limit)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            docs = _load_txt_folder(path, limit)
+        elif path.is_file():
+            docs = _load_jsonl(path, limit)
+        else:
+            raise CorpusError(
+                f"corpus {spec!r} is neither an existing .jsonl/.jsonl.gz file, a folder of .txt files, nor a "
+                "dataset spec 'hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]'"
+            )
+    if not docs:
+        raise CorpusError(f"corpus {spec!r} contains no documents with text")
+    return docs
+
+
+def _load_jsonl(path: Path, limit):
+    opener = gzip.open if path.suffix == ".gz" else open
+    docs = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise CorpusError(f"{path}: line {i + 1} has no string 'text' field")
+                if rec["text"].strip():
+                    docs.append(Document(str(rec.get("id", i)), str(rec.get("title", "")), rec["text"]))
+                if limit and len(docs) >= limit:
+                    break
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorpusError(f"cannot read corpus file {path}: {exc}") from exc
+    return docs
+
+
+def _load_txt_folder(path: Path, limit):
+    files = sorted(path.glob("*.txt"))
+    if not files:
+        raise CorpusError(f"corpus folder {path} has no .txt files")
+    docs = []
+    for f in files[:limit] if limit else files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CorpusError(f"cannot read {f}: {exc}") from exc
+        if text.strip():
+            docs.append(Document(f.stem, f.stem, text))
+    return docs
+
+
+def _load_hf(spec: str, limit):
+    parts = spec.split(":")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    field = parts[3] if len(parts) > 3 and parts[3] else "text"
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        docs = []
+        for i, rec in enumerate(ds):
+            docs.append(Document(str(rec.get("id", i)), str(rec.get("title", "")), rec[field]))
+            if limit and len(docs) >= limit:
+                break
+        return docs
+    except KeyError as exc:
+        raise CorpusError(f"dataset {name!r} has no field {field!r}") from exc
+    except Exception as exc:  # network, missing config, ... : all mean "cannot use this dataset here"
+        raise CorpusError(
+            f"cannot load dataset {name!r} (config {config!r}, split {split!r}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. If this machine is offline, pass a local corpus "
+            "instead (a .jsonl/.jsonl.gz with a 'text' field, or a folder of .txt files)"
+        ) from exc

