@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "attnlab.experiments.info",
     "attnlab.experiments.induction",
     "attnlab.experiments.icl",
+    "attnlab.experiments.patterns",
 ]
 
 

@@ -101,3 +101,17 @@ def test_bad_inputs_get_specific_errors():
         extract_attention(lm, torch.tensor([[1, 500]]), None, [[0]])
     with pytest.raises(InputError, match="shape"):
         extract_attention(lm, torch.zeros(2, 5, dtype=torch.long), None, torch.zeros(3, 1, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
+def test_cuda_path_matches_cpu_eager(make):
+    model = make()
+    ref = eager_copy(model)
+    lm = wrap_model(model.cuda())
+    seqs, ids, mask, qpos = _random_batch(120, [40, 17, 33, 5], 3, seed=7)
+    rows = extract_attention(lm, ids, mask, qpos, batch_size=3)
+    for b, seq in enumerate(seqs):
+        full = eager_attention(ref, seq)
+        for j, q in enumerate(qpos[b].tolist()):
+            torch.testing.assert_close(rows.attention[b, j, ..., : len(seq)], full[:, :, q, :], atol=1e-5, rtol=0)

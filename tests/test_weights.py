@@ -5,16 +5,12 @@ import torch
 from conftest import tiny_bert, tiny_gpt2
 
 from attnlab import extract_attention, head_weights
+from attnlab.core.activations import attention_inputs
 from attnlab.core.models import wrap_model
 
 
 def _attention_inputs(lm, ids):
-    """x fed to each layer's attention: BERT the layer input, GPT-2 ln_1 of it. [L, S, d_model]."""
-    with torch.no_grad():
-        hidden = lm.base(ids[None], output_hidden_states=True).hidden_states
-    if lm.model_type == "gpt2":
-        return torch.stack([block.ln_1(hidden[i][0]) for i, block in enumerate(lm.base.h)])
-    return torch.stack([h[0] for h in hidden[:-1]])
+    return attention_inputs(lm, ids)
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])

@@ -1,0 +1,1 @@
+"""Query/key geometry and pattern/message projections."""
