@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--memory-n", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the extractor and plain forward; the paper's method always runs float32")
     ap.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory_child:
@@ -101,6 +103,10 @@ def main():
     n = args.n or (64 if device.type == "cuda" else 8)
     torch.set_grad_enabled(False)
     lm = bert_base(device)
+    eager = copy.deepcopy(lm.model)  # the paper's method: float32, eager attention
+    eager.set_attn_implementation("eager")
+    if args.dtype == "bfloat16":
+        lm.model.to(torch.bfloat16)
     ids, mask, qpos = rrt_batch(n)
     batch_size = args.batch_size or n
 
@@ -111,8 +117,6 @@ def main():
     def extractor():
         extract_attention(lm, ids, mask, qpos, batch_size=batch_size)
 
-    eager = copy.deepcopy(lm.model)
-    eager.set_attn_implementation("eager")
 
     def paper_method():
         for i in range(n):
@@ -124,7 +128,7 @@ def main():
     t_paper = timed(paper_method, device, max(1, args.repeats - 1))
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "sequences": n, "seq_len": SEQ_LEN, "batch_size": batch_size,
+        "dtype": args.dtype, "sequences": n, "seq_len": SEQ_LEN, "batch_size": batch_size,
         "plain_forward_s": round(t_plain, 4), "extractor_s": round(t_extract, 4), "paper_method_s": round(t_paper, 4),
         "a_extractor_over_plain": round(t_extract / t_plain, 3),
         "b_paper_over_extractor": round(t_paper / t_extract, 2),
