@@ -46,7 +46,7 @@ def write_json(path, obj) -> None:
 
 
 def finished(out_dir: str | Path, config: dict) -> dict | None:
-    """The previous run's meta if it finished with this exact config and its outputs still exist."""
+    """The previous run's meta (marked ``reused``) if it finished with this exact config and its outputs exist."""
     meta_path = Path(out_dir) / "meta.json"
     if not meta_path.exists():
         return None
@@ -58,6 +58,7 @@ def finished(out_dir: str | Path, config: dict) -> dict | None:
         return None
     if not all((Path(out_dir) / f).exists() for f in meta.get("outputs", [])):
         return None
+    meta["reused"] = True
     return meta
 
 

@@ -68,8 +68,8 @@ def _gpt2_layer(block, n_heads):
     return (*parts, w_o, attn.c_proj.bias, attn.scaling)
 
 
-def head_weights(model, dtype: torch.dtype = torch.float32) -> HeadWeights:
-    """Per-head weight slices of every layer (copies, detached, on the model's device)."""
+def head_weights(model, dtype: torch.dtype = torch.float32, device=None) -> HeadWeights:
+    """Per-head weight slices of every layer (copies, detached, on ``device``; default the model's)."""
     lm: LoadedModel = as_loaded(model)
     if lm.model_type == "gpt2":
         layers = [_gpt2_layer(block, lm.n_heads) for block in lm.base.h]
@@ -77,6 +77,6 @@ def head_weights(model, dtype: torch.dtype = torch.float32) -> HeadWeights:
         layers = [_bert_layer(layer, lm.n_heads) for layer in lm.base.encoder.layer]
     with torch.no_grad():
         cols = list(zip(*layers))
-        stacked = [torch.stack([t.detach().to(dtype) for t in col]) for col in cols[:-1]]
+        stacked = [torch.stack([t.detach().to(device=device, dtype=dtype) for t in col]) for col in cols[:-1]]
         scaling = torch.tensor([float(s) for s in cols[-1]], dtype=dtype)
     return HeadWeights(*stacked, scaling=scaling)

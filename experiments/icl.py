@@ -152,7 +152,6 @@ def run_icl(cfg: ICLConfig, out_dir, *, lm=None, docs=None, device="auto", batch
     out_dir = Path(out_dir)
     config = asdict(cfg)
     if reuse and (meta := finished(out_dir, config)):
-        meta["reused"] = True
         return meta
     t0 = time.perf_counter()
     if docs is None:

@@ -77,7 +77,6 @@ def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batc
         raise InputError(f"--trials must be at least 1, got {cfg.trials}")
     config = asdict(cfg)
     if reuse and (meta := finished(out_dir, config)):
-        meta["reused"] = True
         return meta
     t0 = time.perf_counter()
     if lm is None:

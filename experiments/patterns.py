@@ -57,11 +57,11 @@ def vocabulary(lm, layer, layernorm):
         return layer_input_norm(lm, layer)(emb).float().cpu()
 
 
-def compute(lm, words, layers, kinds=KINDS, top_k=15, sentence=None, layernorm=False, flt=None, strict=False):
-    """Rows (input, layer, head, kind, rank, token, similarity)."""
+def compute(lm, words, layers, kinds=KINDS, top_k=15, sentence=None, layernorm=False, flt=None, strict=False,
+            weights=None):
+    """Rows (input, layer, head, kind, rank, token, similarity). ``weights``: head_weights(lm) on the CPU."""
     flt = flt or VocabFilter()
-    w = head_weights(lm)
-    w = type(w)(*(t.cpu() for t in (w.W_Q, w.b_Q, w.W_K, w.b_K, w.W_V, w.b_V, w.W_O, w.b_O)), scaling=w.scaling)
+    w = weights if weights is not None else head_weights(lm, device="cpu")
     x, used = input_vectors(lm, words, layers, sentence, layernorm, strict)
     allowed = flt.allowed(lm.tokenizer, lm.vocab_size)
     rows = []
@@ -134,7 +134,8 @@ def _run(args) -> int:
               "INPUT embeddings, which is not what the model's output head reads")
     flt = VocabFilter(special=not args.keep_special, subwords=args.no_subwords,
                       bpe_fragments=args.no_bpe_fragments, high_bias=args.no_high_bias)
-    rows, used = compute(lm, words, layers, kinds, args.top_k, args.sentence, args.layernorm, flt, args.strict)
+    w = head_weights(lm, device="cpu")  # shared by the projections and the spectra
+    rows, used = compute(lm, words, layers, kinds, args.top_k, args.sentence, args.layernorm, flt, args.strict, w)
     rows = [r for r in rows if r[2] in heads]
     out = Path(args.out)
     csv = io.StringIO()
@@ -153,7 +154,6 @@ def _run(args) -> int:
                     group.setdefault((r[1], r[2]), []).append(f"{r[5]} ({r[6]:.2f})")
             md += [f"| {layer} | {h} | {', '.join(v)} |" for (layer, h), v in sorted(group.items())]
     write_text(out / "patterns.md", "\n".join(md) + "\n")
-    w = head_weights(lm)
     spec = io.StringIO()
     spec.write("layer,head,kind,effective_rank,singular_values\n")
     for kind in KINDS:
