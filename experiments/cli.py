@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "attnlab.experiments.induction",
     "attnlab.experiments.icl",
     "attnlab.experiments.patterns",
+    "attnlab.experiments.geometry",
 ]
 
 

@@ -9,8 +9,12 @@ from attnlab.figures.style import plt, save
 
 
 def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", cbar_label=None,
-                 center=None, norm=None, fmt_ticks=None) -> None:
-    """values: [layers, heads]. Size grows with the grid so a 24 x 16 map stays legible."""
+                 center=None, norm=None, cbar_ticks=None, annot=False, nan_color=None) -> None:
+    """values: [layers, heads]. Size grows with the grid so a 24 x 16 map stays legible.
+
+    ``annot`` writes each value in its cell (only for grids of at most 16 heads); ``nan_color`` fills
+    missing cells.
+    """
     values = np.asarray(values, dtype=float)
     layers, heads = values.shape
     width = max(6.0, 0.45 * heads + 2.5)
@@ -18,11 +22,20 @@ def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", 
     fig, ax = plt.subplots(figsize=(width, height))
     kwargs = dict(cmap=cmap, linewidths=0.5, linecolor="white", square=False, ax=ax,
                   cbar_kws={"label": cbar_label} if cbar_label else None)
+    if annot and heads <= 16:
+        kwargs.update(annot=True, fmt=".3g", annot_kws={"fontsize": 7})
+    if nan_color:
+        ax.set_facecolor(nan_color)
     if norm is not None:
         kwargs["norm"] = norm
     else:
         kwargs.update(vmin=vmin, vmax=vmax, center=center)
     sns.heatmap(values, **kwargs)
+    if cbar_ticks is not None:
+        cbar = ax.collections[0].colorbar
+        cbar.set_ticks(cbar_ticks)
+        cbar.set_ticklabels([f"{t:g}" for t in cbar_ticks])
+        cbar.minorticks_off()
     ax.set_xlabel("Head", fontsize=13)
     ax.set_ylabel("Layer", fontsize=13)
     ax.set_title(title, fontsize=12)

@@ -1,0 +1,361 @@
+"""How well query-key *distance* tracks the *dot product* as queries and keys are rescaled (Figure 2).
+
+Scaling convention (used everywhere in attnlab, stated once here):
+
+    q' = c * q              queries are MULTIPLIED by c (the paper's text; its code divides them)
+    k' = k / c + t          keys are divided by c, then translated by one constant vector t
+
+so every dot product q'.k' = q.k + c q.t: the logits of one query move by the same amount for every key,
+and softmax ignores that, so every attention pattern is unchanged (``tests/test_geometry.py`` checks it).
+With ``translate=True`` (the default) t = c * mean(q) - mean(k) / c, which puts the key centroid on the
+query centroid; then q' - k' = c (q - mean q) - (k - mean k) / c, i.e. distances are between *centred*
+vectors. Translating the queries instead would add q_t.k to each logit - a different amount for every key
+- and change the pattern; that is why only keys are moved.
+
+The dot product the metrics compare distance with is the attention logit q.k (up to the model's constant
+1/sqrt(d_head), which no correlation sees). It does not depend on c, so only the distance side moves.
+
+Per head, pairs are query-key pairs within one sentence (for causal models only keys at or before the
+query's position). Everything is vectorised over pairs, heads and constants: per pair we precompute
+``|q~|^2``, ``|k~|^2``, ``q~.k~`` once, and the distance at any c is
+
+    d(c)^2 = c^2 |q~|^2 + |k~|^2 / c^2 - 2 q~.k~         (q~, k~: centred, or raw without translation)
+
+Shapes: G heads (layers * heads, flattened layer-major), P pairs, C constants, N sentences, S tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.core.errors import InputError
+
+PAPER_CONSTANTS = (0.2, 0.4, 0.8, 1.0, 1.25, 2.5, 5.0)
+PERCENTILE = 0.5  # the threshold: the 0.5th percentile of a head's query-key distances
+MIN_PAIRS = 3  # a weighted correlation of fewer pairs under the threshold is reported as missing (NaN)
+METRICS = ("weighted_corr", "scaled_weighted_corr", "norm_ratio")
+METRIC_TITLES = {
+    "weighted_corr": "weighted correlation",
+    "scaled_weighted_corr": "weighted correlation, scaled by pair count",
+    "norm_ratio": "Q/K norm ratio",
+}
+
+
+def check_constants(constants) -> torch.Tensor:
+    c = torch.as_tensor(constants, dtype=torch.float64)
+    if c.ndim == 0:
+        c = c[None]
+    if c.numel() == 0:
+        raise InputError("no scaling constants given; pass positive numbers, e.g. 0.2,0.4,0.8,1,1.25,2.5,5")
+    if not torch.isfinite(c).all() or (c <= 0).any():
+        raise InputError(f"scaling constants must be finite and > 0 (queries are multiplied by c, keys divided "
+                         f"by c); got {c.tolist()}")
+    return c
+
+
+def transform_qk(q, k, c: float, *, translate: bool = True, mean_q=None, mean_k=None):
+    """The convention above applied to vectors: ``q [..., d] -> c q``, ``k [..., d] -> k / c + t``.
+
+    ``mean_q``/``mean_k`` default to the means over all leading dimensions of ``q``/``k``.
+    """
+    q2, k2 = q * c, k / c
+    if translate:
+        mean_q = q.reshape(-1, q.shape[-1]).mean(0) if mean_q is None else mean_q
+        mean_k = k.reshape(-1, k.shape[-1]).mean(0) if mean_k is None else mean_k
+        k2 = k2 + (c * mean_q - mean_k / c)
+    return q2, k2
+
+
+def pair_index(lengths, causal: bool):
+    """Every within-sentence query-key pair as index tensors ``(sentence, query_pos, key_pos)`` [P] each."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    width = int(lengths.max())
+    pos = torch.arange(width)
+    valid = (pos[None, :, None] < lengths[:, None, None]) & (pos[None, None, :] < lengths[:, None, None])
+    if causal:
+        valid &= pos[None, None, :] <= pos[None, :, None]
+    return valid.nonzero(as_tuple=True)
+
+
+@dataclass
+class PairTerms:
+    """Per-pair quantities of G heads over the same P pairs (float64).
+
+    q_sq, k_sq, cross  [G, P]   |q~|^2, |k~|^2, q~.k~ (centred vectors with translation, raw without)
+    dot                [G, P]   q.k, the raw attention logit (unscaled)
+    """
+
+    q_sq: torch.Tensor
+    k_sq: torch.Tensor
+    cross: torch.Tensor
+    dot: torch.Tensor
+
+
+def pair_terms(queries, keys, lengths, *, causal: bool, translate: bool = True, index=None) -> PairTerms:
+    """queries, keys: ``[N, S, G, d]`` (zeros beyond ``lengths [N]``) -> :class:`PairTerms` of the pairs."""
+    q, k = queries.double(), keys.double()
+    n_idx, i_idx, j_idx = pair_index(lengths, causal) if index is None else index
+    width = q.shape[1]
+    valid = torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]  # [N, S]
+    dot = torch.einsum("nigd,njgd->gnij", q, k)[:, n_idx, i_idx, j_idx]
+    if translate:
+        q = q - q[valid].mean(0)  # [G, d] centroids over every token of every sentence
+        k = k - k[valid].mean(0)
+        cross = torch.einsum("nigd,njgd->gnij", q, k)[:, n_idx, i_idx, j_idx]
+    else:
+        cross = dot
+    q_sq = (q * q).sum(-1).permute(2, 0, 1)[:, n_idx, i_idx]  # [G, P]
+    k_sq = (k * k).sum(-1).permute(2, 0, 1)[:, n_idx, j_idx]
+    return PairTerms(q_sq, k_sq, cross, dot)
+
+
+def scaled_distances(terms: PairTerms, constants) -> torch.Tensor:
+    """|q' - k'| for every head, constant and pair: ``[G, C, P]``. ``constants``: ``[C]`` or per head ``[G, C]``."""
+    c2 = torch.as_tensor(constants, dtype=torch.float64) ** 2
+    c2 = c2[None, :, None] if c2.ndim == 1 else c2[:, :, None]
+    d2 = c2 * terms.q_sq[:, None, :] + terms.k_sq[:, None, :] / c2 - 2 * terms.cross[:, None, :]
+    return d2.clamp_min_(0).sqrt_()  # rounding can push a zero distance a hair below 0
+
+
+def _lerp(a, b, t):
+    """numpy's percentile interpolation, operation for operation (so thresholds match np.percentile)."""
+    diff = b - a
+    return torch.where(torch.as_tensor(t) >= 0.5, b - diff * (1 - t), a + diff * t)
+
+
+def lowest_with_percentile(values, percentile: float = PERCENTILE):
+    """The smallest values along the last axis (ascending) that a low percentile can depend on, their
+    indices, and the percentile itself (numpy's default 'linear' method). values ``[..., P]``."""
+    n = values.shape[-1]
+    pos = percentile / 100 * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    small, idx = torch.topk(values, hi + 1, dim=-1, largest=False, sorted=True)
+    return small, idx, _lerp(small[..., lo], small[..., hi], pos - lo)
+
+
+def weighted_pearson(x, y, w):
+    """Weighted Pearson correlation along the last axis; NaN where a variance or the weight sum is 0."""
+    sw = w.sum(-1)
+    mx = (w * x).sum(-1) / sw
+    my = (w * y).sum(-1) / sw
+    dx, dy = x - mx[..., None], y - my[..., None]
+    cov = (w * dx * dy).sum(-1)
+    vx, vy = (w * dx * dx).sum(-1), (w * dy * dy).sum(-1)
+    r = cov / torch.sqrt(vx * vy)
+    return torch.where((vx > 0) & (vy > 0) & (sw > 0), r, torch.nan)
+
+
+def weighted_correlation_from_distances(dist, dot, percentile: float = PERCENTILE, min_pairs: int = MIN_PAIRS):
+    """Metric 1 from distances ``[G, C, P]`` and logits ``[G, P]``.
+
+    Threshold d = the ``percentile`` of the head's distances (at that constant); pairs with d_i < d, weights
+    (d - d_i)^2; weighted Pearson correlation of dot product with distance. Returns ``(corr [G, C],
+    n_under [G, C])``; corr is NaN where fewer than ``min_pairs`` pairs lie under the threshold.
+    """
+    small, idx, thr = lowest_with_percentile(dist, percentile)
+    under = small < thr[..., None]
+    w = torch.where(under, (thr[..., None] - small) ** 2, 0.0)
+    x = dot[:, None, :].expand(-1, dist.shape[1], -1).gather(-1, idx)
+    n_under = under.sum(-1)
+    corr = weighted_pearson(x, small, w)
+    return torch.where(n_under >= min_pairs, corr, torch.nan), n_under
+
+
+def scaled_weighted_correlation(corr, pooled_counts):
+    """Metric 2 - our exact reading of the paper's "normalised by the count of pairs under threshold,
+    counted across all heads for that constant":
+
+        value[h, c] = corr[h, c] * n[h, c] / sum_h' n[h', c]
+
+    where corr is metric 1 and n[h, c] counts head h's pairs under ONE threshold shared by all heads at
+    constant c: the ``PERCENTILE`` of the pooled distances of every head (:func:`pooled_counts`). Why this
+    reading: with a per-head threshold every head has the same number of pairs under it (all heads share
+    the same pairs), so any normalisation by that count would be a constant and change nothing. Read
+    this way, a head's correlation is weighted by its share of the model's closest query-key pairs at
+    that c. Values lie in [-1, 1]; the best constant is the most negative (closest to -1).
+
+    corr, pooled_counts: ``[G, C]``. Returns ``[G, C]`` (NaN where corr is NaN or no pair is under).
+    """
+    total = pooled_counts.sum(0, keepdim=True).double()
+    share = torch.where(total > 0, pooled_counts.double() / total, torch.nan)
+    return corr * share
+
+
+class PooledThreshold:
+    """Streams head chunks and keeps, per constant, the lowest distances of all heads seen so far (with
+    their head), enough to find the pooled percentile and each head's count under it at the end."""
+
+    def __init__(self, n_heads_total: int, n_pairs: int, n_constants: int, percentile: float = PERCENTILE):
+        self.n_heads, self.n_pairs = n_heads_total, n_pairs
+        self.percentile = percentile
+        pos = percentile / 100 * (n_heads_total * n_pairs - 1)
+        self.keep = min(math.floor(pos) + 2, n_heads_total * n_pairs)
+        self.values = torch.empty(n_constants, 0, dtype=torch.float64)
+        self.heads = torch.empty(n_constants, 0, dtype=torch.long)
+
+    def add(self, dist, first_head: int) -> None:
+        g, c, p = dist.shape
+        flat = dist.permute(1, 0, 2).reshape(c, g * p)
+        values = torch.cat([self.values, flat], dim=1)
+        heads = torch.cat([self.heads, (torch.arange(g * p) // p + first_head).expand(c, -1)], dim=1)
+        k = min(self.keep, values.shape[1])
+        self.values, order = torch.topk(values, k, dim=-1, largest=False, sorted=True)
+        self.heads = heads.gather(1, order)
+
+    def counts(self) -> torch.Tensor:
+        """``[G_total, C]``: pairs of each head under the pooled threshold of each constant."""
+        n = self.n_heads * self.n_pairs
+        pos = self.percentile / 100 * (n - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, n - 1)
+        thr = _lerp(self.values[:, lo], self.values[:, hi], pos - lo)
+        out = torch.zeros(self.values.shape[0], self.n_heads, dtype=torch.long)
+        for ci in range(self.values.shape[0]):  # a loop over constants, not pairs
+            under = self.heads[ci][self.values[ci] < thr[ci]]
+            out[ci] = torch.bincount(under, minlength=self.n_heads)
+        return out.T
+
+
+def norm_ratio_values(median_q, median_k, constants):
+    """Metric 3: median |c q| / median |k / c| = c^2 mq / mk per head and constant ``[G, C]``; best = closest
+    to 1. The continuous optimum is c* = sqrt(mk / mq) (with our convention; the paper's code, dividing
+    queries by c, writes it sqrt(mq / mk))."""
+    c = torch.as_tensor(constants, dtype=torch.float64)
+    return c[None, :] ** 2 * (median_q / median_k)[:, None]
+
+
+def norm_ratio_optimum(median_q, median_k):
+    return torch.sqrt(median_k / median_q)
+
+
+def best_index(values, metric: str) -> torch.Tensor:
+    """Index of the best constant per head ``[G]`` (-1 where every value is missing). Ties go to the first."""
+    if metric in ("weighted_corr", "scaled_weighted_corr"):
+        badness = (values + 1).abs()  # closest to -1
+    elif metric == "norm_ratio":
+        badness = values.log().abs()  # closest to 1
+    else:
+        raise InputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    badness = torch.where(torch.isnan(badness), torch.inf, badness)
+    idx = badness.argmin(-1)
+    return torch.where(torch.isinf(badness.gather(-1, idx[:, None])[:, 0]), -1, idx)
+
+
+@dataclass
+class ScalingMetrics:
+    """Every metric of every head at every constant. Heads flattened layer-major: g = layer * H + head.
+
+    constants [C]; values[metric] [G, C]; n_under [G, C] pairs under the head's own threshold;
+    pooled_counts [G, C]; median_q_norm, median_k_norm [G]; n_pairs (per head).
+    """
+
+    constants: torch.Tensor
+    values: dict
+    n_under: torch.Tensor
+    pooled_counts: torch.Tensor
+    median_q_norm: torch.Tensor
+    median_k_norm: torch.Tensor
+    n_pairs: int
+
+    def best(self, metric: str) -> torch.Tensor:
+        """Best grid constant per head ``[G]`` (NaN where the metric is missing for every constant)."""
+        idx = best_index(self.values[metric], metric)
+        return torch.where(idx >= 0, self.constants[idx.clamp_min(0)], torch.nan)
+
+
+def _flat_heads(x):
+    """``[N, S, L, H, d]`` -> ``[N, S, L*H, d]`` (layer-major)."""
+    n, s, layers, heads, d = x.shape
+    return x.reshape(n, s, layers * heads, d)
+
+
+def median_norms(queries, keys, lengths):
+    """Median |q| and |k| per head over every token ``[G]`` each (raw vectors, before any transform)."""
+    q, k = _flat_heads(queries), _flat_heads(keys)
+    valid = torch.arange(q.shape[1])[None, :] < torch.as_tensor(lengths)[:, None]
+    return (q[valid].double().norm(dim=-1).median(0).values, k[valid].double().norm(dim=-1).median(0).values)
+
+
+def scaling_metrics(queries, keys, lengths, constants=PAPER_CONSTANTS, *, causal: bool, translate: bool = True,
+                    heads_per_chunk: int = 16, percentile: float = PERCENTILE,
+                    min_pairs: int = MIN_PAIRS) -> ScalingMetrics:
+    """All three metrics for every head. queries, keys: ``[N, S, L, H, d]`` (zeros beyond ``lengths [N]``)."""
+    constants = check_constants(constants)
+    q_all, k_all = _flat_heads(queries), _flat_heads(keys)
+    n_heads = q_all.shape[2]
+    index = pair_index(lengths, causal)
+    n_pairs = int(index[0].numel())
+    if n_pairs == 0:
+        raise InputError("no query-key pairs: every sentence is empty")
+    corr = torch.empty(n_heads, len(constants), dtype=torch.float64)
+    n_under = torch.empty(n_heads, len(constants), dtype=torch.long)
+    pooled = PooledThreshold(n_heads, n_pairs, len(constants), percentile)
+    for g0 in range(0, n_heads, heads_per_chunk):
+        g1 = min(g0 + heads_per_chunk, n_heads)
+        terms = pair_terms(q_all[:, :, g0:g1], k_all[:, :, g0:g1], lengths, causal=causal, translate=translate,
+                           index=index)
+        dist = scaled_distances(terms, constants)
+        corr[g0:g1], n_under[g0:g1] = weighted_correlation_from_distances(dist, terms.dot, percentile, min_pairs)
+        pooled.add(dist, g0)
+        del dist, terms
+    counts = pooled.counts()
+    mq, mk = median_norms(queries, keys, lengths)
+    values = {
+        "weighted_corr": corr,
+        "scaled_weighted_corr": scaled_weighted_correlation(corr, counts),
+        "norm_ratio": norm_ratio_values(mq, mk, constants),
+    }
+    return ScalingMetrics(constants, values, n_under, counts, mq, mk, n_pairs)
+
+
+def continuous_optimum(queries, keys, lengths, *, causal: bool, translate: bool = True, low: float = 0.05,
+                       high: float = 20.0, grid_points: int = 25, refine_steps: int = 24,
+                       heads_per_chunk: int = 16) -> dict:
+    """The optimum of c per head on a continuous log scale, for every metric: ``{metric: [G]}``.
+
+    weighted_corr: best of a log grid of ``grid_points`` constants in [low, high], then golden-section
+    search on log c between the grid neighbours of that best point (per head: heads move independently).
+    scaled_weighted_corr: best of the same grid (its threshold pools all heads at one c, so heads cannot
+    be searched independently). norm_ratio: the closed form sqrt(mk / mq).
+    """
+    grid = torch.logspace(math.log10(low), math.log10(high), grid_points, dtype=torch.float64)
+    coarse = scaling_metrics(queries, keys, lengths, grid, causal=causal, translate=translate,
+                             heads_per_chunk=heads_per_chunk)
+    out = {"scaled_weighted_corr": coarse.best("scaled_weighted_corr"),
+           "norm_ratio": norm_ratio_optimum(coarse.median_q_norm, coarse.median_k_norm)}
+    best = best_index(coarse.values["weighted_corr"], "weighted_corr")
+    log_grid = grid.log()
+    lo = log_grid[(best - 1).clamp(0, grid_points - 1)]
+    hi = log_grid[(best + 1).clamp(0, grid_points - 1)]
+    q_all, k_all = _flat_heads(queries), _flat_heads(keys)
+    index = pair_index(lengths, causal)
+    refined = torch.empty(q_all.shape[2], dtype=torch.float64)
+    ratio = (math.sqrt(5) - 1) / 2
+    for g0 in range(0, q_all.shape[2], heads_per_chunk):
+        g1 = min(g0 + heads_per_chunk, q_all.shape[2])
+        terms = pair_terms(q_all[:, :, g0:g1], k_all[:, :, g0:g1], lengths, causal=causal, translate=translate,
+                           index=index)
+
+        def badness(log_c):  # [g] -> [g]; the golden search minimises |corr + 1| = corr + 1
+            corr, _ = weighted_correlation_from_distances(scaled_distances(terms, log_c.exp()[:, None]), terms.dot)
+            return torch.nan_to_num(corr[:, 0] + 1, nan=torch.inf)
+
+        a, b = lo[g0:g1].clone(), hi[g0:g1].clone()
+        x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
+        f1, f2 = badness(x1), badness(x2)
+        for _ in range(refine_steps):
+            left = f1 <= f2  # the minimum lies in [a, x2]: drop [x2, b]; else drop [a, x1]
+            a, b = torch.where(left, a, x1), torch.where(left, x2, b)
+            x1, x2 = (torch.where(left, b - ratio * (b - a), x2), torch.where(left, x1, a + ratio * (b - a)))
+            f_new = badness(torch.where(left, x1, x2))
+            f1, f2 = torch.where(left, f_new, f2), torch.where(left, f1, f_new)
+        mid = (a + b) / 2
+        # never worse than the grid: keep the grid point where the search did not improve on it
+        grid_best = log_grid[best[g0:g1].clamp_min(0)]
+        refined[g0:g1] = torch.where(badness(mid) <= badness(grid_best), mid, grid_best).exp()
+    out["weighted_corr"] = torch.where(best >= 0, refined, torch.nan)
+    return out

