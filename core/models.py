@@ -146,6 +146,12 @@ def _not_available(name: str, cause: Exception) -> ModelNotAvailableError:
             f"could not load model from local folder '{name}': {cause}. The folder needs config.json and "
             "weights (model.safetensors preferred, or pytorch_model.bin), as written by save_pretrained()."
         )
+    if name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name or name.count("/") > 1:
+        # cannot be a Hub id (those are NAME or OWNER/NAME): the user meant a folder that is not there
+        return ModelNotAvailableError(
+            f"model folder '{name}' does not exist; pass an existing folder written by save_pretrained() "
+            "(config.json + model.safetensors) or a Hub id such as bert-base-uncased"
+        )
     why = (
         "HF_HUB_OFFLINE is set"
         if _offline()

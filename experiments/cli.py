@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "attnlab.experiments.icl",
     "attnlab.experiments.patterns",
     "attnlab.experiments.geometry",
+    "attnlab.experiments.reproduce",
 ]
 
 
@@ -62,12 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for provenance in reports
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: our own bars say where a run is
     try:
         load_plugins([p for p in os.environ.get("ATTNLAB_PLUGINS", "").split(",") if p] + args.plugin)
         return int(args.func(args) or 0)

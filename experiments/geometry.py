@@ -74,34 +74,33 @@ def _load(cfg, lm, device):
     return lm
 
 
-def scaling_csv(metrics, continuous, n_heads) -> str:
-    out = io.StringIO()
-    out.write("layer,head,metric,constant,value,n_under_threshold,optimum,continuous_optimum,status\n")
+def _per_head(metrics, continuous, n_heads):
+    """(metric, head index g, layer, head, grid optimum, continuous optimum) for every metric and head."""
     for metric in METRICS:
         best = metrics.best(metric)
         for g in range(best.shape[0]):
-            layer, head = divmod(g, n_heads)
             cont = continuous[metric][g].item() if continuous else float("nan")
-            for ci, c in enumerate(metrics.constants.tolist()):
-                value = metrics.values[metric][g, ci].item()
-                n_under = (metrics.n_under if metric == "weighted_corr" else metrics.pooled_counts)[g, ci].item()
-                status = "ok" if math.isfinite(value) else "too few pairs under threshold"
-                if metric == "norm_ratio":
-                    n_under = ""
-                out.write(f"{layer},{head},{metric},{c:g},{value:.8g},{n_under},{best[g].item():.6g},"
-                          f"{cont:.6g},{status}\n")
+            yield (metric, g, *divmod(g, n_heads), best[g].item(), cont)
+
+
+def scaling_csv(metrics, continuous, n_heads) -> str:
+    out = io.StringIO()
+    out.write("layer,head,metric,constant,value,n_under_threshold,optimum,continuous_optimum,status\n")
+    for metric, g, layer, head, best, cont in _per_head(metrics, continuous, n_heads):
+        counts = metrics.n_under if metric == "weighted_corr" else metrics.pooled_counts
+        for ci, c in enumerate(metrics.constants.tolist()):
+            value = metrics.values[metric][g, ci].item()
+            n_under = "" if metric == "norm_ratio" else counts[g, ci].item()
+            status = "ok" if math.isfinite(value) else "too few pairs under threshold"
+            out.write(f"{layer},{head},{metric},{c:g},{value:.8g},{n_under},{best:.6g},{cont:.6g},{status}\n")
     return out.getvalue()
 
 
 def optima_csv(metrics, continuous, n_heads) -> str:
     out = io.StringIO()
     out.write("layer,head,metric,optimum,continuous_optimum\n")
-    for metric in METRICS:
-        best = metrics.best(metric)
-        for g in range(best.shape[0]):
-            layer, head = divmod(g, n_heads)
-            cont = continuous[metric][g].item() if continuous else float("nan")
-            out.write(f"{layer},{head},{metric},{best[g].item():.6g},{cont:.6g}\n")
+    for metric, _, layer, head, best, cont in _per_head(metrics, continuous, n_heads):
+        out.write(f"{layer},{head},{metric},{best:.6g},{cont:.6g}\n")
     return out.getvalue()
 
 

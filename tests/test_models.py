@@ -20,7 +20,7 @@ def test_missing_hub_weights_offline_names_model_and_remedy(monkeypatch, tmp_pat
 
 
 def test_missing_local_folder(tmp_path):
-    with pytest.raises(ModelNotAvailableError, match="not found|local folder"):
+    with pytest.raises(ModelNotAvailableError, match="model folder .*nope. does not exist"):
         load_model(str(tmp_path / "nope"))
 
 

