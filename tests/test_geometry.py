@@ -209,6 +209,10 @@ def test_umap_run_frames_the_optimum(tmp_path, tiny_lm_with_tokenizer):
     assert len(emb["constants"]) == 6 and emb["n_queries"] == 60
     if math.isfinite(meta["optimum"]):
         assert any(math.isclose(c, meta["optimum"]) for c in emb["constants"])
+    run_umap(cfg, tmp_path / "again", lm=lm, docs=DOCS)  # seeded UMAP: the same embeddings, bit for bit
+    again = np.load(tmp_path / "again" / "umap_L1H2.npz")
+    for name in emb.files:
+        assert np.array_equal(emb[name], again[name])
     with pytest.raises(InputError, match="layer 7 is out of range"):
         run_umap(UMAPConfig(model="tiny-gpt2", layer=7, head=0), tmp_path / "x", lm=lm, docs=DOCS)
     with pytest.raises(InputError, match="head 4 is out of range"):
