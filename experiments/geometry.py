@@ -201,8 +201,8 @@ def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", bat
         iterator = tqdm(shown, desc="umap", unit="constant")
     for c in iterator:
         q_c, k_c = transform_qk(queries.double(), keys.double(), c, translate=cfg.translate_keys)
-        emb = joint_embedding(q_c[q_idx], k_c[k_idx], 1.0, translate=False, seed=cfg.seed,
-                              n_neighbors=cfg.n_neighbors, min_dist=cfg.min_dist)
+        emb = joint_embedding(q_c[q_idx].numpy(), k_c[k_idx].numpy(), seed=cfg.seed, n_neighbors=cfg.n_neighbors,
+                              min_dist=cfg.min_dist)
         panels.append((c, emb, len(q_idx)))
         arrays[f"c_{c:g}"] = emb
     name = umap_name(cfg.layer, cfg.head)

@@ -5,23 +5,19 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
-
-from attnlab.geometry.scaling import transform_qk
 
 
-def joint_embedding(queries, keys, c: float, *, translate: bool = True, seed: int = 0, n_neighbors: int = 15,
-                    min_dist: float = 0.1) -> np.ndarray:
-    """UMAP (cosine metric) of ``[c q; k / c + t]``: ``[n_q + n_k, 2]``, queries first.
+def joint_embedding(queries, keys, *, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
+    """UMAP (cosine metric) of the points ``[queries; keys]``: ``[n_q + n_k, 2]``, queries first.
 
-    queries ``[n_q, d]``, keys ``[n_k, d]``. Seeded: UMAP then runs single-threaded and is reproducible.
-    Cosine distance sees direction from the origin, so both the scaling and the key translation move points.
+    queries ``[n_q, d]``, keys ``[n_k, d]``, already scaled and translated (``scaling.transform_qk``: its
+    centroids must come from every token, not just the plotted ones). Seeded: UMAP then runs single-threaded
+    and is reproducible. Cosine distance sees direction from the origin, so both the scaling and the key
+    translation move points.
     """
     import umap
 
-    q, k = transform_qk(torch.as_tensor(queries, dtype=torch.float64), torch.as_tensor(keys, dtype=torch.float64),
-                        c, translate=translate)
-    points = torch.cat([q, k]).numpy()
+    points = np.concatenate([np.asarray(queries, dtype=np.float64), np.asarray(keys, dtype=np.float64)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "n_jobs overridden by random_state" and numba chatter
         reducer = umap.UMAP(n_components=2, metric="cosine", n_neighbors=min(n_neighbors, len(points) - 1),

@@ -15,6 +15,7 @@ import torch
 
 from attnlab.core.errors import CorpusError, InputError
 from attnlab.core.extractor import extract_attention, pad_sequences
+from attnlab.geometry.scaling import token_mask
 
 # a sentence ends at . ! or ? followed by white space and something that can start a sentence
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
@@ -87,7 +88,7 @@ class QKSample:
     def head(self, layer: int, head: int):
         """Queries and keys of one head over every real token: ``([T, d], [T, d])``."""
         check_head(layer, head, self.n_layers, self.n_heads)
-        valid = torch.arange(self.queries.shape[1])[None, :] < self.lengths[:, None]
+        valid = token_mask(self.lengths, self.queries.shape[1])
         return self.queries[:, :, layer, head][valid], self.keys[:, :, layer, head][valid]
 
 

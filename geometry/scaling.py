@@ -69,13 +69,19 @@ def transform_qk(q, k, c: float, *, translate: bool = True, mean_q=None, mean_k=
     return q2, k2
 
 
+def token_mask(lengths, width: int) -> torch.Tensor:
+    """``[N, width]``: True at the real tokens of each sentence (positions below its length)."""
+    return torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
+
+
 def pair_index(lengths, causal: bool):
     """Every within-sentence query-key pair as index tensors ``(sentence, query_pos, key_pos)`` [P] each."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     width = int(lengths.max())
-    pos = torch.arange(width)
-    valid = (pos[None, :, None] < lengths[:, None, None]) & (pos[None, None, :] < lengths[:, None, None])
+    tokens = token_mask(lengths, width)
+    valid = tokens[:, :, None] & tokens[:, None, :]  # [N, query, key]
     if causal:
+        pos = torch.arange(width)
         valid &= pos[None, None, :] <= pos[None, :, None]
     return valid.nonzero(as_tuple=True)
 
@@ -99,7 +105,7 @@ def pair_terms(queries, keys, lengths, *, causal: bool, translate: bool = True, 
     q, k = queries.double(), keys.double()
     n_idx, i_idx, j_idx = pair_index(lengths, causal) if index is None else index
     width = q.shape[1]
-    valid = torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]  # [N, S]
+    valid = token_mask(lengths, width)  # [N, S]
     dot = torch.einsum("nigd,njgd->gnij", q, k)[:, n_idx, i_idx, j_idx]
     if translate:
         q = q - q[valid].mean(0)  # [G, d] centroids over every token of every sentence
@@ -126,15 +132,19 @@ def _lerp(a, b, t):
     return torch.where(torch.as_tensor(t) >= 0.5, b - diff * (1 - t), a + diff * t)
 
 
+def _percentile_order(n: int, percentile: float) -> tuple[int, int, float]:
+    """numpy's 'linear' percentile of n sorted values: v[lo] + t (v[hi] - v[lo]); returns (lo, hi, t)."""
+    pos = percentile / 100 * (n - 1)
+    lo = math.floor(pos)
+    return lo, min(lo + 1, n - 1), pos - lo
+
+
 def lowest_with_percentile(values, percentile: float = PERCENTILE):
     """The smallest values along the last axis (ascending) that a low percentile can depend on, their
     indices, and the percentile itself (numpy's default 'linear' method). values ``[..., P]``."""
-    n = values.shape[-1]
-    pos = percentile / 100 * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
+    lo, hi, t = _percentile_order(values.shape[-1], percentile)
     small, idx = torch.topk(values, hi + 1, dim=-1, largest=False, sorted=True)
-    return small, idx, _lerp(small[..., lo], small[..., hi], pos - lo)
+    return small, idx, _lerp(small[..., lo], small[..., hi], t)
 
 
 def weighted_pearson(x, y, w):
@@ -192,8 +202,7 @@ class PooledThreshold:
     def __init__(self, n_heads_total: int, n_pairs: int, n_constants: int, percentile: float = PERCENTILE):
         self.n_heads, self.n_pairs = n_heads_total, n_pairs
         self.percentile = percentile
-        pos = percentile / 100 * (n_heads_total * n_pairs - 1)
-        self.keep = min(math.floor(pos) + 2, n_heads_total * n_pairs)
+        self.keep = _percentile_order(n_heads_total * n_pairs, percentile)[1] + 1
         self.values = torch.empty(n_constants, 0, dtype=torch.float64)
         self.heads = torch.empty(n_constants, 0, dtype=torch.long)
 
@@ -208,11 +217,8 @@ class PooledThreshold:
 
     def counts(self) -> torch.Tensor:
         """``[G_total, C]``: pairs of each head under the pooled threshold of each constant."""
-        n = self.n_heads * self.n_pairs
-        pos = self.percentile / 100 * (n - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, n - 1)
-        thr = _lerp(self.values[:, lo], self.values[:, hi], pos - lo)
+        lo, hi, t = _percentile_order(self.n_heads * self.n_pairs, self.percentile)
+        thr = _lerp(self.values[:, lo], self.values[:, hi], t)
         out = torch.zeros(self.values.shape[0], self.n_heads, dtype=torch.long)
         for ci in range(self.values.shape[0]):  # a loop over constants, not pairs
             under = self.heads[ci][self.values[ci] < thr[ci]]
@@ -276,8 +282,22 @@ def _flat_heads(x):
 def median_norms(queries, keys, lengths):
     """Median |q| and |k| per head over every token ``[G]`` each (raw vectors, before any transform)."""
     q, k = _flat_heads(queries), _flat_heads(keys)
-    valid = torch.arange(q.shape[1])[None, :] < torch.as_tensor(lengths)[:, None]
+    valid = token_mask(lengths, q.shape[1])
     return (q[valid].double().norm(dim=-1).median(0).values, k[valid].double().norm(dim=-1).median(0).values)
+
+
+def head_chunks(queries, keys, lengths, *, causal: bool, translate: bool, heads_per_chunk: int, index=None):
+    """Yield ``(g0, g1, PairTerms of heads g0..g1-1)`` over every head, a chunk at a time to bound memory.
+
+    queries, keys: ``[N, S, L, H, d]``; heads are flattened layer-major. ``index``: :func:`pair_index`, if known.
+    """
+    q_all, k_all = _flat_heads(queries), _flat_heads(keys)
+    index = pair_index(lengths, causal) if index is None else index
+    n_heads = q_all.shape[2]
+    for g0 in range(0, n_heads, heads_per_chunk):
+        g1 = min(g0 + heads_per_chunk, n_heads)
+        yield g0, g1, pair_terms(q_all[:, :, g0:g1], k_all[:, :, g0:g1], lengths, causal=causal,
+                                 translate=translate, index=index)
 
 
 def scaling_metrics(queries, keys, lengths, constants=PAPER_CONSTANTS, *, causal: bool, translate: bool = True,
@@ -285,8 +305,7 @@ def scaling_metrics(queries, keys, lengths, constants=PAPER_CONSTANTS, *, causal
                     min_pairs: int = MIN_PAIRS) -> ScalingMetrics:
     """All three metrics for every head. queries, keys: ``[N, S, L, H, d]`` (zeros beyond ``lengths [N]``)."""
     constants = check_constants(constants)
-    q_all, k_all = _flat_heads(queries), _flat_heads(keys)
-    n_heads = q_all.shape[2]
+    n_heads = queries.shape[2] * queries.shape[3]
     index = pair_index(lengths, causal)
     n_pairs = int(index[0].numel())
     if n_pairs == 0:
@@ -294,10 +313,8 @@ def scaling_metrics(queries, keys, lengths, constants=PAPER_CONSTANTS, *, causal
     corr = torch.empty(n_heads, len(constants), dtype=torch.float64)
     n_under = torch.empty(n_heads, len(constants), dtype=torch.long)
     pooled = PooledThreshold(n_heads, n_pairs, len(constants), percentile)
-    for g0 in range(0, n_heads, heads_per_chunk):
-        g1 = min(g0 + heads_per_chunk, n_heads)
-        terms = pair_terms(q_all[:, :, g0:g1], k_all[:, :, g0:g1], lengths, causal=causal, translate=translate,
-                           index=index)
+    for g0, g1, terms in head_chunks(queries, keys, lengths, causal=causal, translate=translate,
+                                     heads_per_chunk=heads_per_chunk, index=index):
         dist = scaled_distances(terms, constants)
         corr[g0:g1], n_under[g0:g1] = weighted_correlation_from_distances(dist, terms.dot, percentile, min_pairs)
         pooled.add(dist, g0)
@@ -331,14 +348,10 @@ def continuous_optimum(queries, keys, lengths, *, causal: bool, translate: bool 
     log_grid = grid.log()
     lo = log_grid[(best - 1).clamp(0, grid_points - 1)]
     hi = log_grid[(best + 1).clamp(0, grid_points - 1)]
-    q_all, k_all = _flat_heads(queries), _flat_heads(keys)
-    index = pair_index(lengths, causal)
-    refined = torch.empty(q_all.shape[2], dtype=torch.float64)
+    refined = torch.empty(best.shape[0], dtype=torch.float64)
     ratio = (math.sqrt(5) - 1) / 2
-    for g0 in range(0, q_all.shape[2], heads_per_chunk):
-        g1 = min(g0 + heads_per_chunk, q_all.shape[2])
-        terms = pair_terms(q_all[:, :, g0:g1], k_all[:, :, g0:g1], lengths, causal=causal, translate=translate,
-                           index=index)
+    for g0, g1, terms in head_chunks(queries, keys, lengths, causal=causal, translate=translate,
+                                     heads_per_chunk=heads_per_chunk):
 
         def badness(log_c):  # [g] -> [g]; the golden search minimises |corr + 1| = corr + 1
             corr, _ = weighted_correlation_from_distances(scaled_distances(terms, log_c.exp()[:, None]), terms.dot)
