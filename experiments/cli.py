@@ -21,24 +21,45 @@ SUBCOMMAND_MODULES = [
 ]
 
 
+_LOADED_PLUGINS: set = set()
+
+
 def load_plugins(specs: list[str]) -> None:
-    """Import user modules (dotted names or .py files) so their @register_variant calls run."""
+    """Import user modules (dotted names or .py files) so their @register_variant calls run.
+
+    Each plugin is imported once even when named twice (--plugin and ATTNLAB_PLUGINS); any failure inside
+    it becomes a one-line error that names the plugin.
+    """
     import importlib.util
     from pathlib import Path
 
     for spec in specs:
-        if spec.endswith(".py"):
-            path = Path(spec)
-            if not path.exists():
-                raise AttnlabError(f"plugin file {spec} does not exist")
-            module_spec = importlib.util.spec_from_file_location(f"attnlab_plugin_{path.stem}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            try:
+        spec = spec.strip()
+        if not spec:
+            continue
+        is_file = spec.endswith(".py") or "/" in spec
+        ident = str(Path(spec).resolve()) if is_file else spec
+        if ident in _LOADED_PLUGINS:
+            continue
+        try:
+            if is_file:
+                path = Path(spec)
+                if not path.is_file():
+                    raise AttnlabError(f"plugin file {spec} does not exist; pass an existing .py file or a module name")
+                module_spec = importlib.util.spec_from_file_location(f"attnlab_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+            else:
                 importlib.import_module(spec)
-            except ImportError as exc:
-                raise AttnlabError(f"cannot import plugin module {spec!r}: {exc}") from exc
+        except AttnlabError as exc:
+            raise AttnlabError(f"plugin {spec}: {exc}") from None
+        except SyntaxError as exc:
+            raise AttnlabError(f"plugin {spec} has a syntax error at line {exc.lineno}: {exc.msg}; fix the file") from None
+        except ModuleNotFoundError as exc:
+            raise AttnlabError(f"cannot import plugin {spec!r}: {exc}; check the name or install the module") from None
+        except Exception as exc:
+            raise AttnlabError(f"plugin {spec} failed while loading: {type(exc).__name__}: {exc}") from None
+        _LOADED_PLUGINS.add(ident)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     except AttnlabError as exc:
         if args.verbose:
             raise
-        print(f"attnlab {args.command}: error: {exc}", file=sys.stderr)
+        advice = getattr(exc, "advice", None)
+        message = " ".join(str(exc).split())  # one line, whatever the cause text held
+        print(f"attnlab {args.command}: error: {message}" + (f" {advice}" if advice else ""), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(f"attnlab {args.command}: interrupted; finished runs are intact, an unfinished one left no "
+              "results behind", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """Query/key geometry (the paper's Figures 2-4): ``attnlab geometry scaling`` and ``attnlab geometry umap``.
 
-Scaling convention: queries are multiplied by c, keys divided by c and translated so that their centroid
-sits on the queries' (see ``geometry/scaling.py``). Layers and heads are 0-based everywhere.
+Scaling convention: queries are multiplied by c, keys divided by c and (protocol ``text``) translated so that
+their centroid sits on the queries' (see ``geometry/scaling.py``). Layers and heads are 0-based everywhere.
+
+Protocols: ``text`` (default) - our reading of the paper's words (``geometry/scaling.py``); ``notebook`` - the
+paper's notebook computation, quirks included (``geometry/notebook.py``). Constants are always reported in
+attnlab's convention (queries x c); the notebook's own constant is 1 / c.
 
 ``scaling`` outputs: scaling.csv (layer, head, metric, constant, value, n_under_threshold, optimum,
-continuous_optimum, status), optima.csv (one row per head and metric), figure2_<metric>.png (three
-layers x heads maps of the optimal c), meta.json.
+continuous_optimum, status), optima.csv (layer, head, metric, optimum, continuous_optimum, stability, status),
+figure2_<metric>.png (three layers x heads maps of the optimal c; unstable cells hatched), meta.json.
 ``umap`` outputs: umap_L<l>H<h>.png (a grid of joint UMAP embeddings, one panel per constant, the optimal
 one framed), umap_L<l>H<h>.npz (the embeddings), meta.json.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -23,16 +26,19 @@ import torch
 
 from attnlab.core.corpus import DEFAULT_CORPUS, load_corpus
 from attnlab.core.errors import InputError
-from attnlab.core.models import load_model
-from attnlab.core.outputs import atomic_path, finished, write_json, write_meta, write_text
-from attnlab.experiments.common_args import add_runtime_args
+from attnlab.core.models import LoadedModel, load_model, model_identity, model_label
+from attnlab.core.outputs import RunFolder, atomic_path, reuse_key, write_csv, write_json
+from attnlab.core.provenance import corpus_fingerprint, digest
+from attnlab.experiments.common_args import add_runtime_args, positive_int, print_wrote
 from attnlab.geometry.qk import check_head, collect_qk, sample_sentences
 from attnlab.geometry.scaling import (
-    METRIC_TITLES, METRICS, PAPER_CONSTANTS, check_constants, continuous_optimum, scaling_metrics, transform_qk,
+    METRIC_TITLES, METRICS, PAPER_CONSTANTS, bootstrap_stability, check_constants, scaling_metrics, transform_qk,
 )
 
 UMAP_CONSTANTS = (0.2, 0.4, 1.0, 1.25, 2.5, 5.0)
 HF_DOC_LIMIT = 2000  # streamed datasets: documents to read before sampling sentences
+GEOMETRY_PROTOCOLS = ("text", "notebook")
+UNSTABLE = 0.5  # cells whose optimum fewer than half of the resamples agree on are hatched in Figure 2
 
 
 @dataclass
@@ -45,9 +51,23 @@ class GeometryConfig:
     min_tokens: int = 8
     max_tokens: int = 64
     translate_keys: bool = True
-    continuous: bool = True  # also search the optimum of c on a continuous log scale
+    continuous: bool = True  # also search the optimum of c on a continuous log scale (protocol text)
     revision: str | None = None
     dtype: str = "float32"
+    protocol: str = "text"  # text: our reading of the paper's words; notebook: the notebook's computation
+    bootstrap: int = 20  # sentence resamples for the stability of each head's optimum (0: skip)
+
+    def __post_init__(self):
+        if self.protocol not in GEOMETRY_PROTOCOLS:
+            raise InputError(f"unknown geometry protocol {self.protocol!r}; use one of {', '.join(GEOMETRY_PROTOCOLS)}")
+        if not isinstance(self.sentences, int) or self.sentences < 1:
+            raise InputError(f"sentences must be a whole number of at least 1, got {self.sentences}")
+        if self.min_tokens < 2 or self.max_tokens < self.min_tokens:
+            raise InputError(f"need 2 <= min_tokens <= max_tokens, got {self.min_tokens} and {self.max_tokens}")
+        if self.bootstrap < 0:
+            raise InputError(f"bootstrap must be >= 0 resamples, got {self.bootstrap}")
+        self.constants = tuple(float(c) for c in check_constants(self.constants).tolist())
+        _check_plottable(self.constants)
 
 
 @dataclass
@@ -59,91 +79,204 @@ class UMAPConfig(GeometryConfig):
     max_points: int = 1500  # per kind (queries, keys), sampled with the seed
     n_neighbors: int = 15
     min_dist: float = 0.1
+    bootstrap: int = 0  # the UMAP needs only the optimum
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.umap_constants = tuple(float(c) for c in check_constants(self.umap_constants).tolist())
+        _check_plottable(self.umap_constants)
+        if self.metric not in METRICS:
+            raise InputError(f"unknown metric {self.metric!r}; use one of {', '.join(METRICS)}")
+        if self.max_points < 10:
+            raise InputError(f"max_points must be at least 10, got {self.max_points}")
 
 
-def _collect(cfg: GeometryConfig, lm, docs, batch_size, progress):
+def _check_plottable(constants) -> None:
+    """Constants so large or small that c^2 overflows (or the log-scale axis cannot hold them) are refused
+    up front, not after the CSVs are written."""
+    bad = [c for c in constants if not 1e-6 <= c <= 1e6]
+    if bad:
+        raise InputError(f"scaling constants must lie in [1e-6, 1e6] (c and 1/c are squared), got {bad}")
+
+
+# ---------------------------------------------------------------- shared q/k collection
+
+
+class GeometryCache:
+    """What several geometry jobs on the same model and sentences share within one process (``reproduce``):
+    one q/k collection per (model, corpus, sentence settings), one metrics computation per protocol/constants."""
+
+    def __init__(self):
+        self.samples: dict = {}
+        self.metrics: dict = {}
+
+
+def _data_key(cfg: GeometryConfig, lm) -> str:
+    return digest([model_identity(cfg.model, cfg.revision, lm), cfg.corpus, cfg.sentences, cfg.seed,
+                   cfg.min_tokens, cfg.max_tokens, cfg.dtype])
+
+
+def _collect(cfg: GeometryConfig, lm, docs, batch_size, progress, cache: GeometryCache | None):
+    key = _data_key(cfg, lm)
+    if cache is not None and key in cache.samples:
+        return cache.samples[key]
     if docs is None:
         docs = load_corpus(cfg.corpus, limit=HF_DOC_LIMIT if cfg.corpus.startswith("hf:") else None)
     sample = sample_sentences(lm.tokenizer, docs, cfg.sentences, cfg.seed, cfg.min_tokens, cfg.max_tokens)
-    return sample, collect_qk(lm, sample.token_ids, batch_size=batch_size, progress=progress)
+    if max(len(t) for t in sample.token_ids) > lm.max_positions:
+        raise InputError(f"max_tokens {cfg.max_tokens} exceeds the model's {lm.max_positions} positions; lower it")
+    result = sample, collect_qk(lm, sample.token_ids, batch_size=batch_size, progress=progress)
+    if cache is not None:
+        cache.samples[key] = result
+    return result
 
 
-def _load(cfg, lm, device):
-    if lm is None:
-        lm = load_model(cfg.model, device=device, dtype=cfg.dtype, revision=cfg.revision)
-    return lm
+def compute_metrics(qk, cfg: GeometryConfig, *, continuous: bool = False, index=None):
+    """The protocol's metrics on the collected queries and keys (optionally a resample ``index`` of sentences)."""
+    q, k, lengths = qk.queries, qk.keys, qk.lengths
+    if index is not None:
+        q, k, lengths = q[index], k[index], lengths[index]
+    if cfg.protocol == "notebook":
+        from attnlab.geometry.notebook import notebook_metrics
+
+        return notebook_metrics(q, k, lengths, cfg.constants)
+    return scaling_metrics(q, k, lengths, cfg.constants, causal=qk.causal, translate=cfg.translate_keys,
+                           continuous=continuous)
 
 
-def _per_head(metrics, continuous, n_heads):
-    """(metric, head index g, layer, head, grid optimum, continuous optimum) for every metric and head."""
+def _cached_metrics(qk, cfg, cache, data_key, continuous):
+    key = (data_key, cfg.protocol, cfg.constants, cfg.translate_keys, continuous)
+    if cache is not None and key in cache.metrics:
+        return cache.metrics[key]
+    if cache is not None and not continuous:  # a run with the continuous search serves one without it too
+        hit = cache.metrics.get((data_key, cfg.protocol, cfg.constants, cfg.translate_keys, True))
+        if hit is not None:
+            return hit
+    metrics = compute_metrics(qk, cfg, continuous=continuous)
+    if cache is not None:
+        cache.metrics[key] = metrics
+    return metrics
+
+
+def _load(cfg, lm, device) -> LoadedModel:
+    if isinstance(lm, LoadedModel):
+        return lm
+    if callable(lm):
+        return lm()
+    return load_model(cfg.model, device=device, dtype=cfg.dtype, revision=cfg.revision)
+
+
+# ---------------------------------------------------------------- results as rows
+
+
+def row_status(metrics, metric: str, g: int, ci: int) -> str:
+    value = metrics.values[metric][g, ci].item()
+    if math.isfinite(value):
+        if metrics.protocol == "notebook" and metric == "scaled_weighted_corr" and metrics.pooled_counts[g, ci] == 0:
+            return "no query of this head within distance 12 (the notebook's default 0)"
+        return "ok"
+    if metrics.protocol == "notebook":
+        return ("no query with 2+ keys under the head's threshold" if metric == "weighted_corr"
+                else "no query of any head with 2+ keys within distance 12")
+    if metric == "scaled_weighted_corr" and metrics.pooled_counts[g, ci] == 0:
+        return "no pair of this head under the pooled threshold"
+    return "too few pairs under threshold"
+
+
+def _per_head(metrics, stability, n_heads):
+    """(metric, g, layer, head, optimum, continuous optimum, stability, status) for every metric and head."""
     for metric in METRICS:
         best = metrics.best(metric)
+        status = metrics.status(metric)
+        cont = metrics.continuous[metric] if metrics.continuous else None
+        stab = stability.get(metric) if stability else None
         for g in range(best.shape[0]):
-            cont = continuous[metric][g].item() if continuous else float("nan")
-            yield (metric, g, *divmod(g, n_heads), best[g].item(), cont)
+            yield (metric, g, *divmod(g, n_heads), best[g].item(),
+                   cont[g].item() if cont is not None else float("nan"),
+                   stab[g].item() if stab is not None else float("nan"), status[g])
 
 
-def scaling_csv(metrics, continuous, n_heads) -> str:
-    out = io.StringIO()
-    out.write("layer,head,metric,constant,value,n_under_threshold,optimum,continuous_optimum,status\n")
-    for metric, g, layer, head, best, cont in _per_head(metrics, continuous, n_heads):
+def _num(x: float, fmt: str = ".6g") -> str:
+    return format(x, fmt) if math.isfinite(x) else ""
+
+
+def scaling_rows(metrics, stability, n_heads):
+    for metric, g, layer, head, best, cont, _, _ in _per_head(metrics, stability, n_heads):
         counts = metrics.n_under if metric == "weighted_corr" else metrics.pooled_counts
         for ci, c in enumerate(metrics.constants.tolist()):
             value = metrics.values[metric][g, ci].item()
             n_under = "" if metric == "norm_ratio" else counts[g, ci].item()
-            status = "ok" if math.isfinite(value) else "too few pairs under threshold"
-            out.write(f"{layer},{head},{metric},{c:g},{value:.8g},{n_under},{best:.6g},{cont:.6g},{status}\n")
-    return out.getvalue()
+            yield [layer, head, metric, f"{c:g}", _num(value, ".8g"), n_under, _num(best), _num(cont),
+                   row_status(metrics, metric, g, ci)]
 
 
-def optima_csv(metrics, continuous, n_heads) -> str:
-    out = io.StringIO()
-    out.write("layer,head,metric,optimum,continuous_optimum\n")
-    for metric, _, layer, head, best, cont in _per_head(metrics, continuous, n_heads):
-        out.write(f"{layer},{head},{metric},{best:.6g},{cont:.6g}\n")
-    return out.getvalue()
+def optima_rows(metrics, stability, n_heads):
+    for metric, _, layer, head, best, cont, stab, status in _per_head(metrics, stability, n_heads):
+        yield [layer, head, metric, _num(best), _num(cont), _num(stab, ".4g"), status]
+
+
+SCALING_HEADER = ["layer", "head", "metric", "constant", "value", "n_under_threshold", "optimum",
+                  "continuous_optimum", "status"]
+OPTIMA_HEADER = ["layer", "head", "metric", "optimum", "continuous_optimum", "stability", "status"]
+
+
+def optima_summary(metrics, stability, n_heads) -> dict:
+    """{metric: [[layer, head, optimum|None, stability|None], ...]} for meta.json (what reproduce reads)."""
+    out = {}
+    for metric, _, layer, head, best, _, stab, _ in _per_head(metrics, stability, n_heads):
+        out.setdefault(metric, []).append([layer, head, best if math.isfinite(best) else None,
+                                           stab if math.isfinite(stab) else None])
+    return out
 
 
 def run_scaling(cfg: GeometryConfig, out_dir, *, lm=None, docs=None, device="auto", batch_size=None,
-                progress=False, reuse=True) -> dict:
-    """Figure 2: the three metrics for every head and constant, the optimum per head, three heatmaps."""
-    out_dir = Path(out_dir)
-    constants = check_constants(cfg.constants)
+                progress=False, reuse=True, cache: GeometryCache | None = None) -> dict:
+    """Figure 2: the three metrics for every head and constant, the optimum per head (with its bootstrap
+    stability), three heatmaps. ``lm``: a loaded model, a loader callable, or None (load ``cfg.model``)."""
+    run = RunFolder(out_dir, "geometry-scaling")
     config = asdict(cfg)
-    if reuse and (meta := finished(out_dir, config)):
+    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
+                              corpus=corpus_fingerprint(cfg.corpus, docs))
+    if reuse and (meta := run.finished(key)):
         return meta
     t0 = time.perf_counter()
     lm = _load(cfg, lm, device)
-    sample, qk = _collect(cfg, lm, docs, batch_size, progress)
+    identity["model"] = lm.fingerprint
+    sample, qk = _collect(cfg, lm, docs, batch_size, progress, cache)
     t1 = time.perf_counter()
-    metrics = scaling_metrics(qk.queries, qk.keys, qk.lengths, constants, causal=qk.causal,
-                              translate=cfg.translate_keys)
+    continuous = cfg.continuous and cfg.protocol == "text"
+    metrics = _cached_metrics(qk, cfg, cache, _data_key(cfg, lm), continuous)
     t2 = time.perf_counter()
-    continuous = (continuous_optimum(qk.queries, qk.keys, qk.lengths, causal=qk.causal,
-                                     translate=cfg.translate_keys) if cfg.continuous else None)
+    reported = {m: metrics.best(m) for m in METRICS}
+    stability = bootstrap_stability(lambda idx: compute_metrics(qk, cfg, index=idx), len(qk.lengths), reported,
+                                    resamples=cfg.bootstrap, seed=cfg.seed) if cfg.bootstrap else None
     t3 = time.perf_counter()
 
-    n_layers, n_heads = qk.n_layers, qk.n_heads
-    write_text(out_dir / "scaling.csv", scaling_csv(metrics, continuous, n_heads))
-    write_text(out_dir / "optima.csv", optima_csv(metrics, continuous, n_heads))
+    stage = run.stage()
+    write_csv(stage / "scaling.csv", SCALING_HEADER, scaling_rows(metrics, stability, qk.n_heads))
+    write_csv(stage / "optima.csv", OPTIMA_HEADER, optima_rows(metrics, stability, qk.n_heads))
     outputs = ["scaling.csv", "optima.csv", "sentences.json"]
-    write_json(out_dir / "sentences.json", {"texts": sample.texts, "candidates": sample.candidates})
-    from attnlab.experiments.induction import model_label
+    write_json(stage / "sentences.json", {"texts": sample.texts, "candidates": sample.candidates})
     from attnlab.figures.scaling import optimum_heatmap
 
     missing = {}
+    n_layers, n_heads = qk.n_layers, qk.n_heads
     for metric in METRICS:
         best = metrics.best(metric).reshape(n_layers, n_heads)
         missing[metric] = int(torch.isnan(best).sum())
+        stab = stability[metric].reshape(n_layers, n_heads).numpy() if stability else None
         name = f"figure2_{metric}.png"
-        optimum_heatmap(best.numpy(), constants.tolist(),
-                        f"Optimal scaling constant: {METRIC_TITLES[metric]}\n{model_label(cfg.model)}, "
-                        f"{cfg.sentences} sentences, {metrics.n_pairs} query-key pairs per head", out_dir / name)
+        note = (f"\nhatched: unstable (< {UNSTABLE:.0%} of {cfg.bootstrap} sentence resamples agree); grey: none"
+                if stability else "")
+        optimum_heatmap(best.numpy(), cfg.constants,
+                        f"Optimal scaling constant: {METRIC_TITLES[metric]} (protocol {cfg.protocol})\n"
+                        f"{model_label(cfg.model)}, {cfg.sentences} sentences, {metrics.n_pairs} query-key pairs "
+                        f"per head{note}", stage / name, stability=stab, unstable_below=UNSTABLE)
         outputs.append(name)
-    return write_meta(out_dir, config, outputs, model=lm.meta, n_pairs=metrics.n_pairs,
-                      heads_missing=missing,
+    return run.commit(key, config, outputs, identity, model=lm.meta, n_pairs=metrics.n_pairs,
+                      heads_missing=missing, optima=optima_summary(metrics, stability, qk.n_heads),
                       timings={"collect_s": round(t1 - t0, 3), "metrics_s": round(t2 - t1, 3),
-                               "continuous_s": round(t3 - t2, 3), "total_s": round(time.perf_counter() - t0, 3)})
+                               "stability_s": round(t3 - t2, 3), "total_s": round(time.perf_counter() - t0, 3)})
 
 
 def displayed_constants(constants, optimum: float | None) -> list[float]:
@@ -161,32 +294,32 @@ def umap_name(layer: int, head: int) -> str:
 
 
 def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", batch_size=None, progress=False,
-             reuse=True) -> dict:
-    """Figures 3-4: joint UMAP embeddings of one head's queries and keys at several constants."""
+             reuse=True, cache: GeometryCache | None = None) -> dict:
+    """Figures 3-4: joint UMAP embeddings of one head's queries and keys at several constants. With a
+    ``cache`` shared with :func:`run_scaling`, the q/k collection and the optimum are taken from it."""
     from attnlab.geometry.embedding import joint_embedding, subsample
 
-    out_dir = Path(out_dir)
-    constants = check_constants(cfg.constants)
-    check_constants(cfg.umap_constants)
-    if cfg.metric not in METRICS:
-        raise InputError(f"unknown metric {cfg.metric!r}; use one of {', '.join(METRICS)}")
-    if cfg.max_points < 10:
-        raise InputError(f"--max-points must be at least 10, got {cfg.max_points}")
+    run = RunFolder(out_dir, "geometry-umap")
     config = asdict(cfg)
-    if reuse and (meta := finished(out_dir, config)):
+    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
+                              corpus=corpus_fingerprint(cfg.corpus, docs))
+    if reuse and (meta := run.finished(key)):
         return meta
     t0 = time.perf_counter()
     lm = _load(cfg, lm, device)
+    identity["model"] = lm.fingerprint
     check_head(cfg.layer, cfg.head, lm.n_layers, lm.n_heads)  # before the forward pass
-    sample, qk = _collect(cfg, lm, docs, batch_size, progress)
-    # the optimum to frame; the scaled metric pools all heads, the others need only this one
-    if cfg.metric == "scaled_weighted_corr":
-        q_sel, k_sel, g = qk.queries, qk.keys, cfg.layer * qk.n_heads + cfg.head
-    else:
+    sample, qk = _collect(cfg, lm, docs, batch_size, progress, cache)
+    g = cfg.layer * qk.n_heads + cfg.head
+    data_key = _data_key(cfg, lm)
+    have = cache is not None and any(k[:4] == (data_key, cfg.protocol, cfg.constants, cfg.translate_keys)
+                                     for k in cache.metrics)
+    if have or cfg.metric == "scaled_weighted_corr" or cfg.protocol == "notebook":
+        optimum = _cached_metrics(qk, cfg, cache, data_key, False).best(cfg.metric)[g].item()
+    else:  # only this head is needed: its metric does not pool over heads
         sl = (slice(None), slice(None), slice(cfg.layer, cfg.layer + 1), slice(cfg.head, cfg.head + 1))
-        q_sel, k_sel, g = qk.queries[sl], qk.keys[sl], 0
-    metrics = scaling_metrics(q_sel, k_sel, qk.lengths, constants, causal=qk.causal, translate=cfg.translate_keys)
-    optimum = metrics.best(cfg.metric)[g].item()
+        optimum = scaling_metrics(qk.queries[sl], qk.keys[sl], qk.lengths, cfg.constants, causal=qk.causal,
+                                  translate=cfg.translate_keys).best(cfg.metric)[0].item()
     shown = displayed_constants(cfg.umap_constants, optimum)
 
     queries, keys = qk.head(cfg.layer, cfg.head)
@@ -196,27 +329,29 @@ def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", bat
     panels, arrays = [], {}
     iterator = shown
     if progress:
-        from tqdm.auto import tqdm
+        from attnlab.core.progress import bar
 
-        iterator = tqdm(shown, desc="umap", unit="constant")
+        iterator = bar(shown, desc=f"umap L{cfg.layer}H{cfg.head}", unit="constant")
+    translate = cfg.translate_keys and cfg.protocol == "text"
     for c in iterator:
-        q_c, k_c = transform_qk(queries.double(), keys.double(), c, translate=cfg.translate_keys)
+        q_c, k_c = transform_qk(queries.double(), keys.double(), c, translate=translate)
         emb = joint_embedding(q_c[q_idx].numpy(), k_c[k_idx].numpy(), seed=cfg.seed, n_neighbors=cfg.n_neighbors,
                               min_dist=cfg.min_dist)
         panels.append((c, emb, len(q_idx)))
         arrays[f"c_{c:g}"] = emb
+    stage = run.stage()
     name = umap_name(cfg.layer, cfg.head)
-    with atomic_path(out_dir / f"{name}.npz") as tmp:
+    with atomic_path(stage / f"{name}.npz") as tmp:
         np.savez_compressed(tmp, constants=np.array(shown), n_queries=len(q_idx), **arrays)
-    from attnlab.experiments.induction import model_label
     from attnlab.figures.scaling import umap_grid
 
-    opt_text = f"{optimum:g}" if math.isfinite(optimum) else "none (too few pairs under threshold)"
+    opt_text = f"{optimum:g}" if math.isfinite(optimum) else "none"
     umap_grid(panels, optimum if math.isfinite(optimum) else None,
               f"{model_label(cfg.model)} layer {cfg.layer} head {cfg.head}: queries and keys, joint UMAP (cosine)\n"
-              f"queries x c, keys / c + t; optimal c by {METRIC_TITLES[cfg.metric]} = {opt_text}",
-              out_dir / f"{name}.png")
-    return write_meta(out_dir, config, [f"{name}.png", f"{name}.npz"], model=lm.meta, optimum=optimum,
+              f"queries x c, keys / c{' + t' if translate else ''}; optimal c by {METRIC_TITLES[cfg.metric]} "
+              f"(protocol {cfg.protocol}) = {opt_text}", stage / f"{name}.png")
+    return run.commit(key, config, [f"{name}.png", f"{name}.npz"], identity, model=lm.meta,
+                      optimum=optimum if math.isfinite(optimum) else None,
                       shown_constants=shown, n_queries=len(q_idx), n_keys=len(k_idx),
                       timings={"total_s": round(time.perf_counter() - t0, 3)})
 
@@ -227,9 +362,10 @@ def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", bat
 def parse_constants(text: str) -> tuple:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        raise InputError(f"constants must be comma-separated numbers, got {text!r}") from exc
+    except ValueError:
+        raise InputError(f"constants must be comma-separated numbers, got {text!r}") from None
     check_constants(values)
+    _check_plottable(values)
     return values
 
 
@@ -239,7 +375,10 @@ def _common(p) -> None:
     p.add_argument("--corpus", default=DEFAULT_CORPUS,
                    help="a .jsonl/.jsonl.gz with a 'text' field, a folder of .txt files, or "
                         f"hf:DATASET[:CONFIG[:SPLIT[:FIELD]]] (default: {DEFAULT_CORPUS})")
-    p.add_argument("--sentences", type=int, default=100, help="number of sentences (default: 100)")
+    p.add_argument("--sentences", type=positive_int, default=100, help="number of sentences (default: 100)")
+    p.add_argument("--protocol", default="text", choices=GEOMETRY_PROTOCOLS,
+                   help="text (default): our reading of the paper's words; notebook: the paper's notebook "
+                        "computation, quirks included (README)")
     p.add_argument("--constants", default=",".join(f"{c:g}" for c in PAPER_CONSTANTS),
                    help="scaling constants c > 0, comma-separated (default: the paper's)")
     p.add_argument("--min-tokens", type=int, default=8, help="shortest usable sentence in tokens (default: 8)")
@@ -247,6 +386,7 @@ def _common(p) -> None:
     p.add_argument("--no-translate", action="store_true", help="do not translate keys onto the query centroid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_runtime_args(p)
 
@@ -258,6 +398,8 @@ def add_parser(sub) -> None:
     s = gsub.add_parser("scaling", help="three metrics x constants for every head; Figure 2 heatmaps")
     _common(s)
     s.add_argument("--no-continuous", action="store_true", help="skip the continuous (log c) optimum search")
+    s.add_argument("--bootstrap", type=int, default=20,
+                   help="sentence resamples for the stability of each optimum (default: 20; 0 skips)")
     s.set_defaults(func=_run_scaling)
     u = gsub.add_parser("umap", help="joint UMAP embeddings of one head's queries and keys (Figures 3-4)")
     _common(u)
@@ -266,7 +408,7 @@ def add_parser(sub) -> None:
     u.add_argument("--umap-constants", default=",".join(f"{c:g}" for c in UMAP_CONSTANTS),
                    help="constants shown, one panel each (default: %(default)s)")
     u.add_argument("--metric", default="weighted_corr", choices=METRICS, help="whose optimum is framed")
-    u.add_argument("--max-points", type=int, default=1500, help="queries (and keys) embedded at most")
+    u.add_argument("--max-points", type=positive_int, default=1500, help="queries (and keys) embedded at most")
     u.set_defaults(func=_run_umap)
     g.set_defaults(func=lambda args: (g.print_help(), 2)[1])
 
@@ -275,18 +417,18 @@ def _base_kwargs(args) -> dict:
     return dict(model=args.model, corpus=args.corpus, sentences=args.sentences,
                 constants=parse_constants(args.constants), seed=args.seed, min_tokens=args.min_tokens,
                 max_tokens=args.max_tokens, translate_keys=not args.no_translate, revision=args.revision,
-                dtype=args.dtype)
+                dtype=args.dtype, protocol=args.protocol)
 
 
 def _run_scaling(args) -> int:
-    cfg = GeometryConfig(**_base_kwargs(args), continuous=not args.no_continuous)
-    meta = run_scaling(cfg, args.out, device=args.device, batch_size=args.batch_size, progress=not args.no_progress)
-    state = "reused finished run in" if meta.get("reused") else "wrote"
-    print(f"{state} {args.out}: " + ", ".join(meta["outputs"]))
+    cfg = GeometryConfig(**_base_kwargs(args), continuous=not args.no_continuous, bootstrap=args.bootstrap)
+    meta = run_scaling(cfg, args.out, device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+                       reuse=not args.force)
+    print_wrote(meta, args.out)
     for metric, n in meta["heads_missing"].items():
         if n:
-            print(f"note: {n} heads have no {metric} optimum (too few query-key pairs under the threshold; "
-                  "use more --sentences)")
+            print(f"note: {n} heads have no {metric} optimum (no value at any constant, or an exact tie; "
+                  "optima.csv says which - more sentences help)")
     return 0
 
 
@@ -294,7 +436,8 @@ def _run_umap(args) -> int:
     cfg = UMAPConfig(**_base_kwargs(args), layer=args.layer, head=args.head,
                      umap_constants=parse_constants(args.umap_constants), metric=args.metric,
                      max_points=args.max_points)
-    meta = run_umap(cfg, args.out, device=args.device, batch_size=args.batch_size, progress=not args.no_progress)
-    state = "reused finished run in" if meta.get("reused") else "wrote"
-    print(f"{state} {args.out}: " + ", ".join(meta["outputs"]) + f" (optimal c = {meta['optimum']:g})")
+    meta = run_umap(cfg, args.out, device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+                    reuse=not args.force)
+    opt = meta["optimum"]
+    print_wrote(meta, args.out, f" (optimal c = {opt:g})" if opt is not None else " (no optimum: see optima)")
     return 0

@@ -27,9 +27,11 @@ import torch
 
 from attnlab.core.corpus import DEFAULT_CORPUS, load_corpus
 from attnlab.core.errors import CorpusError, InputError, MissingHeadError
-from attnlab.core.models import load_model
-from attnlab.core.outputs import finished, write_json, write_meta, write_text
-from attnlab.experiments.common_args import add_runtime_args
+from attnlab.core.models import LoadedModel, load_model, model_identity, model_label
+from attnlab.core.outputs import RunFolder, reuse_key, write_csv, write_json
+from attnlab.core.provenance import corpus_fingerprint
+from attnlab.core.resources import check_fits
+from attnlab.experiments.common_args import add_runtime_args, positive_int, print_wrote
 
 LONG, SHORT = 500, 50
 ICL_PROTOCOLS = ("masked-token", "paper")
@@ -44,6 +46,15 @@ class ICLConfig:
     seed: int = 0
     revision: str | None = None
     dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.protocol not in ICL_PROTOCOLS:
+            raise InputError(f"unknown ICL protocol {self.protocol!r}; use one of {', '.join(ICL_PROTOCOLS)}")
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise InputError(f"trials must be a whole number of at least 1, got {self.trials}")
+        # both inputs of every trial ([T, 500] and [T, 50] ids, a few copies) must fit before any is drawn
+        per_trial = (LONG + SHORT) * 8 * 4
+        check_fits(self.trials * per_trial, f"{self.trials} ICL trials", per_trial, "trials")
 
 
 @dataclass
@@ -96,13 +107,20 @@ def _masked_inputs(encodings, trials, length, pos_attr, mask_id):
     return ids, labels, pos
 
 
-def batched_losses(lm, ids, labels, pos, *, all_positions: bool, batch_size: int) -> torch.Tensor:
+def batched_losses(lm, ids, labels, pos, *, all_positions: bool, batch_size: int, desc: str | None = None) -> torch.Tensor:
     """Per-sequence loss: mean CE over all positions (paper) or CE at ``pos`` only. [B] float64."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a whole number of at least 1, got {batch_size}")
     out = []
     device = lm.device
     head = lm.model.cls
+    starts = range(0, len(ids), batch_size)
+    if desc:
+        from attnlab.core.progress import bar
+
+        starts = bar(starts, desc=desc, unit="batch")
     with torch.inference_mode():
-        for s in range(0, len(ids), batch_size):
+        for s in starts:
             x, y, p = ids[s:s + batch_size].to(device), labels[s:s + batch_size].to(device), pos[s:s + batch_size]
             hidden = lm.base(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
             if all_positions:
@@ -126,7 +144,8 @@ def bootstrap_ci(diffs: np.ndarray, seed: int, n_boot: int = 10000, level: float
     return float(lo), float(hi)
 
 
-def icl_trials(lm, docs, protocol: str, n_trials: int, seed: int, batch_size: int | None = None):
+def icl_trials(lm, docs, protocol: str, n_trials: int, seed: int, batch_size: int | None = None,
+               progress: bool = False):
     """Run the trials; return (trials, loss_short, loss_long) with losses as float64 arrays."""
     if protocol not in ICL_PROTOCOLS:
         raise InputError(f"unknown ICL protocol {protocol!r}; use one of {', '.join(ICL_PROTOCOLS)}")
@@ -136,6 +155,9 @@ def icl_trials(lm, docs, protocol: str, n_trials: int, seed: int, batch_size: in
         raise MissingHeadError(f"model '{lm.name}' has no masked-LM head; the ICL score needs a BERT masked LM")
     if lm.max_positions < LONG:
         raise InputError(f"model '{lm.name}' has {lm.max_positions} positions; the ICL score needs {LONG}")
+    if lm.tokenizer is None or lm.tokenizer.mask_token_id is None:
+        raise InputError(f"model '{lm.name}' has no tokenizer with a [MASK] token (no tokenizer files in its folder?); "
+                         "the ICL score tokenizes text - save the tokenizer beside the model (save_pretrained)")
     encodings = tokenize_lengths(lm.tokenizer, docs)
     trials = draw_trials(encodings, protocol, n_trials, seed)
     mask_id = lm.tokenizer.mask_token_id
@@ -143,41 +165,58 @@ def icl_trials(lm, docs, protocol: str, n_trials: int, seed: int, batch_size: in
     bs = batch_size or (4 if all_positions else 16)
     long_in = _masked_inputs(encodings, trials, LONG, "pos_long", mask_id)
     short_in = _masked_inputs(encodings, trials, SHORT, "pos_short", mask_id)
-    loss_long = batched_losses(lm, *long_in, all_positions=all_positions, batch_size=bs).numpy()
-    loss_short = batched_losses(lm, *short_in, all_positions=all_positions, batch_size=bs * 4).numpy()
+    loss_long = batched_losses(lm, *long_in, all_positions=all_positions, batch_size=bs,
+                               desc="icl: 500-token contexts" if progress else None).numpy()
+    loss_short = batched_losses(lm, *short_in, all_positions=all_positions, batch_size=bs * 4,
+                                desc="icl: 50-token contexts" if progress else None).numpy()
     return trials, loss_short, loss_long
 
 
-def run_icl(cfg: ICLConfig, out_dir, *, lm=None, docs=None, device="auto", batch_size=None, reuse=True) -> dict:
-    out_dir = Path(out_dir)
+ICL_HEADER = ["trial", "article_id", "title", "pos_long", "pos_short", "loss_50", "loss_500", "difference"]
+
+
+def run_icl(cfg: ICLConfig, out_dir, *, lm=None, docs=None, device="auto", batch_size=None, reuse=True,
+            progress=False) -> dict:
+    """The ICL score into ``out_dir``; reused when finished with the same config, model and corpus content.
+    ``lm``: a loaded masked LM, a loader callable, or None (load ``cfg.model``)."""
+    run = RunFolder(out_dir, "icl")
     config = asdict(cfg)
-    if reuse and (meta := finished(out_dir, config)):
+    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
+                              corpus=corpus_fingerprint(cfg.corpus, docs))
+    if reuse and (meta := run.finished(key)):
         return meta
     t0 = time.perf_counter()
     if docs is None:
         docs = load_corpus(cfg.corpus)
-    if lm is None:
+    if isinstance(lm, LoadedModel):
+        pass
+    elif callable(lm):
+        lm = lm()
+    else:
         lm = load_model(cfg.model, masked_lm=True, device=device, dtype=cfg.dtype, revision=cfg.revision)
-    trials, loss_short, loss_long = icl_trials(lm, docs, cfg.protocol, cfg.trials, cfg.seed, batch_size)
+    identity["model"] = lm.fingerprint
+    trials, loss_short, loss_long = icl_trials(lm, docs, cfg.protocol, cfg.trials, cfg.seed, batch_size, progress)
     diff = loss_short - loss_long
     lo, hi = bootstrap_ci(diff, cfg.seed)
 
-    csv = io.StringIO()
-    csv.write("trial,article_id,title,pos_long,pos_short,loss_50,loss_500,difference\n")
-    for i, (t, ls, ll, d) in enumerate(zip(trials, loss_short, loss_long, diff)):
-        title = docs[t.doc_index].title.replace('"', '""')
-        csv.write(f'{i},{docs[t.doc_index].id},"{title}",{t.pos_long},{t.pos_short},{ls:.8g},{ll:.8g},{d:.8g}\n')
-    write_text(out_dir / "icl.csv", csv.getvalue())
-    summary = {"mean": float(diff.mean()), "ci95": [lo, hi], "n": len(diff),
+    stage = run.stage()
+    write_csv(stage / "icl.csv", ICL_HEADER, (
+        [i, docs[t.doc_index].id, docs[t.doc_index].title, t.pos_long, t.pos_short, f"{ls:.8g}", f"{ll:.8g}", f"{d:.8g}"]
+        for i, (t, ls, ll, d) in enumerate(zip(trials, loss_short, loss_long, diff))))
+    ci95 = [lo, hi] if np.isfinite([lo, hi]).all() else [None, None]
+    summary = {"mean": float(diff.mean()), "ci95": ci95, "n": len(diff),
                "share_improved": float((diff > 0).mean()), "std": float(diff.std(ddof=1)) if len(diff) > 1 else None,
                "protocol": cfg.protocol, "model": cfg.model, "corpus": cfg.corpus, "seed": cfg.seed,
                "paper_reported_mean": 0.23 if cfg.protocol == "paper" else None}
-    write_json(out_dir / "summary.json", summary)
+    if len(diff) < 2:
+        summary["note"] = "ci95 and std are null: a confidence interval needs at least 2 trials"
+    write_json(stage / "summary.json", summary)
     from attnlab.figures.histogram import icl_histogram
 
     icl_histogram(diff, summary["mean"], (lo, hi), f"Loss({SHORT} tokens) - Loss({LONG} tokens), {len(diff)} trials"
-                  f"\n{cfg.model}, protocol {cfg.protocol}", out_dir / "icl_histogram.png")
-    return write_meta(out_dir, config, ["icl.csv", "summary.json", "icl_histogram.png"], model=lm.meta,
+                  f"\n{model_label(cfg.model)}, protocol {cfg.protocol}", stage / "icl_histogram.png",
+                  paper_mean=0.23 if cfg.protocol == "paper" else None)
+    return run.commit(key, config, ["icl.csv", "summary.json", "icl_histogram.png"], identity, model=lm.meta,
                       summary=summary, timings={"total_s": round(time.perf_counter() - t0, 3)})
 
 
@@ -190,9 +229,11 @@ def add_parser(sub) -> None:
                    help="a .jsonl/.jsonl.gz with a 'text' field, a folder of .txt files, or "
                         f"hf:DATASET[:CONFIG[:SPLIT[:FIELD]]] (default: {DEFAULT_CORPUS})")
     p.add_argument("--protocol", default="masked-token", choices=ICL_PROTOCOLS)
-    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--trials", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_runtime_args(p)
     p.set_defaults(func=_run)
 
@@ -206,8 +247,10 @@ def _raw():
 def _run(args) -> int:
     cfg = ICLConfig(model=args.model, corpus=args.corpus, protocol=args.protocol, trials=args.trials, seed=args.seed,
                     revision=args.revision, dtype=args.dtype)
-    meta = run_icl(cfg, args.out, device=args.device, batch_size=args.batch_size)
+    meta = run_icl(cfg, args.out, device=args.device, batch_size=args.batch_size, reuse=not args.force,
+                   progress=not args.no_progress)
     s = meta["summary"]
-    print(f"{'reused' if meta.get('reused') else 'wrote'} {args.out}: mean {s['mean']:.4f} "
-          f"(95% CI {s['ci95'][0]:.4f} .. {s['ci95'][1]:.4f}), n={s['n']}, improved in {100 * s['share_improved']:.0f}%")
+    ci = ("95% CI " + " .. ".join(f"{v:.4f}" for v in s["ci95"])) if None not in s["ci95"] else "no CI: 1 trial"
+    print_wrote(meta, args.out, f" - mean {s['mean']:.4f} ({ci}), n={s['n']}, improved in "
+                f"{100 * s['share_improved']:.0f}%")
     return 0

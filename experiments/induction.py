@@ -1,31 +1,47 @@
 """Induction maps (the paper's Figures 7-9): ``attnlab induction``, ``attnlab induction-sweep``, ``attnlab variants``.
 
 Outputs of one run, in its output directory:
-    scores.csv   tidy: model, variant, protocol, target, layer, head, mean, sem, n_trials
-    trials.npz   input_ids [T,S], mask_index [T], target_index_<t> [T], attention_<t> [T,L,H]
-    meta.json    model, resolved source, config, seed, versions, timings (written last = finished)
+    scores.csv   tidy: model, variant, protocol, target, layer, head, mean, sem, n_trials, share_r0
+    trials.npz   input_ids [T,S], mask_index [T], target_index_<t> [T], attention_<t> [T,L,H], quirk [T]
+    meta.json    model, resolved source, config, reuse key and what it covers, seed, versions, timings
     induction_<variant>_<target>.png   one heatmap per target
 """
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from attnlab.core.models import load_model
-from attnlab.core.outputs import atomic_path, finished, write_meta, write_text
-from attnlab.experiments.common_args import add_runtime_args
+from attnlab.core.errors import InputError
+from attnlab.core.models import LoadedModel, load_model, model_identity, model_label
+from attnlab.core.outputs import RunFolder, atomic_path, reuse_key, write_csv
+from attnlab.core.provenance import source_fingerprint
+from attnlab.core.resources import check_fits
+from attnlab.experiments.common_args import add_runtime_args, print_wrote
 from attnlab.figures.heatmap import head_heatmap
 from attnlab.induction.protocols import PROTOCOLS, make_protocol, token_spec_for
 from attnlab.induction.scores import induction_scores
-from attnlab.induction.variants import build_batch, get_variant, list_variants
+from attnlab.induction.variants import build_batch, check_length, get_variant, list_variants
 
 FIGURE9_MODELS = ["prajjwal1/bert-tiny", "prajjwal1/bert-small", "prajjwal1/bert-medium", "bert-large-uncased"]
+PROTOCOL_NOTES = {
+    "clean": "clean protocol: [CLS] X X [SEP], distinct ordinary tokens, mask never at a copy's edge",
+    "paper": "paper protocol: the paper's code, quirks included (leading [SEP], ids in [100, 20000) with "
+             "replacement, r = 0 masks the last token of the first copy)",
+}
+TARGET_WORDS = {
+    "prev": "previous instance of the masked token",
+    "before": "token before the previous instance",
+    "after": "token after the previous instance",
+    "next": "next instance of the masked token (third copy)",
+    "after_prev_of_left": "token after the first-copy instance of the left neighbour",
+    "before_prev_of_right": "token before the first-copy instance of the right neighbour",
+}
 
 
 @dataclass
@@ -39,71 +55,115 @@ class InductionConfig:
     revision: str | None = None
     dtype: str = "float32"
 
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise InputError(f"unknown protocol {self.protocol!r}; use one of {', '.join(PROTOCOLS)}")
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise InputError(f"trials must be a whole number of at least 1, got {self.trials}")
+        if self.seq_len is not None and self.seq_len < 3:
+            raise InputError(f"seq_len must be at least 3 (a masked token needs both neighbours), got {self.seq_len}")
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
-
-
-def model_label(model: str) -> str:
-    """Short name for titles: Hub ids as they are, local folders by their last two path parts."""
-    path = Path(model)
-    return "/".join(path.parts[-2:]) if path.exists() else model
 
 
 def figure_name(variant: str, target: str) -> str:
     return f"induction_{variant}_{target}.png"
 
 
-def scores_csv(model: str, variant: str, protocol: str, scores) -> str:
-    out = io.StringIO()
-    out.write("model,variant,protocol,target,layer,head,mean,sem,n_trials\n")
+def target_words(target: str) -> str:
+    return TARGET_WORDS.get(target, f"target '{target}'")
+
+
+def score_rows(model: str, variant: str, protocol: str, scores, share_r0):
+    """Rows of scores.csv (share_r0: share of trials hit by the paper protocol's r = 0 quirk, '' if unknown)."""
     for target, mean in scores.mean.items():
         sem = scores.sem[target]
         for layer in range(mean.shape[0]):
             for head in range(mean.shape[1]):
-                out.write(f"{model},{variant},{protocol},{target},{layer},{head},"
-                          f"{mean[layer, head].item():.8g},{sem[layer, head].item():.8g},{scores.n_trials}\n")
-    return out.getvalue()
+                yield [model, variant, protocol, target, layer, head, f"{mean[layer, head].item():.8g}",
+                       f"{sem[layer, head].item():.8g}", scores.n_trials, share_r0]
+
+
+SCORES_HEADER = ["model", "variant", "protocol", "target", "layer", "head", "mean", "sem", "n_trials", "share_r0"]
+
+
+def top_heads(scores, k: int = 10) -> dict:
+    """{target: [[layer, head, mean, sem|None], ...]} strongest first (what reports and plots read)."""
+    out = {}
+    n_heads = next(iter(scores.mean.values())).shape[1]
+    for target, mean in scores.mean.items():
+        flat = mean.flatten()
+        order = flat.argsort(descending=True)[:k].tolist()
+        sem = scores.sem[target].flatten()
+        out[target] = [[g // n_heads, g % n_heads, float(flat[g]),
+                        float(sem[g]) if torch.isfinite(sem[g]) else None] for g in order]
+    return out
+
+
+def check_trials_fit(trials: int, seq: int, n_layers: int, n_heads: int, n_targets: int) -> None:
+    """Token ids (a few copies while building) and the per-target scores must fit in memory."""
+    per_trial = seq * 8 * 4 + n_layers * n_heads * n_targets * 4 * 2
+    check_fits(trials * per_trial, f"{trials} trials of {seq} tokens", per_trial, "trials")
+
+
+def _resolve_model(cfg, lm, device, **load_kwargs) -> LoadedModel:
+    """``lm``: a loaded model, a zero-argument loader, or None (load ``cfg.model``)."""
+    if isinstance(lm, LoadedModel):
+        return lm
+    if callable(lm):
+        return lm()
+    return load_model(cfg.model, device=device, dtype=cfg.dtype, revision=cfg.revision, **load_kwargs)
 
 
 def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batch_size=None,
                   progress=False, reuse=True) -> dict:
-    """Run one induction experiment into ``out_dir``; reuse it if already finished with this config."""
-    out_dir = Path(out_dir)
+    """Run one induction experiment into ``out_dir``; reuse it if already finished with the same reuse key
+    (config, model content, variant source, attnlab). ``lm``: a loaded model, a loader callable, or None."""
     variant = get_variant(cfg.variant)  # fail on a bad name before loading anything
-    if cfg.trials < 1:
-        from attnlab.core.errors import InputError
-
-        raise InputError(f"--trials must be at least 1, got {cfg.trials}")
+    run = RunFolder(out_dir, "induction")
     config = asdict(cfg)
-    if reuse and (meta := finished(out_dir, config)):
+    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
+                              variant=source_fingerprint(variant.build))
+    if reuse and (meta := run.finished(key)):
         return meta
     t0 = time.perf_counter()
-    if lm is None:
-        lm = load_model(cfg.model, device=device, dtype=cfg.dtype, revision=cfg.revision)
+    lm = _resolve_model(cfg, lm, device)
+    identity["model"] = lm.fingerprint
     t_load = time.perf_counter() - t0
     protocol = make_protocol(cfg.protocol, token_spec_for(lm))
     n = variant.n_for(cfg.protocol, cfg.seq_len)
+    seq = check_length(variant, protocol, n, lm.max_positions)  # before anything big is built
+    check_trials_fit(cfg.trials, seq, lm.n_layers, lm.n_heads, len(variant.targets))
     batch = build_batch(variant, protocol, cfg.trials, n, cfg.seed, max_positions=lm.max_positions)
     t1 = time.perf_counter()
     scores = induction_scores(lm, batch, batch_size=batch_size, progress=progress)
     t_run = time.perf_counter() - t1
 
+    quirk = batch.quirk
+    share_r0 = "" if quirk is None else f"{float(quirk.float().mean()):.6g}"
+    stage = run.stage()
     outputs = ["scores.csv", "trials.npz"]
-    write_text(out_dir / "scores.csv", scores_csv(cfg.model, cfg.variant, cfg.protocol, scores))
+    write_csv(stage / "scores.csv", SCORES_HEADER, score_rows(cfg.model, cfg.variant, cfg.protocol, scores, share_r0))
     arrays = {"input_ids": batch.input_ids.numpy(), "mask_index": batch.mask_index.numpy()}
+    if quirk is not None:
+        arrays["quirk"] = quirk.numpy()
     for target, pos in batch.targets.items():
         arrays[f"target_index_{target}"] = pos.numpy()
         arrays[f"attention_{target}"] = scores.per_trial[target].numpy()
-    with atomic_path(out_dir / "trials.npz") as tmp:
+    with atomic_path(stage / "trials.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     for target, mean in scores.mean.items():
         name = figure_name(cfg.variant, target)
-        head_heatmap(mean.numpy(), f"Induction scores: {model_label(cfg.model)}\nvariant {cfg.variant} ({cfg.protocol}), "
-                     f"target '{target}', {cfg.trials} trials", out_dir / name, cbar_label="mean attention")
+        head_heatmap(mean.numpy(), f"Induction map: {model_label(cfg.model)}, {cfg.variant} RRT ({cfg.protocol} "
+                     f"protocol)\nattention from [MASK] to the {target_words(target)}, {scores.n_trials} trials",
+                     stage / name, cbar_label="mean attention")
         outputs.append(name)
-    return write_meta(out_dir, config, outputs, model=lm.meta, seq_len=n,
-                      sequence_tokens=int(batch.input_ids.shape[1]),
+    return run.commit(key, config, outputs, identity, model=lm.meta, seq_len=n, sequence_tokens=seq,
+                      protocol_note=PROTOCOL_NOTES.get(cfg.protocol, cfg.protocol),
+                      share_r0=None if quirk is None else float(quirk.float().mean()),
+                      n_trials=scores.n_trials, top_heads=top_heads(scores),
                       timings={"load_s": round(t_load, 3), "extract_s": round(t_run, 3),
                                "total_s": round(time.perf_counter() - t0, 3)})
 
@@ -113,7 +173,7 @@ def add_parser(sub) -> None:
                        description="Mask one token of a repeated random sequence and score the attention "
                                    "from [MASK] to the variant's targets, per layer and head.")
     p.add_argument("--model", default="bert-base-uncased", help="Hub id or local folder (default: bert-base-uncased)")
-    p.add_argument("--revision", default=None)
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit); Hub ids only")
     _add_experiment_args(p)
     p.set_defaults(func=_run_one)
 
@@ -132,12 +192,14 @@ def _add_experiment_args(p) -> None:
     names = ", ".join(v.name for v in list_variants())
     p.add_argument("--variant", default="standard", help=f"RRT variant ({names}; default: standard)")
     p.add_argument("--protocol", default="clean", choices=PROTOCOLS,
-                   help="token protocol: clean (default; every target well defined) or paper (replicates its code)")
+                   help="token protocol: clean (default; every target well defined) or paper (replicates its "
+                        "code; what `reproduce` uses)")
     p.add_argument("--trials", type=int, default=50, help="number of random sequences (default: 50)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="length n of the random block X (default: 200, triple 150)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_runtime_args(p)
 
@@ -148,28 +210,41 @@ def _config(args, model) -> InductionConfig:
                            dtype=args.dtype)
 
 
-def _report(meta, out_dir) -> None:
-    state = "reused finished run in" if meta.get("reused") else "wrote"
-    print(f"{state} {out_dir}: " + ", ".join(meta["outputs"]))
-
-
 def _run_one(args) -> int:
-    meta = run_induction(_config(args, args.model), args.out, device=args.device, batch_size=args.batch_size,
-                         progress=not args.no_progress)
-    _report(meta, args.out)
+    cfg = _config(args, args.model)
+    print(f"induction: {PROTOCOL_NOTES[cfg.protocol]}" + ("" if cfg.protocol == "paper" else
+          "; `reproduce` uses the paper protocol"))
+    meta = run_induction(cfg, args.out, device=args.device, batch_size=args.batch_size,
+                         progress=not args.no_progress, reuse=not args.force)
+    print_wrote(meta, args.out)
     return 0
+
+
+def sweep_folders(models: list[str], out) -> dict:
+    """One output folder per model; distinct models never share one (a numbered suffix if names collide)."""
+    folders, used = {}, set()
+    for model in models:
+        name = slug(model) or "model"
+        candidate, i = name, 2
+        while candidate in used:
+            candidate, i = f"{name}-{i}", i + 1
+        used.add(candidate)
+        folders[model] = Path(out) / candidate
+    return folders
 
 
 def _run_sweep(args) -> int:
     from attnlab.core.errors import AttnlabError
 
+    models = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
+    if not models:
+        raise InputError(f"models lists no model ({args.models!r}); give comma-separated ids or folders")
     failures = 0
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        out = Path(args.out) / slug(model)
+    for model, out in sweep_folders(models, args.out).items():
         try:
             meta = run_induction(_config(args, model), out, device=args.device, batch_size=args.batch_size,
-                                 progress=not args.no_progress)
-            _report(meta, out)
+                                 progress=not args.no_progress, reuse=not args.force)
+            print_wrote(meta, out)
         except AttnlabError as exc:
             failures += 1
             print(f"{model}: skipped: {exc}")

@@ -8,18 +8,17 @@ writes). Outputs: patterns.csv (input, layer, head, kind, rank, token, similarit
 
 from __future__ import annotations
 
-import io
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
 from attnlab.core.activations import attention_inputs
 from attnlab.core.errors import InputError
-from attnlab.core.models import load_model
-from attnlab.core.outputs import write_meta, write_text
+from attnlab.core.models import LoadedModel, load_model, model_identity, model_label
+from attnlab.core.outputs import RunFolder, reuse_key, write_csv, write_text
 from attnlab.core.weights import head_weights
-from attnlab.experiments.common_args import add_model_args
+from attnlab.experiments.common_args import add_model_args, positive_int, print_wrote
 from attnlab.geometry.projections import (
     VocabFilter, high_bias_mask, layer_input_norm, parse_range, project, spectrum, top_k_vocab, word_token,
 )
@@ -40,6 +39,9 @@ def input_vectors(lm, words, layers, sentence=None, layernorm=False, strict=Fals
                     x[:, j] = layer_input_norm(lm, layer)(x[:, j].to(lm.device)).float().cpu()
         return x, used
     ids = tok(sentence, add_special_tokens=lm.model_type == "bert")["input_ids"]
+    if len(ids) > lm.max_positions:
+        raise InputError(f"the sentence has {len(ids)} tokens, more than the model's {lm.max_positions} positions; "
+                         "use a shorter sentence")
     positions = []
     for (tid, piece), word in zip(used, words):
         if tid not in ids:
@@ -96,6 +98,118 @@ def compute(lm, words, layers, kinds=KINDS, top_k=15, sentence=None, layernorm=F
     return rows, used
 
 
+@dataclass
+class PatternsConfig:
+    model: str = "bert-base-uncased"
+    words: tuple = ("couch", "dog", "run", "happy")
+    layers: str = "all"  # e.g. "0-3" or "0,5,11"
+    heads: str = "all"
+    top_k: int = 15
+    kinds: tuple = KINDS
+    sentence: str | None = None
+    layernorm: bool = False
+    keep_special: bool = False
+    no_subwords: bool = False
+    no_bpe_fragments: bool = False
+    no_high_bias: bool = False
+    strict: bool = False
+    revision: str | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        self.words = tuple(w.strip() for w in self.words if w and w.strip())
+        if not self.words:
+            raise InputError("words lists no word; give comma-separated words, e.g. couch,dog,run")
+        self.kinds = tuple(self.kinds)
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise InputError(f"kinds takes {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise InputError(f"top_k must be at least 1, got {self.top_k}")
+
+
+PATTERNS_HEADER = ["input", "layer", "head", "kind", "rank", "token", "similarity"]
+
+
+def run_patterns(cfg: PatternsConfig, out_dir, *, lm=None, device="auto", reuse=True, warn=print) -> dict:
+    """Projections of ``cfg.words`` into ``out_dir`` (patterns.csv, patterns.md, spectrum.csv). ``lm``: a loaded
+    model, a loader callable, or None (load ``cfg.model``)."""
+    run = RunFolder(out_dir, "patterns")
+    config = asdict(cfg)
+    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm))
+    if reuse and (meta := run.finished(key)):
+        return meta
+    t0 = time.perf_counter()
+    if not isinstance(lm, LoadedModel):
+        lm = lm() if callable(lm) else load_model(cfg.model, device=device, dtype=cfg.dtype, revision=cfg.revision)
+    identity["model"] = lm.fingerprint
+    if lm.tokenizer is None:
+        raise InputError(f"model '{cfg.model}' has no tokenizer files; patterns look words up in the vocabulary - "
+                         "save the tokenizer beside the model (save_pretrained)")
+    layers = parse_range(cfg.layers, lm.n_layers, "layers")
+    heads = set(parse_range(cfg.heads, lm.n_heads, "heads"))
+    if "message" in cfg.kinds and not getattr(lm.config, "tie_word_embeddings", True):
+        warn("note: input and output embeddings are not tied in this model; messages are compared with the "
+             "INPUT embeddings, which is not what the model's output head reads")
+    flt = VocabFilter(special=not cfg.keep_special, subwords=cfg.no_subwords,
+                      bpe_fragments=cfg.no_bpe_fragments, high_bias=cfg.no_high_bias)
+    w = head_weights(lm, device="cpu")  # shared by the projections and the spectra
+    rows, used = compute(lm, list(cfg.words), layers, cfg.kinds, cfg.top_k, cfg.sentence, cfg.layernorm, flt,
+                         cfg.strict, w)
+    rows = [r for r in rows if r[2] in heads]
+    stage = run.stage()
+    write_csv(stage / "patterns.csv", PATTERNS_HEADER, ([*r[:6], f"{r[6]:.6f}"] for r in rows))
+    write_text(stage / "patterns.md", patterns_markdown(cfg, rows, used))
+    spectrum_rows = []
+    for kind in KINDS:
+        s, eff = spectrum(w, kind)
+        for layer in layers:
+            for h in sorted(heads):
+                spectrum_rows.append([layer, h, kind, f"{eff[layer, h].item():.4f}",
+                                      " ".join(f"{v:.5g}" for v in s[layer, h].tolist())])
+    write_csv(stage / "spectrum.csv", ["layer", "head", "kind", "effective_rank", "singular_values"], spectrum_rows)
+    return run.commit(key, config, ["patterns.csv", "patterns.md", "spectrum.csv"], identity, model=lm.meta,
+                      tokens_used={w_: p for w_, (_, p) in zip(cfg.words, used)}, top_tokens=top_tokens(rows),
+                      timings={"total_s": round(time.perf_counter() - t0, 3)})
+
+
+def top_tokens(rows) -> dict:
+    """{word: {kind: {"L<l>H<h>": [tokens, best first]}}} - the result in a form reports read directly."""
+    out: dict = {}
+    for word, layer, head, kind, _, token, _ in rows:
+        out.setdefault(word, {}).setdefault(kind, {}).setdefault(f"L{layer}H{head}", []).append(token)
+    return out
+
+
+def patterns_markdown(cfg: PatternsConfig, rows, used) -> str:
+    """patterns.md: what pattern and message mean, which inputs and filters were used, then the tables."""
+    if cfg.sentence:
+        inputs = f"each word's hidden state at the layer's attention input in the sentence {cfg.sentence!r}"
+    else:
+        inputs = "vocabulary embeddings" + (", passed through each layer's input LayerNorm" if cfg.layernorm else "")
+    filters = ["special and [unused] tokens dropped" if not cfg.keep_special else "special tokens kept"]
+    filters += [text for flag, text in ((cfg.no_subwords, "'##' pieces dropped"),
+                                        (cfg.no_bpe_fragments, "BPE fragments dropped"),
+                                        (cfg.no_high_bias, "tokens in the top-k of over half the rows dropped")) if flag]
+    md = [f"# Pattern/message projections: {model_label(cfg.model)}", "",
+          "For each word, layer and head, the vocabulary tokens most similar (cosine) to",
+          "- the **pattern** p = x W_Q W_K^T: what the head *looks for* in keys when the word is the query;",
+          "- the **message** m = x W_V W_O: what the head *writes* into the residual stream when it attends to the word.",
+          "", f"Inputs x: {inputs}. Vocabulary: the input embeddings"
+          + (" after each layer's input LayerNorm" if cfg.layernorm else " (raw)") + f". Filters: {'; '.join(filters)}. "
+          f"k = {cfg.top_k} tokens per row.",
+          "Tokens used (a word that splits uses its first piece): "
+          + ", ".join(f"{w} -> {p}" for w, (_, p) in zip(cfg.words, used)) + "."]
+    for kind in cfg.kinds:
+        for word in cfg.words:
+            md.append(f"\n## {kind}s of '{word}'\n\n| layer | head | top {cfg.top_k} (cosine) |\n|---|---|---|")
+            group = {}
+            for r in rows:
+                if r[3] == kind and r[0] == word:
+                    group.setdefault((r[1], r[2]), []).append(f"{r[5]} ({r[6]:.2f})".replace("|", "\\|"))
+            md += [f"| {layer} | {h} | {', '.join(v)} |" for (layer, h), v in sorted(group.items())]
+    return "\n".join(md) + "\n"
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("patterns", help="pattern/message projections compared with the vocabulary",
                        description=__doc__.split("Outputs:")[0])
@@ -103,7 +217,7 @@ def add_parser(sub) -> None:
     p.add_argument("--words", required=True, help="comma-separated words, e.g. couch,dog,run,happy")
     p.add_argument("--layers", default="all", help="e.g. 0-3 or 0,5,11 (default: all)")
     p.add_argument("--heads", default="all", help="heads to report (default: all)")
-    p.add_argument("--top-k", type=int, default=15)
+    p.add_argument("--top-k", type=positive_int, default=15)
     p.add_argument("--kinds", default="pattern,message", help="pattern, message or both")
     p.add_argument("--sentence", default=None,
                    help="use each word's hidden state in this sentence at each layer's input instead of its embedding")
@@ -113,58 +227,18 @@ def add_parser(sub) -> None:
     p.add_argument("--no-subwords", action="store_true", help="drop BERT '##' pieces")
     p.add_argument("--no-bpe-fragments", action="store_true", help="drop GPT-2 tokens without a leading space")
     p.add_argument("--no-high-bias", action="store_true", help="drop tokens in the top-k of over half the rows")
-    p.add_argument("--strict", action="store_true", help="refuse words that split into several pieces")
+    p.add_argument("--strict", action="store_true", help="refuse words that split into several pieces or are unknown")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    t0 = time.perf_counter()
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
-    layers = parse_range(args.layers, lm.n_layers, "layers")
-    heads = set(parse_range(args.heads, lm.n_heads, "heads"))
-    kinds = [k.strip() for k in args.kinds.split(",")]
-    if any(k not in KINDS for k in kinds):
-        raise InputError(f"--kinds takes {', '.join(KINDS)}, got {args.kinds!r}")
-    if args.top_k < 1:
-        raise InputError("--top-k must be at least 1")
-    words = [w.strip() for w in args.words.split(",") if w.strip()]
-    if "message" in kinds and not getattr(lm.config, "tie_word_embeddings", True):
-        print("note: input and output embeddings are not tied in this model; messages are compared with the "
-              "INPUT embeddings, which is not what the model's output head reads")
-    flt = VocabFilter(special=not args.keep_special, subwords=args.no_subwords,
-                      bpe_fragments=args.no_bpe_fragments, high_bias=args.no_high_bias)
-    w = head_weights(lm, device="cpu")  # shared by the projections and the spectra
-    rows, used = compute(lm, words, layers, kinds, args.top_k, args.sentence, args.layernorm, flt, args.strict, w)
-    rows = [r for r in rows if r[2] in heads]
-    out = Path(args.out)
-    csv = io.StringIO()
-    csv.write("input,layer,head,kind,rank,token,similarity\n")
-    for r in rows:
-        token = r[5].replace('"', '""')
-        csv.write(f'{r[0]},{r[1]},{r[2]},{r[3]},{r[4]},"{token}",{r[6]:.6f}\n')
-    write_text(out / "patterns.csv", csv.getvalue())
-    md = [f"# Pattern/message projections: {args.model}\n"]
-    for kind in kinds:
-        for word in words:
-            md.append(f"\n## {kind}s of '{word}'\n\n| layer | head | top {args.top_k} (cosine) |\n|---|---|---|")
-            group = {}
-            for r in rows:
-                if r[3] == kind and r[0] == word:
-                    group.setdefault((r[1], r[2]), []).append(f"{r[5]} ({r[6]:.2f})")
-            md += [f"| {layer} | {h} | {', '.join(v)} |" for (layer, h), v in sorted(group.items())]
-    write_text(out / "patterns.md", "\n".join(md) + "\n")
-    spec = io.StringIO()
-    spec.write("layer,head,kind,effective_rank,singular_values\n")
-    for kind in KINDS:
-        s, eff = spectrum(w, kind)
-        for layer in range(lm.n_layers):
-            for h in range(lm.n_heads):
-                sv = " ".join(f"{v:.5g}" for v in s[layer, h].tolist())
-                spec.write(f"{layer},{h},{kind},{eff[layer, h].item():.4f},{sv}\n")
-    write_text(out / "spectrum.csv", spec.getvalue())
-    write_meta(out, vars(args) | {"func": None}, ["patterns.csv", "patterns.md", "spectrum.csv"], model=lm.meta,
-               tokens_used={w_: p for w_, (_, p) in zip(words, used)},
-               timings={"total_s": round(time.perf_counter() - t0, 3)})
-    print(f"wrote {out}: patterns.csv, patterns.md, spectrum.csv")
+    cfg = PatternsConfig(model=args.model, words=tuple(args.words.split(",")), layers=args.layers, heads=args.heads,
+                         top_k=args.top_k, kinds=tuple(k.strip() for k in args.kinds.split(",")),
+                         sentence=args.sentence, layernorm=args.layernorm, keep_special=args.keep_special,
+                         no_subwords=args.no_subwords, no_bpe_fragments=args.no_bpe_fragments,
+                         no_high_bias=args.no_high_bias, strict=args.strict, revision=args.revision, dtype=args.dtype)
+    meta = run_patterns(cfg, args.out, device=args.device, reuse=not args.force)
+    print_wrote(meta, args.out)
     return 0

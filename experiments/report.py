@@ -1,12 +1,19 @@
-"""The report of ``attnlab reproduce``: the same content as ``README.md`` (Markdown) and ``index.html``."""
+"""The report of ``attnlab reproduce``: built once as data (blocks), rendered twice (``README.md``, ``index.html``)."""
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
-from attnlab.core.outputs import write_text
+from attnlab.core.models import model_label
+from attnlab.core.outputs import atomic_path, write_text
+
+PAPER_MODELS = {"gpt2": "gpt2", "bert": "bert-base-uncased", "bert-tiny": "prajjwal1/bert-tiny",
+                "bert-small": "prajjwal1/bert-small", "bert-medium": "prajjwal1/bert-medium",
+                "bert-large": "bert-large-uncased"}
 
 
 @dataclass
@@ -15,11 +22,23 @@ class FigureResult:
     caption: str
     job: str
     role: str
-    model: str
+    model: str  # the role's model, as asked for
     path: str | None = None  # relative to the report, when produced
     error: str | None = None  # why not, when not
     meta: dict | None = None
     comparison: list = field(default_factory=list)  # [(quantity, paper, ours)]
+    model_used: str | None = None  # the model that made it (differs from ``model`` when substituted)
+    substituted: bool = False
+    paper_image: str | None = None
+    unavailable: bool = False  # not produced because no model at hand can make it
+    earlier: bool = False  # kept from an earlier run into the same folder (not run this time)
+    target: str | None = None  # induction figures: the target whose map this is
+
+    def record(self) -> dict:
+        """What report.json keeps (everything but the run's meta, which lives in its run folder)."""
+        out = asdict(self)
+        out.pop("meta")
+        return out
 
 
 def _title(figure_id: str) -> str:
@@ -33,43 +52,102 @@ def _run_time(meta: dict) -> str:
 
 
 def _model_rows(results) -> list[tuple]:
+    """role | paper's model | model used | layers x heads | MLM head | loaded from | revision."""
     rows, seen = [], set()
     for r in results:
-        if r.meta is None or (r.role, r.model) in seen:
+        if r.role in seen:
             continue
-        seen.add((r.role, r.model))
-        m = r.meta.get("model") or {}
-        rows.append((r.role, r.model, m.get("source", ""), m.get("revision") or "-"))
-    for r in results:  # roles whose runs failed still appear, with the id asked for
-        if r.meta is None and (r.role, r.model) not in seen:
-            seen.add((r.role, r.model))
-            rows.append((r.role, r.model, "not loaded", "-"))
+        done = [x for x in results if x.role == r.role and x.meta is not None]
+        seen.add(r.role)
+        if not done:
+            rows.append((r.role, PAPER_MODELS.get(r.role, r.model), "none (not loaded)", "-", "-", "-", "-"))
+            continue
+        used = {}
+        for x in done:  # a role can use its own model for some figures and a stand-in for none, or all
+            used.setdefault(x.model_used, x.meta.get("model") or {})
+        for name, m in used.items():
+            shape = f"{m.get('layers', '?')} x {m.get('heads', '?')}"
+            head = "yes" if m.get("masked_lm") else "not loaded" if name == r.model else "no"
+            rows.append((r.role, PAPER_MODELS.get(r.role, r.model),
+                         model_label(name) + (" (stand-in)" if name != r.model else ""), shape, head,
+                         m.get("source", ""), m.get("revision") or "-"))
     return rows
 
 
-def _sections(settings, results, total_s, versions):
+def _banner(settings, substituted: dict) -> list[str]:
+    lines = []
+    if substituted:
+        stands = sorted({model_label(m) for m in substituted.values()})
+        roles = ", ".join(PAPER_MODELS.get(role, role) for role in sorted(substituted))
+        lines.append(f"Offline: embedded {' and '.join(stands)} stands in for {roles}; those figures are not "
+                     "comparable with the paper.")
+    if settings.quick:
+        lines.append("Quick smoke run (--quick: few trials, clean induction protocol); not comparable with the paper.")
+    return lines
+
+
+def _top_table(r: FigureResult):
+    """(header, rows, note) of the strongest heads of an induction figure, or None."""
+    meta = r.meta or {}
+    top = (meta.get("top_heads") or {}).get(r.target)
+    if not top:
+        return None
+    n = meta.get("n_trials", meta.get("config", {}).get("trials", "?"))
+    rows = [(f"L{layer}H{head}", f"{mean:.4f}", "-" if sem is None else f"{sem:.4f}", str(n))
+            for layer, head, mean, sem in top[:5]]
+    share = meta.get("share_r0")
+    note = ""
+    if share:
+        note = (f"{share:.0%} of the trials are the paper protocol's r = 0 case (the mask on the last token of the "
+                "first copy, so the 'previous instance' is the leading [SEP]).")
+    return ["head", "mean attention", "SEM", "trials"], rows, note
+
+
+def _sections(settings, results, total_s, versions, substituted, advice, extra):
     """Report content as plain data: (title, kind, payload) blocks rendered by both writers."""
+    ran = [r for r in results if not r.earlier]
     produced = [r for r in results if r.error is None]
-    mode = "quick smoke run (--quick: few trials, not comparable with the paper)" if settings.quick else \
-        "full run with the paper's settings"
+    if settings.quick:
+        mode = "quick smoke run"
+    elif substituted:
+        mode = "full settings, with stand-in models (see the banner)"
+    else:
+        mode = "full run with the paper's settings and models"
     head = [
         f"{len(produced)} of {len(results)} figures produced; {mode}.",
-        f"Total run time {total_s:.1f} s; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"Total run time {total_s:.1f} s; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}."
+        + (f" {len(results) - len(ran)} figures are kept from an earlier run into this folder." if len(ran) < len(results) else ""),
         "Layers and heads are 0-based (L9H0 = layer 9, head 0). The paper's numbers are those it reports; ours "
-        "come from this run's scores.csv / summary.json / meta.json under runs/.",
+        "come from this run's results under runs/.",
     ]
     blocks = [("attnlab: the paper's figures, reproduced", "text", head)]
+    banner = _banner(settings, substituted)
+    if banner:
+        blocks.append(("Not comparable with the paper", "banner", banner))
+    toc = [(r.id, _title(r.id) + ("" if r.error is None else " (not produced)")) for r in results]
+    toc += [(s.get("job", "section"), s["title"]) for s in extra]
+    blocks.append(("Contents", "toc", toc))
     comparisons = [(r.id, q, p, o) for r in produced for q, p, o in r.comparison]
     if comparisons:
         blocks.append(("Compared with the paper", "table", (["figure", "quantity", "paper", "this run"], comparisons)))
     failed = [r for r in results if r.error]
     if failed:
-        blocks.append(("Not produced", "table", (["figure", "model", "reason"],
-                                                [(r.id, f"{r.role} = {r.model}", r.error) for r in failed])))
+        grouped: dict = {}
+        for r in failed:
+            grouped.setdefault(r.error, []).append(r)
+        blocks.append(("Not produced", "table", (["figures", "model asked for", "reason"], [
+            (", ".join(r.id for r in rs), ", ".join(dict.fromkeys(r.model for r in rs)), reason)
+            for reason, rs in grouped.items()])))
+        if advice:
+            blocks.append(("How to supply missing weights", "text", [advice]))
     for r in results:
         blocks.append((r.id, "figure", r))
-    blocks.append(("Models", "table", (["role", "asked for", "loaded from", "revision"], _model_rows(results))))
+    for s in extra:
+        blocks.append((s["title"], "section", s))
+    blocks.append(("Models", "table", (["role", "paper's model", "model used", "layers x heads", "MLM head",
+                                        "loaded from", "revision"], _model_rows(results))))
     settings_rows = [("seed", str(settings.seed)), ("corpus (ICL, geometry)", settings.corpus),
+                     ("geometry protocol", getattr(settings, "geometry_protocol", "text")),
                      ("device / dtype", f"{settings.device} / {settings.dtype}"),
                      ("command", settings.command)]
     settings_rows += [(f"version: {k}", v) for k, v in versions.items()]
@@ -77,12 +155,31 @@ def _sections(settings, results, total_s, versions):
     return blocks
 
 
-def _figure_lines_md(r: FigureResult) -> list[str]:
+def _run_links(r: FigureResult) -> list[tuple[str, str]]:
+    files = list((r.meta or {}).get("outputs", [])) + ["meta.json"]
+    wanted = [f for f in files if not f.endswith(".png")]
+    return [(f, f"runs/{r.job}/{f}") for f in wanted]
+
+
+def _figure_lines_md(r: FigureResult, paper_dir: str | None) -> list[str]:
     lines = [f"## {_title(r.id)}", ""]
     if r.error:
         return lines + [f"**Not produced** ({r.role} = `{r.model}`): {r.error}", ""]
-    lines += [f"![{r.id}]({r.path})", "", r.caption, "",
-              f"Model `{r.model}` (role {r.role}); run folder `runs/{r.job}`; run time {_run_time(r.meta)}.", ""]
+    lines += [f"![{r.id}]({r.path})", "", r.caption, ""]
+    if paper_dir and r.paper_image:
+        lines += [f"Paper's figure: ![paper {r.id}]({paper_dir}/{r.paper_image})", ""]
+    elif r.paper_image:
+        lines += [f"Paper's image: `{r.paper_image}`.", ""]
+    top = _top_table(r)
+    if top:
+        header, rows, note = top
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""] + ([note, ""] if note else [])
+    links = ", ".join(f"[{name}]({href})" for name, href in _run_links(r))
+    used = model_label(r.model_used or r.model)
+    lines += [f"Model `{used}`{' (stand-in for ' + r.model + ')' if r.substituted else ''} (role {r.role}); "
+              f"run folder `runs/{r.job}` ({links}); run time {_run_time(r.meta)}"
+              + ("; kept from an earlier run" if r.earlier else "") + ".", ""]
     return lines
 
 
@@ -90,50 +187,119 @@ def _md_cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(blocks) -> str:
+def _md_table(header, rows) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""])
+
+
+def to_markdown(blocks, paper_dir=None) -> str:
     lines = []
     for title, kind, payload in blocks:
         if kind == "text":
-            lines += [f"# {title}", ""] + [p + "\n" for p in payload]
+            level = "#" if not lines else "##"
+            lines += [f"{level} {title}", ""] + [p + "\n" for p in payload]
+        elif kind == "banner":
+            lines += [f"> **{title}.** " + " ".join(payload), ""]
+        elif kind == "toc":
+            lines += ["## Contents", ""] + [f"- [{text}](#{anchor})" for anchor, text in payload] + [""]
         elif kind == "table":
             header, rows = payload
-            lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""]
+            lines += [f"## {title}", ""] + _md_table(header, rows)
+        elif kind == "section":
+            lines += [f"## {title}", ""]
+            if payload.get("error"):
+                lines += [f"**Not produced**: {payload['error']}", ""]
+            else:
+                lines += [payload["text"], ""] + _md_table(payload["header"], payload["rows"])
         else:
-            lines += _figure_lines_md(payload)
+            lines += _figure_lines_md(payload, paper_dir)
     return "\n".join(lines) + "\n"
 
 
-def to_html(blocks) -> str:
+def _html_table(header, rows) -> str:
+    e = html.escape
+    return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+
+def _figure_html(r: FigureResult, paper_dir: str | None) -> str:
+    e = html.escape
+    anchor = f"<h2 id='{e(r.id)}'>{e(_title(r.id))}</h2>"
+    if r.error:
+        return anchor + (f"<p class='err'><b>Not produced</b> ({e(r.role)} = <code>{e(r.model)}</code>): "
+                         f"{e(r.error)}</p>")
+    ours = f"<figure><img src='{e(r.path)}' alt='{e(r.id)}'><figcaption>{e(r.caption)}</figcaption></figure>"
+    if paper_dir and r.paper_image:
+        paper = (f"<figure><img src='{e(paper_dir)}/{e(r.paper_image)}' alt='paper {e(r.id)}'>"
+                 f"<figcaption>The paper's figure ({e(r.paper_image)})</figcaption></figure>")
+        body = f"<div class='pair'>{ours}{paper}</div>"
+    else:
+        body = ours + (f"<p><small>Paper's image: <code>{e(r.paper_image)}</code></small></p>" if r.paper_image else "")
+    top = _top_table(r)
+    if top:
+        header, rows, note = top
+        body += "<p><b>Strongest heads</b></p>" + _html_table(header, rows) + (f"<p class='note'>{e(note)}</p>" if note else "")
+    links = ", ".join(f"<a href='{e(href)}'>{e(name)}</a>" for name, href in _run_links(r))
+    used = model_label(r.model_used or r.model)
+    stand = f" (stand-in for {e(r.model)})" if r.substituted else ""
+    body += (f"<p><small>Model <code>{e(used)}</code>{stand} (role {e(r.role)}); run folder "
+             f"<a href='runs/{e(r.job)}/'>runs/{e(r.job)}</a>: {links}; run time {e(_run_time(r.meta))}"
+             + ("; kept from an earlier run" if r.earlier else "") + ".</small></p>")
+    return anchor + body
+
+
+def to_html(blocks, paper_dir=None) -> str:
     e = html.escape
     body = []
     for title, kind, payload in blocks:
         if kind == "text":
-            body.append(f"<h1>{e(title)}</h1>" + "".join(f"<p>{e(p)}</p>" for p in payload))
+            tag = "h1" if not body else "h2"
+            body.append(f"<{tag}>{e(title)}</{tag}>" + "".join(f"<p>{e(p)}</p>" for p in payload))
+        elif kind == "banner":
+            body.append(f"<div class='banner' role='note'><b>{e(title)}.</b> " + " ".join(e(p) for p in payload)
+                        + "</div>")
+        elif kind == "toc":
+            body.append("<nav><h2>Contents</h2><ol>" + "".join(f"<li><a href='#{e(a)}'>{e(t)}</a></li>"
+                                                               for a, t in payload) + "</ol></nav>")
         elif kind == "table":
             header, rows = payload
-            body.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-                        + "</table>")
-        else:
-            r = payload
-            if r.error:
-                body.append(f"<h2 id='{e(r.id)}'>{e(_title(r.id))}</h2><p class='err'><b>Not produced</b> "
-                            f"({e(r.role)} = <code>{e(r.model)}</code>): {e(r.error)}</p>")
+            body.append(f"<h2>{e(title)}</h2>" + _html_table(header, rows))
+        elif kind == "section":
+            body.append(f"<h2 id='{e(payload.get('job', 'section'))}'>{e(title)}</h2>")
+            if payload.get("error"):
+                body.append(f"<p class='err'><b>Not produced</b>: {e(payload['error'])}</p>")
             else:
-                body.append(f"<h2 id='{e(r.id)}'>{e(_title(r.id))}</h2><figure><img src='{e(r.path)}' alt='{e(r.id)}'>"
-                            f"<figcaption>{e(r.caption)}<br><small>Model <code>{e(r.model)}</code> (role {e(r.role)});"
-                            f" run folder <code>runs/{e(r.job)}</code>; run time {e(_run_time(r.meta))}.</small>"
-                            "</figcaption></figure>")
+                body.append(f"<p>{e(payload['text'])}</p>" + _html_table(payload["header"], payload["rows"]))
+        else:
+            body.append(_figure_html(payload, paper_dir))
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
-             "th{background:#f3f3f3}.err{color:#a00}figcaption{margin-top:.4em}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>attnlab report</title><style>{style}</style>"
-            f"</head><body>{''.join(body)}</body></html>\n")
+             "th{background:#f3f3f3}.err{color:#a00}figcaption{margin-top:.4em}.note{color:#555}"
+             ".banner{background:#fff4d6;border:2px solid #e0a800;border-radius:6px;padding:.8em 1em;margin:1em 0}"
+             ".pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}nav ol{columns:3}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>attnlab report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def write_report(settings, results, *, total_s: float, versions: dict) -> None:
-    blocks = _sections(settings, results, total_s, versions)
-    write_text(settings.out / "README.md", to_markdown(blocks))
-    write_text(settings.out / "index.html", to_html(blocks))
+def _copy_paper_figures(settings, results) -> str | None:
+    """Copy the paper's images named by the figures into DIR/paper/ (so the report stays self-contained)."""
+    folder = getattr(settings, "paper_figures", None)
+    if not folder:
+        return None
+    src = Path(folder)
+    copied = False
+    for r in results:
+        if r.paper_image and (src / r.paper_image).is_file():
+            with atomic_path(settings.out / "paper" / r.paper_image) as tmp:
+                shutil.copyfile(src / r.paper_image, tmp)
+            copied = True
+    return "paper" if copied else None
+
+
+def write_report(settings, results, *, total_s: float, versions: dict, substituted: dict | None = None,
+                 advice: str | None = None, sections: list | None = None) -> None:
+    paper_dir = _copy_paper_figures(settings, results)
+    blocks = _sections(settings, results, total_s, versions, substituted or {}, advice, sections or [])
+    write_text(settings.out / "README.md", to_markdown(blocks, paper_dir))
+    write_text(settings.out / "index.html", to_html(blocks, paper_dir))

@@ -9,11 +9,13 @@ from attnlab.figures.style import plt, save
 
 
 def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", cbar_label=None,
-                 center=None, norm=None, cbar_ticks=None, annot=False, nan_color=None) -> None:
+                 center=None, norm=None, cbar_ticks=None, annot=False, nan_color=None, hatch=None,
+                 hatch_label=None):
     """values: [layers, heads]. Size grows with the grid so a 24 x 16 map stays legible.
 
     ``annot`` writes each value in its cell (only for grids of at most 16 heads); ``nan_color`` fills
-    missing cells.
+    missing cells; ``hatch`` ([layers, heads] bool) hatches cells (e.g. unstable estimates), explained by
+    ``hatch_label`` under the map. Saves to ``path`` when given, else returns the Figure.
     """
     values = np.asarray(values, dtype=float)
     layers, heads = values.shape
@@ -41,4 +43,15 @@ def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", 
     ax.set_title(title, fontsize=12)
     ax.set_xticks(np.arange(heads) + 0.5, [str(h) for h in range(heads)], rotation=0)
     ax.set_yticks(np.arange(layers) + 0.5, [str(layer) for layer in range(layers)], rotation=0)
+    if hatch is not None:
+        from matplotlib.patches import Rectangle
+
+        for layer, head in zip(*np.nonzero(np.asarray(hatch))):
+            ax.add_patch(Rectangle((head, layer), 1, 1, fill=False, hatch="///", edgecolor="#444444", lw=0))
+        if hatch_label:
+            ax.text(0, 1.0, hatch_label, transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
+                    color="#444444")
+    if path is None:
+        return fig
     save(fig, path)
+    return None

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from attnlab.figures.style import plt, save
 
 
-def icl_histogram(diffs, mean: float, ci: tuple[float, float], title: str, path) -> None:
+def icl_histogram(diffs, mean: float, ci: tuple[float, float], title: str, path, paper_mean: float | None = None) -> None:
+    """Counts of trials (integer ticks); mean as a solid line, the 95% CI as two dashed lines (not a band
+    over the bars), the paper's reported mean dotted when given."""
     diffs = np.asarray(diffs, dtype=float)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.hist(diffs, bins="auto" if len(diffs) > 20 else 10, color="#1f77b4")
+    ax.hist(diffs, bins="auto" if len(diffs) > 20 else 10, color="#9ecae1", edgecolor="#3182bd")
     ax.axvline(mean, color="black", lw=2, label=f"mean {mean:.3f}")
-    if np.isfinite(ci).all():
-        ax.axvspan(ci[0], ci[1], color="orange", alpha=0.3, label=f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}]")
-    ax.axvline(0, color="grey", lw=1, ls="--")
+    if np.isfinite(np.asarray(ci, dtype=float)).all():
+        ax.axvline(ci[0], color="#d95f02", lw=1.5, ls="--", label=f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}]")
+        ax.axvline(ci[1], color="#d95f02", lw=1.5, ls="--")
+    if paper_mean is not None:
+        ax.axvline(paper_mean, color="#7570b3", lw=1.5, ls=":", label=f"paper's mean {paper_mean:g}")
+    ax.axvline(0, color="grey", lw=1, ls="-", alpha=0.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("loss(50-token context) - loss(500-token context)")
     ax.set_ylabel("trials")
     ax.set_title(title)

@@ -14,8 +14,9 @@ QUERY_COLOR = "#1b9e77"  # teal-green and orange: distinct, and readable by most
 KEY_COLOR = "#d95f02"
 
 
-def optimum_heatmap(optimum, constants, title: str, path) -> None:
-    """optimum ``[layers, heads]``: a diverging log-scale map centred on c = 1 (grey: no value)."""
+def optimum_heatmap(optimum, constants, title: str, path, *, stability=None, unstable_below: float = 0.5):
+    """optimum ``[layers, heads]``: a diverging log-scale map centred on c = 1 (grey: no value); with
+    ``stability`` ([layers, heads], share of resamples agreeing), cells below ``unstable_below`` are hatched."""
     constants = [float(c) for c in constants]
     extent = max(max(constants), 1 / min(constants), 1.0001)
     finite = np.asarray(optimum, dtype=float)
@@ -23,8 +24,13 @@ def optimum_heatmap(optimum, constants, title: str, path) -> None:
     if finite.size:
         extent = max(extent, float(finite.max()), 1 / float(finite.min()))
     ticks = sorted(set(constants) | {1.0})
-    head_heatmap(optimum, title, path, cmap="RdBu_r", norm=LogNorm(vmin=1 / extent, vmax=extent),
-                 cbar_label="optimal c (queries x c, keys / c)", cbar_ticks=ticks, annot=True, nan_color="#d0d0d0")
+    hatch = None
+    if stability is not None:
+        stability = np.asarray(stability, dtype=float)
+        hatch = np.isfinite(np.asarray(optimum, dtype=float)) & ~(stability >= unstable_below)
+    return head_heatmap(optimum, title, path, cmap="RdBu_r", norm=LogNorm(vmin=1 / extent, vmax=extent),
+                        cbar_label="optimal c (queries x c, keys / c)", cbar_ticks=ticks, annot=True,
+                        nan_color="#d0d0d0", hatch=hatch)
 
 
 def umap_grid(panels, optimal: float | None, title: str, path) -> None:

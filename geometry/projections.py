@@ -135,6 +135,12 @@ def word_token(tokenizer, word: str, strict: bool = False) -> tuple[int, str]:
     pieces = tokenizer.tokenize(word if not _is_gpt2(tokenizer) else " " + word)
     if not pieces:
         raise InputError(f"the tokenizer produces no token for {word!r}")
+    unk = getattr(tokenizer, "unk_token", None)
+    if unk is not None and unk in pieces:
+        msg = f"{word!r} is not in the vocabulary (the tokenizer maps it to {unk})"
+        if strict:
+            raise InputError(msg + "; choose words the vocabulary knows")
+        warnings.warn(msg + f"; using {pieces[0]!r}", stacklevel=2)
     if len(pieces) > 1:
         msg = f"{word!r} splits into {pieces}; using the first piece {pieces[0]!r}"
         if strict:
@@ -156,11 +162,15 @@ def parse_range(spec: str | None, upper: int, what: str) -> list[int]:
         try:
             if "-" in part:
                 a, b = (int(x) for x in part.split("-"))
+                if b < a:
+                    raise InputError(f"{what} range {part!r} runs backwards; write it low-high, e.g. {b}-{a}")
                 out.extend(range(a, b + 1))
             else:
                 out.append(int(part))
         except ValueError:
             raise InputError(f"cannot read {what} {spec!r}; use e.g. '0-3,7'") from None
+    if not out:
+        raise InputError(f"{what} {spec!r} names nothing; use e.g. '0-3,7' or 'all'")
     bad = [i for i in out if not 0 <= i < upper]
     if bad:
         raise InputError(f"{what} {bad} out of range: the model has {upper} {what} (0..{upper - 1})")

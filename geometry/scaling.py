@@ -188,10 +188,11 @@ def scaled_weighted_correlation(corr, pooled_counts):
     this way, a head's correlation is weighted by its share of the model's closest query-key pairs at
     that c. Values lie in [-1, 1]; the best constant is the most negative (closest to -1).
 
-    corr, pooled_counts: ``[G, C]``. Returns ``[G, C]`` (NaN where corr is NaN or no pair is under).
+    corr, pooled_counts: ``[G, C]``. Returns ``[G, C]``: NaN where corr is NaN or where none of the head's
+    pairs lies under the pooled threshold (its share would be 0, and 0 is not a correlation).
     """
     total = pooled_counts.sum(0, keepdim=True).double()
-    share = torch.where(total > 0, pooled_counts.double() / total, torch.nan)
+    share = torch.where(pooled_counts > 0, pooled_counts.double() / total, torch.nan)
     return corr * share
 
 
@@ -238,25 +239,54 @@ def norm_ratio_optimum(median_q, median_k):
     return torch.sqrt(median_k / median_q)
 
 
-def best_index(values, metric: str) -> torch.Tensor:
-    """Index of the best constant per head ``[G]`` (-1 where every value is missing). Ties go to the first."""
+NO_VALUE, TIE = -1, -2
+
+
+def _badness(values, metric: str) -> torch.Tensor:
+    """How far each value is from the metric's ideal (-1 for correlations, 1 for the norm ratio); inf if NaN."""
     if metric in ("weighted_corr", "scaled_weighted_corr"):
         badness = (values + 1).abs()  # closest to -1
     elif metric == "norm_ratio":
         badness = values.log().abs()  # closest to 1
     else:
         raise InputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    badness = torch.where(torch.isnan(badness), torch.inf, badness)
+    return torch.where(torch.isnan(badness), torch.inf, badness)
+
+
+def best_index(values, metric: str) -> torch.Tensor:
+    """Index of the best constant per head ``[G]``: ``NO_VALUE`` (-1) where every value is missing,
+    ``TIE`` (-2) where two constants are exactly equally good (the choice would be arbitrary)."""
+    badness = _badness(values, metric)
+    least = badness.min(-1, keepdim=True).values
     idx = badness.argmin(-1)
-    return torch.where(torch.isinf(badness.gather(-1, idx[:, None])[:, 0]), -1, idx)
+    tied = (badness == least).sum(-1) > 1
+    idx = torch.where(tied, TIE, idx)
+    return torch.where(torch.isinf(least[:, 0]), NO_VALUE, idx)
+
+
+def best_status(values, metric: str, constants) -> list[str]:
+    """Why each head has (or has no) optimum: "ok", "no value at any constant", or which constants tie."""
+    badness = _badness(values, metric)
+    out = []
+    for g, i in enumerate(best_index(values, metric).tolist()):
+        if i >= 0:
+            out.append("ok")
+        elif i == NO_VALUE:
+            out.append("no value at any constant")
+        else:
+            tied = [f"{c:g}" for c, b in zip(constants.tolist(), badness[g].tolist()) if b == badness[g].min()]
+            out.append(f"tie between constants {', '.join(tied)}: no single optimum")
+    return out
 
 
 @dataclass
 class ScalingMetrics:
     """Every metric of every head at every constant. Heads flattened layer-major: g = layer * H + head.
 
-    constants [C]; values[metric] [G, C]; n_under [G, C] pairs under the head's own threshold;
-    pooled_counts [G, C]; median_q_norm, median_k_norm [G]; n_pairs (per head).
+    constants [C] (attnlab's convention: queries x c); values[metric] [G, C]; n_under [G, C] pairs under the
+    head's own threshold (protocol ``notebook``: queries with 2+ keys under it); pooled_counts [G, C] (pairs
+    under the pooled threshold; ``notebook``: queries with 2+ keys within distance 12); median_q_norm,
+    median_k_norm [G]; n_pairs (per head); continuous: {metric: [G]} optimum on a continuous scale, or None.
     """
 
     constants: torch.Tensor
@@ -266,11 +296,16 @@ class ScalingMetrics:
     median_q_norm: torch.Tensor
     median_k_norm: torch.Tensor
     n_pairs: int
+    continuous: dict | None = None
+    protocol: str = "text"
 
     def best(self, metric: str) -> torch.Tensor:
-        """Best grid constant per head ``[G]`` (NaN where the metric is missing for every constant)."""
+        """Best grid constant per head ``[G]`` (NaN where the metric is missing everywhere, or tied)."""
         idx = best_index(self.values[metric], metric)
         return torch.where(idx >= 0, self.constants[idx.clamp_min(0)], torch.nan)
+
+    def status(self, metric: str) -> list[str]:
+        return best_status(self.values[metric], metric, self.constants)
 
 
 def _flat_heads(x):
@@ -279,11 +314,20 @@ def _flat_heads(x):
     return x.reshape(n, s, layers * heads, d)
 
 
+def median(x, dim: int = 0) -> torch.Tensor:
+    """NumPy's median: the mean of the two middle values for an even count (``torch.median`` takes the lower)."""
+    n = x.shape[dim]
+    ordered = x.sort(dim).values
+    lo = ordered.narrow(dim, (n - 1) // 2, 1)
+    hi = ordered.narrow(dim, n // 2, 1)
+    return ((lo + hi) / 2).squeeze(dim)
+
+
 def median_norms(queries, keys, lengths):
     """Median |q| and |k| per head over every token ``[G]`` each (raw vectors, before any transform)."""
     q, k = _flat_heads(queries), _flat_heads(keys)
     valid = token_mask(lengths, q.shape[1])
-    return (q[valid].double().norm(dim=-1).median(0).values, k[valid].double().norm(dim=-1).median(0).values)
+    return median(q[valid].double().norm(dim=-1)), median(k[valid].double().norm(dim=-1))
 
 
 def head_chunks(queries, keys, lengths, *, causal: bool, translate: bool, heads_per_chunk: int, index=None):
@@ -300,75 +344,118 @@ def head_chunks(queries, keys, lengths, *, causal: bool, translate: bool, heads_
                                  translate=translate, index=index)
 
 
+def continuous_grid(low: float = 0.05, high: float = 20.0, points: int = 25) -> torch.Tensor:
+    return torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
+
+
+def _golden_refine(terms: PairTerms, grid, grid_corr, refine_steps: int, percentile: float, min_pairs: int):
+    """Golden-section search on log c between the grid neighbours of each head's best grid point.
+
+    grid ``[K]``, grid_corr ``[g, K]`` (weighted_corr on the grid) -> optimum ``[g]`` (NaN where the grid has none);
+    never worse than the grid: the grid point is kept where the search did not improve on it."""
+    best = best_index(grid_corr, "weighted_corr")
+    k = grid.shape[0]
+    log_grid = grid.log()
+    lo = log_grid[(best.clamp_min(0) - 1).clamp(0, k - 1)]
+    hi = log_grid[(best.clamp_min(0) + 1).clamp(0, k - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+
+    def badness(log_c):  # [g] -> [g]; the golden search minimises |corr + 1| = corr + 1
+        corr, _ = weighted_correlation_from_distances(scaled_distances(terms, log_c.exp()[:, None]), terms.dot,
+                                                      percentile, min_pairs)
+        return torch.nan_to_num(corr[:, 0] + 1, nan=torch.inf)
+
+    a, b = lo.clone(), hi.clone()
+    x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
+    f1, f2 = badness(x1), badness(x2)
+    for _ in range(refine_steps):
+        left = f1 <= f2  # the minimum lies in [a, x2]: drop [x2, b]; else drop [a, x1]
+        a, b = torch.where(left, a, x1), torch.where(left, x2, b)
+        x1, x2 = (torch.where(left, b - ratio * (b - a), x2), torch.where(left, x1, a + ratio * (b - a)))
+        f_new = badness(torch.where(left, x1, x2))
+        f1, f2 = torch.where(left, f_new, f2), torch.where(left, f1, f_new)
+    mid = (a + b) / 2
+    grid_best = log_grid[best.clamp_min(0)]
+    refined = torch.where(badness(mid) <= badness(grid_best), mid, grid_best).exp()
+    return torch.where(best >= 0, refined, torch.nan)
+
+
 def scaling_metrics(queries, keys, lengths, constants=PAPER_CONSTANTS, *, causal: bool, translate: bool = True,
-                    heads_per_chunk: int = 16, percentile: float = PERCENTILE,
-                    min_pairs: int = MIN_PAIRS) -> ScalingMetrics:
-    """All three metrics for every head. queries, keys: ``[N, S, L, H, d]`` (zeros beyond ``lengths [N]``)."""
+                    heads_per_chunk: int | None = None, percentile: float = PERCENTILE, min_pairs: int = MIN_PAIRS,
+                    continuous: bool = False, low: float = 0.05, high: float = 20.0, grid_points: int = 25,
+                    refine_steps: int = 24, memory_mb: float = 512) -> ScalingMetrics:
+    """All three metrics for every head (protocol ``text``). queries, keys: ``[N, S, L, H, d]`` (zeros beyond
+    ``lengths [N]``).
+
+    ``continuous=True`` also finds each head's optimum on a continuous scale (``.continuous``): the best of a
+    ``grid_points`` log grid on [low, high], refined per head by golden-section search on log c for
+    weighted_corr; the grid best for scaled_weighted_corr (its pooled threshold ties heads together); the
+    closed form sqrt(mk / mq) for norm_ratio. The grid rides along with ``constants`` in the same pass over
+    each head chunk's pair terms, and the search reuses those terms: one pass serves everything.
+    """
     constants = check_constants(constants)
+    grid = continuous_grid(low, high, grid_points) if continuous else torch.empty(0, dtype=torch.float64)
+    every = torch.cat([constants, grid])
+    n_c = len(constants)
     n_heads = queries.shape[2] * queries.shape[3]
     index = pair_index(lengths, causal)
     n_pairs = int(index[0].numel())
     if n_pairs == 0:
         raise InputError("no query-key pairs: every sentence is empty")
-    corr = torch.empty(n_heads, len(constants), dtype=torch.float64)
-    n_under = torch.empty(n_heads, len(constants), dtype=torch.long)
-    pooled = PooledThreshold(n_heads, n_pairs, len(constants), percentile)
+    if heads_per_chunk is None:  # distances [chunk, C, P] float64 and a few temporaries within memory_mb
+        heads_per_chunk = max(1, min(16, int(memory_mb * 2**20 // (len(every) * n_pairs * 8 * 4))))
+    corr = torch.empty(n_heads, len(every), dtype=torch.float64)
+    n_under = torch.empty(n_heads, len(every), dtype=torch.long)
+    refined = torch.full((n_heads,), torch.nan, dtype=torch.float64)
+    pooled = PooledThreshold(n_heads, n_pairs, len(every), percentile)
     for g0, g1, terms in head_chunks(queries, keys, lengths, causal=causal, translate=translate,
                                      heads_per_chunk=heads_per_chunk, index=index):
-        dist = scaled_distances(terms, constants)
+        dist = scaled_distances(terms, every)
         corr[g0:g1], n_under[g0:g1] = weighted_correlation_from_distances(dist, terms.dot, percentile, min_pairs)
         pooled.add(dist, g0)
-        del dist, terms
+        del dist
+        if continuous:
+            refined[g0:g1] = _golden_refine(terms, grid, corr[g0:g1, n_c:], refine_steps, percentile, min_pairs)
+        del terms
     counts = pooled.counts()
     mq, mk = median_norms(queries, keys, lengths)
+    scaled = scaled_weighted_correlation(corr, counts)
     values = {
-        "weighted_corr": corr,
-        "scaled_weighted_corr": scaled_weighted_correlation(corr, counts),
+        "weighted_corr": corr[:, :n_c],
+        "scaled_weighted_corr": scaled[:, :n_c],
         "norm_ratio": norm_ratio_values(mq, mk, constants),
     }
-    return ScalingMetrics(constants, values, n_under, counts, mq, mk, n_pairs)
+    cont = None
+    if continuous:
+        grid_best = best_index(scaled[:, n_c:], "scaled_weighted_corr")
+        cont = {"weighted_corr": refined,
+                "scaled_weighted_corr": torch.where(grid_best >= 0, grid[grid_best.clamp_min(0)], torch.nan),
+                "norm_ratio": norm_ratio_optimum(mq, mk)}
+    return ScalingMetrics(constants, values, n_under[:, :n_c], counts[:, :n_c], mq, mk, n_pairs, cont)
 
 
 def continuous_optimum(queries, keys, lengths, *, causal: bool, translate: bool = True, low: float = 0.05,
                        high: float = 20.0, grid_points: int = 25, refine_steps: int = 24,
-                       heads_per_chunk: int = 16) -> dict:
-    """The optimum of c per head on a continuous log scale, for every metric: ``{metric: [G]}``.
+                       heads_per_chunk: int | None = None) -> dict:
+    """The optimum of c per head on a continuous log scale, for every metric: ``{metric: [G]}``
+    (see :func:`scaling_metrics` with ``continuous=True``)."""
+    return scaling_metrics(queries, keys, lengths, (1.0,), causal=causal, translate=translate,
+                           heads_per_chunk=heads_per_chunk, continuous=True, low=low, high=high,
+                           grid_points=grid_points, refine_steps=refine_steps).continuous
 
-    weighted_corr: best of a log grid of ``grid_points`` constants in [low, high], then golden-section
-    search on log c between the grid neighbours of that best point (per head: heads move independently).
-    scaled_weighted_corr: best of the same grid (its threshold pools all heads at one c, so heads cannot
-    be searched independently). norm_ratio: the closed form sqrt(mk / mq).
+
+def bootstrap_stability(compute, n_sentences: int, reported: dict, *, resamples: int, seed: int) -> dict:
+    """Share of sentence resamples (drawn with replacement, seeded) whose optimum equals the reported one.
+
+    compute(index [N'] of sentences) -> ScalingMetrics; reported: {metric: [G] optimum (NaN: none)}.
+    Returns {metric: [G]} in [0, 1]; NaN where the reported optimum is NaN or ``resamples`` is 0.
     """
-    grid = torch.logspace(math.log10(low), math.log10(high), grid_points, dtype=torch.float64)
-    coarse = scaling_metrics(queries, keys, lengths, grid, causal=causal, translate=translate,
-                             heads_per_chunk=heads_per_chunk)
-    out = {"scaled_weighted_corr": coarse.best("scaled_weighted_corr"),
-           "norm_ratio": norm_ratio_optimum(coarse.median_q_norm, coarse.median_k_norm)}
-    best = best_index(coarse.values["weighted_corr"], "weighted_corr")
-    log_grid = grid.log()
-    lo = log_grid[(best - 1).clamp(0, grid_points - 1)]
-    hi = log_grid[(best + 1).clamp(0, grid_points - 1)]
-    refined = torch.empty(best.shape[0], dtype=torch.float64)
-    ratio = (math.sqrt(5) - 1) / 2
-    for g0, g1, terms in head_chunks(queries, keys, lengths, causal=causal, translate=translate,
-                                     heads_per_chunk=heads_per_chunk):
-
-        def badness(log_c):  # [g] -> [g]; the golden search minimises |corr + 1| = corr + 1
-            corr, _ = weighted_correlation_from_distances(scaled_distances(terms, log_c.exp()[:, None]), terms.dot)
-            return torch.nan_to_num(corr[:, 0] + 1, nan=torch.inf)
-
-        a, b = lo[g0:g1].clone(), hi[g0:g1].clone()
-        x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
-        f1, f2 = badness(x1), badness(x2)
-        for _ in range(refine_steps):
-            left = f1 <= f2  # the minimum lies in [a, x2]: drop [x2, b]; else drop [a, x1]
-            a, b = torch.where(left, a, x1), torch.where(left, x2, b)
-            x1, x2 = (torch.where(left, b - ratio * (b - a), x2), torch.where(left, x1, a + ratio * (b - a)))
-            f_new = badness(torch.where(left, x1, x2))
-            f1, f2 = torch.where(left, f_new, f2), torch.where(left, f1, f_new)
-        mid = (a + b) / 2
-        # never worse than the grid: keep the grid point where the search did not improve on it
-        grid_best = log_grid[best[g0:g1].clamp_min(0)]
-        refined[g0:g1] = torch.where(badness(mid) <= badness(grid_best), mid, grid_best).exp()
-    out["weighted_corr"] = torch.where(best >= 0, refined, torch.nan)
-    return out
+    g = torch.Generator().manual_seed(seed + 7919)
+    agree = {m: torch.zeros_like(v) for m, v in reported.items()}
+    for _ in range(resamples):
+        idx = torch.randint(0, n_sentences, (n_sentences,), generator=g)
+        m = compute(idx)
+        for metric, best in reported.items():
+            agree[metric] += (m.best(metric) == best).double()
+    return {metric: torch.where(torch.isnan(best) | (resamples == 0), torch.nan, agree[metric] / max(resamples, 1))
+            for metric, best in reported.items()}

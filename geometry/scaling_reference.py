@@ -1,9 +1,12 @@
-"""The slow, obvious reference for :mod:`attnlab.geometry.scaling`: per-pair Python loops.
+"""The slow, obvious reference for :mod:`attnlab.geometry.scaling` (protocol ``text``): per-pair Python loops.
 
-A faithful port of how the paper's notebook computes the metrics - one query-key pair at a time, lists
-of distances and dot products, ``np.percentile``, then a weighted correlation - written with our scaling
-convention (queries multiplied by c). Tests compare the vectorised metrics with it on small random data;
-``benchmarks/bench_scaling.py`` times it against them. Nothing else uses it: it is far too slow.
+It computes *our reading of the paper's words* - one query-key pair at a time, lists of distances and dot
+products, ``np.percentile``, then a weighted correlation - with our scaling convention (queries multiplied by
+c, keys translated). It is NOT the paper's notebook, which computes something else (a per-query mean, one
+threshold pooled over constants, weights from a stale 12, no translation, future keys for GPT-2): that one
+is transcribed line by line in ``geometry/notebook_reference.py`` (protocol ``notebook``). Tests compare the
+vectorised metrics with this loop on small random data; ``benchmarks/bench_scaling.py`` times it against
+them. Nothing else uses it: it is far too slow.
 
 Inputs per head: a list of sentences, each a pair ``(Q [S, d], K [S, d])`` of numpy float64 arrays.
 """
@@ -74,12 +77,12 @@ def scaled_weighted_correlation(heads, c: float, causal: bool, translate: bool =
     out = []
     for sentences, n in zip(heads, counts):
         corr, _ = weighted_correlation(sentences, c, causal, translate, percentile)
-        out.append(corr * n / total if total else float("nan"))
+        out.append(corr * n / total if n else float("nan"))  # no pair under the pooled threshold: no value
     return out, counts
 
 
 def norm_ratio(sentences, c: float):
-    """Metric 3: median |c q| / median |k / c|."""
+    """Metric 3: median |c q| / median |k / c| (np.median: the mean of the two middle values for an even count)."""
     q_norms = [np.linalg.norm(q) for q_mat, _ in sentences for q in q_mat]
     k_norms = [np.linalg.norm(k) for _, k_mat in sentences for k in k_mat]
     return float(np.median([c * n for n in q_norms]) / np.median([n / c for n in k_norms]))

@@ -113,9 +113,11 @@ class CleanProtocol(Protocol):
         pool = self.spec.ordinary_ids
         if n > len(pool):
             raise InputError(f"cannot draw {n} distinct tokens from {len(pool)} ordinary vocabulary entries")
-        # without replacement: the first n of a random permutation, per trial
-        picks = torch.argsort(torch.rand(n_trials, len(pool), generator=generator), dim=1)[:, :n]
-        return pool[picks]
+        # without replacement: the first n of a random permutation, per trial; 256 trials at a time so that
+        # the [trials, vocabulary] random keys never take more than a few tens of MB
+        picks = [torch.argsort(torch.rand(min(256, n_trials - s), len(pool), generator=generator), dim=1)[:, :n]
+                 for s in range(0, n_trials, 256)]
+        return pool[torch.cat(picks)]
 
     def frame(self, body):
         t = body.shape[0]

@@ -33,11 +33,26 @@ def summarise(per_trial: dict[str, torch.Tensor]) -> InductionScores:
     return InductionScores(per_trial, mean, sem)
 
 
-def induction_scores(model, batch: RRTBatch, *, batch_size=None, progress=False) -> InductionScores:
-    """One batched pass per chunk: the [MASK] row of every layer and head, read at each target."""
-    rows = extract_attention(model, batch.input_ids, None, batch.mask_index[:, None],
-                             batch_size=batch_size, progress=progress)
-    att = rows.attention[:, 0]  # [T, L, H, S]
-    trial = torch.arange(att.shape[0])
-    per_trial = {name: att[trial, :, :, pos] for name, pos in batch.targets.items()}  # [T, L, H]
-    return summarise(per_trial)
+def induction_scores(model, batch: RRTBatch, *, batch_size=None, progress=False,
+                     trials_per_pass: int = 256) -> InductionScores:
+    """The [MASK] row of every layer and head, read at each target: ``per_trial[target] [T, L, H]``.
+
+    Trials stream through the extractor ``trials_per_pass`` at a time and only the target entries are kept,
+    so memory holds ``[T, L, H]`` per target, never the ``[T, L, H, S]`` rows.
+    """
+    n = batch.input_ids.shape[0]
+    parts = {name: [] for name in batch.targets}
+    starts = range(0, n, trials_per_pass)
+    if progress:
+        from attnlab.core.progress import bar
+
+        starts = bar(starts, desc="induction", unit="chunk", total=len(starts))
+    for s in starts:
+        e = min(s + trials_per_pass, n)
+        rows = extract_attention(model, batch.input_ids[s:e], None, batch.mask_index[s:e, None],
+                                 batch_size=batch_size)
+        att = rows.attention[:, 0]  # [t, L, H, S]
+        trial = torch.arange(e - s)
+        for name, pos in batch.targets.items():
+            parts[name].append(att[trial, :, :, pos[s:e]])  # [t, L, H]
+    return summarise({name: torch.cat(p) for name, p in parts.items()})

@@ -34,17 +34,64 @@ class RRTBatch:
     masked_token: torch.Tensor
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    #: optional [T] bool: trials hit by a documented protocol quirk (the paper protocol's r = 0 trials)
+    quirk: torch.Tensor | None = None
+
     @classmethod
-    def masked(cls, ids: torch.Tensor, mask_index: torch.Tensor, mask_id: int, targets: dict) -> "RRTBatch":
-        """Put [MASK] at ``mask_index`` of each row of ``ids`` (a copy) and record what it replaced."""
+    def masked(cls, ids: torch.Tensor, mask_index: torch.Tensor, mask_id: int, targets: dict,
+               quirk: torch.Tensor | None = None) -> "RRTBatch":
+        """Put [MASK] at ``mask_index`` of each row of ``ids`` (a copy) and record what it replaced.
+
+        Target positions must be integers; negative ones count from the end (as Python/NumPy indexing did
+        in the paper's code, whose quirks the ``paper`` protocol keeps), anything else outside the sequence
+        is an error (:func:`check_batch`).
+        """
         ids = ids.clone()
         rows = torch.arange(ids.shape[0])
+        mask_index = _integer_positions(mask_index, "mask_index")
+        if mask_index.shape != rows.shape or ((mask_index < 0) | (mask_index >= ids.shape[1])).any():
+            raise InputError(f"mask_index must hold one position per trial inside the {ids.shape[1]}-token "
+                             f"sequences, got {mask_index.tolist()[:5]}...; fix the builder's index arithmetic")
         masked_token = ids[rows, mask_index].clone()
         ids[rows, mask_index] = mask_id
         seq = ids.shape[1]
-        # negative indices (paper quirks) index from the end, as Python/NumPy indexing did in the paper's code
-        targets = {name: torch.as_tensor(pos, dtype=torch.long) % seq for name, pos in targets.items()}
-        return cls(ids, mask_index, masked_token, targets)
+        targets = {name: _integer_positions(pos, f"target {name!r}") for name, pos in targets.items()}
+        targets = {name: torch.where((pos < 0) & (pos >= -seq), pos + seq, pos) for name, pos in targets.items()}
+        return cls(ids, mask_index, masked_token, targets, quirk)
+
+
+def _integer_positions(pos, what: str) -> torch.Tensor:
+    """Positions as a long tensor; floats are refused rather than truncated."""
+    t = torch.as_tensor(pos)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"{what} positions must be integers, got dtype {t.dtype}; positions are token indices")
+    return t.long()
+
+
+def check_batch(batch, variant: str, n_trials: int) -> RRTBatch:
+    """Reject what a (plugin) builder got wrong, with the variant's name, before any forward pass."""
+    where = f"variant {variant!r} builder"
+    if not isinstance(batch, RRTBatch):
+        raise InputError(f"{where} returned {type(batch).__name__}, not an RRTBatch; return RRTBatch.masked(...)")
+    ids = batch.input_ids
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != n_trials or ids.is_floating_point():
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise InputError(f"{where} returned input_ids of shape {shape}; expected integer ids [{n_trials}, seq]")
+    seq = ids.shape[1]
+    named = {"mask_index": batch.mask_index, **{f"target {k!r}": v for k, v in batch.targets.items()}}
+    if not batch.targets:
+        raise InputError(f"{where} returned no targets; name at least one target position per trial")
+    for what, pos in named.items():
+        if not isinstance(pos, torch.Tensor) or pos.shape != (n_trials,):
+            shape = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
+            raise InputError(f"{where}: {what} has shape {shape}; expected one position per trial [{n_trials}]")
+        if pos.is_floating_point():
+            raise InputError(f"{where}: {what} positions must be integers, got dtype {pos.dtype}")
+        if ((pos < 0) | (pos >= seq)).any():
+            bad = int(pos[(pos < 0) | (pos >= seq)][0])
+            raise InputError(f"{where}: {what} position {bad} lies outside the {seq}-token sequence "
+                             f"(positions 0..{seq - 1}); fix the builder's index arithmetic")
+    return batch
 
 
 @dataclass(frozen=True)
@@ -63,11 +110,19 @@ _REGISTRY: dict[str, Variant] = {}
 
 
 def register_variant(name: str, targets, description: str = "", default_n: dict | None = None):
-    """Decorator: register ``build(protocol, n_trials, n, generator) -> RRTBatch`` as variant ``name``."""
+    """Decorator: register ``build(protocol, n_trials, n, generator) -> RRTBatch`` as variant ``name``.
+
+    Registering the same builder again (a plugin imported twice) replaces it; another builder under a
+    taken name is an error.
+    """
 
     def wrap(build):
-        if name in _REGISTRY:
-            raise ValueError(f"variant {name!r} is already registered")
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"a variant needs a non-empty name, got {name!r}")
+        old = _REGISTRY.get(name)
+        if old is not None and _origin(old.build) != _origin(build):
+            raise InputError(f"variant {name!r} is already registered by {_origin(old.build)[0]}; give the variant "
+                             f"in {_origin(build)[0]} another name")
         _REGISTRY[name] = Variant(name, tuple(targets), build, description or (build.__doc__ or "").strip(),
                                   dict(default_n or {}))
         return build
@@ -75,11 +130,25 @@ def register_variant(name: str, targets, description: str = "", default_n: dict 
     return wrap
 
 
+def _origin(build) -> tuple[str, str]:
+    import inspect
+
+    try:
+        path = inspect.getsourcefile(build) or "?"
+    except TypeError:
+        path = "?"
+    return path, getattr(build, "__qualname__", repr(build))
+
+
 def get_variant(name: str) -> Variant:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise InputError(f"unknown variant {name!r}; known variants: {', '.join(sorted(_REGISTRY))}") from None
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"unknown variant {name!r}{hint}; known variants: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def list_variants() -> list[Variant]:
@@ -109,12 +178,13 @@ def build_standard(protocol: Protocol, n_trials: int, n: int, g: torch.Generator
         # copy, so prev = r. Quirk: r = 0 masks the LAST token of the FIRST copy, and then prev = 0 ([SEP]) and
         # before = -1 (the last position of the sequence).
         r = _randint(g, 0, n - 1, n_trials)
-        mask_index, prev = n + r, r
+        mask_index, prev, quirk = n + r, r, r == 0
     else:
         j = _randint(g, 1, n - 2, n_trials)  # never a copy's first or last token
         mask_index = off + n + j
-        prev = off + j
-    return RRTBatch.masked(ids, mask_index, protocol.mask_id, {"prev": prev, "before": prev - 1, "after": prev + 1})
+        prev, quirk = off + j, torch.zeros(n_trials, dtype=torch.bool)
+    return RRTBatch.masked(ids, mask_index, protocol.mask_id, {"prev": prev, "before": prev - 1, "after": prev + 1},
+                           quirk)
 
 
 @register_variant(
@@ -132,14 +202,15 @@ def build_shuffled(protocol: Protocol, n_trials: int, n: int, g: torch.Generator
         # repeated ids (drawn with replacement) resolve to their first occurrence. Deviation: r is drawn in
         # [0, n-2] rather than [0, n-1], because r = n-1 would put the right neighbour past the end.
         r = _randint(g, 0, n - 2, n_trials)
-        mask_index = n + r + 1
+        mask_index, quirk = n + r + 1, r == 0
     else:
         mask_index = off + n + _randint(g, 1, n - 2, n_trials)
+        quirk = torch.zeros(n_trials, dtype=torch.bool)
     rows = torch.arange(n_trials)
     left = _first_occurrence(ids, ids[rows, mask_index - 1])
     right = _first_occurrence(ids, ids[rows, mask_index + 1])
     return RRTBatch.masked(ids, mask_index, protocol.mask_id,
-                           {"after_prev_of_left": left + 1, "before_prev_of_right": right - 1})
+                           {"after_prev_of_left": left + 1, "before_prev_of_right": right - 1}, quirk)
 
 
 @register_variant(
@@ -154,27 +225,58 @@ def build_triple(protocol: Protocol, n_trials: int, n: int, g: torch.Generator) 
     if protocol.name == "paper":
         # Paper: masked index n + r as in `standard`, so r = 0 masks the last token of the first copy (prev = 0).
         r = _randint(g, 0, n - 1, n_trials)
-        mask_index = n + r
+        mask_index, quirk = n + r, r == 0
     else:
         mask_index = off + n + _randint(g, 1, n - 2, n_trials)
-    return RRTBatch.masked(ids, mask_index, protocol.mask_id, {"prev": mask_index - n, "next": mask_index + n})
+        quirk = torch.zeros(n_trials, dtype=torch.bool)
+    return RRTBatch.masked(ids, mask_index, protocol.mask_id, {"prev": mask_index - n, "next": mask_index + n}, quirk)
+
+
+def sequence_length(variant: Variant, protocol: Protocol, n: int) -> int:
+    """Tokens per sequence that ``variant`` builds for block length ``n`` (one cheap trial)."""
+    try:
+        batch = variant.build(protocol, 1, n, torch.Generator().manual_seed(0))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"variant {variant.name!r} builder failed: {type(exc).__name__}: {exc}") from None
+    return int(check_batch(batch, variant.name, 1).input_ids.shape[1])
+
+
+def check_length(variant: Variant, protocol: Protocol, n: int, max_positions: int | None) -> int:
+    """Sequence length for ``n``; a clear error (with the largest n that fits) when it exceeds the model."""
+    if n < 3:
+        raise InputError(f"seq_len must be at least 3 (a masked token needs both neighbours), got {n}")
+    seq = sequence_length(variant, protocol, n)
+    if max_positions is not None and seq > max_positions:
+        lo, hi = 3, n - 1  # the largest n that fits, by bisection (the length grows with n)
+        if sequence_length(variant, protocol, lo) > max_positions:
+            longest = None
+        else:
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if sequence_length(variant, protocol, mid) <= max_positions else (lo, mid - 1)
+            longest = lo
+        raise InputError(
+            f"variant {variant.name!r} with seq_len {n} builds {seq}-token sequences, longer than the model's "
+            f"{max_positions} positions; lower seq_len to at most {longest}"
+        )
+    return seq
 
 
 def build_batch(variant: Variant, protocol: Protocol, n_trials: int, n: int, seed: int,
                 max_positions: int | None = None) -> RRTBatch:
-    """Build ``n_trials`` trials of ``variant`` with a fresh generator seeded by ``seed``."""
+    """Build ``n_trials`` trials of ``variant`` with a fresh generator seeded by ``seed``.
+
+    Lengths are checked on a one-trial probe first, so an impossible ``n`` fails before anything big is built.
+    """
     if n_trials < 1:
-        raise InputError(f"--trials must be at least 1, got {n_trials}")
-    if n < 3:
-        raise InputError(f"--seq-len must be at least 3 (a masked token needs both neighbours), got {n}")
-    batch = variant.build(protocol, n_trials, n, torch.Generator().manual_seed(seed))
-    seq = batch.input_ids.shape[1]
-    if max_positions is not None and seq > max_positions:
-        longest_n = max(
-            (m for m in range(3, n) if variant.build(protocol, 1, m, torch.Generator().manual_seed(0)).input_ids.shape[1]
-             <= max_positions), default=None)
-        raise InputError(
-            f"variant {variant.name!r} with --seq-len {n} builds {seq}-token sequences, longer than the model's "
-            f"{max_positions} positions; lower --seq-len to at most {longest_n}"
-        )
-    return batch
+        raise InputError(f"trials must be at least 1, got {n_trials}")
+    check_length(variant, protocol, n, max_positions)
+    try:
+        batch = variant.build(protocol, n_trials, n, torch.Generator().manual_seed(seed))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"variant {variant.name!r} builder failed: {type(exc).__name__}: {exc}") from None
+    return check_batch(batch, variant.name, n_trials)

@@ -90,7 +90,7 @@ def test_run_outputs_seeded_and_reused(mlm, tokenizer, tmp_path):
     assert (tmp_path / "a" / "icl_histogram.png").stat().st_size > 5000
     header = (tmp_path / "a" / "icl.csv").read_text().splitlines()[0]
     assert header == "trial,article_id,title,pos_long,pos_short,loss_50,loss_500,difference"
-    assert run_icl(cfg, tmp_path / "a", lm=None, docs=None)["reused"]
+    assert run_icl(cfg, tmp_path / "a", lm=mlm, docs=docs)["reused"]  # same model and corpus content
     assert meta["summary"]["mean"] == summary["mean"]
 
 

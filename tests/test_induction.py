@@ -94,7 +94,8 @@ def test_outputs_and_reuse(tmp_path):
     cfg = InductionConfig(model="planted", variant="standard", trials=6, seq_len=25, seed=1)
     meta = run_induction(cfg, tmp_path, lm=lm)
     df = pd.read_csv(tmp_path / "scores.csv")
-    assert list(df.columns) == ["model", "variant", "protocol", "target", "layer", "head", "mean", "sem", "n_trials"]
+    assert list(df.columns) == ["model", "variant", "protocol", "target", "layer", "head", "mean", "sem", "n_trials",
+                                "share_r0"]
     assert len(df) == 3 * 2 * 2 and set(df.target) == {"prev", "before", "after"}
     z = np.load(tmp_path / "trials.npz")
     assert z["input_ids"].shape == (6, 52) and z["attention_prev"].shape == (6, 2, 2)
@@ -105,8 +106,8 @@ def test_outputs_and_reuse(tmp_path):
     assert row["mean"] == pytest.approx(z["attention_prev"][:, 0, 0].mean(), abs=1e-6)
     assert row["sem"] == pytest.approx(z["attention_prev"][:, 0, 0].std(ddof=1) / np.sqrt(6), abs=1e-6)
     assert json.loads((tmp_path / "meta.json").read_text())["config"]["seed"] == 1
-    again = run_induction(cfg, tmp_path, lm=None)  # no model needed: finished work is reused
-    assert again["reused"] and again["config_hash"] == meta["config_hash"]
+    again = run_induction(cfg, tmp_path, lm=lm)  # the same model (by content): finished work is reused
+    assert again["reused"] and again["reuse_key"] == meta["reuse_key"]
 
 
 def test_scores_equal_eager_reference_on_minilm(minilm):
@@ -146,7 +147,7 @@ def test_bad_input():
         make_protocol("paper", small)
     with pytest.raises(InputError, match="at least 1"):
         build_batch(get_variant("standard"), make_protocol("clean", SPEC), 0, 10, 0)
-    with pytest.raises(InputError, match="lower --seq-len to at most 255"):
+    with pytest.raises(InputError, match="lower seq_len to at most 255"):
         build_batch(get_variant("standard"), make_protocol("clean", SPEC), 2, 300, 0, max_positions=512)
 
 

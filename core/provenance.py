@@ -1,0 +1,153 @@
+"""What determines a result, as short content digests: model weights, corpus, plugin source, attnlab itself.
+
+A finished run is reused only when its *reuse key* matches: a hash of the experiment's config together
+with these digests. So a model folder overwritten with another model, an edited corpus file, an edited
+variant plugin or a new attnlab all make a rerun compute again instead of serving stale results.
+
+- model: a local folder -> size and SHA-256 of every file in it (config, weights, tokenizer); a Hub id ->
+  the commit it resolves to (the Hub's own content address), from the local cache when offline; a model
+  built in-process -> SHA-256 of its parameters and buffers.
+- corpus: a file -> SHA-256 of its bytes; a folder -> of every ``*.txt``; documents passed in-process ->
+  of their ids, titles and texts; an ``hf:`` spec -> the spec itself (the stream cannot be hashed without
+  reading it all; recorded as such).
+- code: the source file that defines a variant (plugins included), and attnlab's own source files.
+
+File digests are cached per (path, size, mtime, inode), in memory and in ``~/.cache/attnlab/digests.json``
+(``ATTNLAB_CACHE`` moves it), so a large checkpoint is hashed once, not on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+_MEMORY: dict = {}
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("ATTNLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnlab")
+    return Path(root) / "digests.json"
+
+
+def _load_disk_cache() -> dict:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_disk_cache(entries: dict) -> None:
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+
+
+def file_digest(path: str | Path) -> str:
+    """``"<size>:<sha256>"`` of a file's bytes (cached by path, size, mtime and inode)."""
+    path = Path(path)
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if key in _MEMORY:
+        return _MEMORY[key]
+    disk = _load_disk_cache()
+    if key not in disk:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        disk[key] = f"{st.st_size}:{h.hexdigest()}"
+        if st.st_size > 1 << 20:  # only large files are worth a disk cache entry
+            _save_disk_cache(disk)
+    _MEMORY[key] = disk[key]
+    return disk[key]
+
+
+def digest(obj) -> str:
+    """SHA-256 (first 16 hex digits) of a JSON-serialisable value."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def folder_digest(folder: Path, pattern: str = "*") -> str:
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    return digest({p.name: file_digest(p) for p in files})
+
+
+def is_local_path(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def hub_commit(name: str, revision: str | None = None) -> str | None:
+    """The commit a Hub id resolves to, from the local cache (no network); None if it is not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
+        return None
+    try:
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception:  # a malformed id raises a validation error: it is simply not cached
+        return None
+    if isinstance(found, str):
+        return Path(found).parent.name  # .../snapshots/<commit>/config.json
+    return None
+
+
+def model_fingerprint(name: str, revision: str | None = None) -> str | None:
+    """Digest of what ``name`` loads, without loading it; None when that cannot be known here."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "folder:" + folder_digest(path)
+    commit = hub_commit(name, revision)
+    return f"hub:{name}@{commit}" if commit else None
+
+
+def parameters_fingerprint(module) -> str:
+    """Digest of a model built in-process: every parameter and buffer, by name."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+    return "params:" + h.hexdigest()[:16]
+
+
+def corpus_fingerprint(spec: str, docs=None) -> str:
+    """Digest of a corpus: its documents when given, else the file or folder the spec names."""
+    if docs is not None:
+        return "docs:" + digest([(d.id, d.title, d.text) for d in docs])
+    if spec.startswith("hf:"):
+        return "hf-spec:" + spec  # a streamed dataset is not hashed (it would have to be read whole)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder:" + folder_digest(path, "*.txt")
+    if path.is_file():
+        return "file:" + file_digest(path)
+    return "missing:" + spec
+
+
+def source_fingerprint(func) -> str:
+    """Digest of the source file that defines ``func`` (a variant builder, a plugin)."""
+    import inspect
+
+    try:
+        return file_digest(inspect.getsourcefile(func))
+    except (TypeError, OSError):
+        return digest(getattr(func, "__qualname__", repr(func)))
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """attnlab's version and a digest of its own source files (code changes invalidate old runs)."""
+    from attnlab import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(p for sub in ("core", "induction", "geometry", "experiments", "figures") for p in (root / sub).glob("*.py"))
+    return f"{__version__}+{digest({str(p.relative_to(root)): file_digest(p) for p in files})}"
