@@ -83,7 +83,12 @@ class _RowRecorder:
         if self.want_qk:
             self.queries[layer] = q.transpose(1, 2).float().to(self.out_device)  # [B, S, H, d]
             self.keys[layer] = k.transpose(1, 2).float().to(self.out_device)
-        if not (self.want_attention or self.want_scores) or self.qpos.shape[1] == 0:
+        if not (self.want_attention or self.want_scores):
+            return
+        if self.qpos.shape[1] == 0:  # no rows asked for: empty [B, 0, H, S] results, not missing ones
+            empty = torch.zeros(batch, 0, q.shape[1], k.shape[2], device=self.out_device)
+            self.attention[layer] = empty if self.want_attention else None
+            self.scores[layer] = empty if self.want_scores else None
             return
         rows = torch.arange(batch, device=q.device)[:, None]
         q_rows = q.transpose(1, 2)[rows, self.qpos]  # [B, Q, H, d]
@@ -126,9 +131,17 @@ def _layer_index(lm: LoadedModel) -> dict:
     return {id(m): i for i, m in enumerate(modules)}
 
 
+def _as_index_tensor(values, what: str) -> torch.Tensor:
+    """Integer tensor from user input; floats are refused (truncating them would silently change the input)."""
+    t = torch.as_tensor(values)
+    if t.is_floating_point() or t.is_complex():
+        raise InputError(f"{what} must be integers, got dtype {t.dtype}; convert with .long() only if that is meant")
+    return t.long()
+
+
 def validate_inputs(lm: LoadedModel, input_ids, attention_mask, query_positions):
     """Turn user input into tensors and reject what would fail deep inside transformers."""
-    input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    input_ids = _as_index_tensor(input_ids, "input_ids")
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -136,7 +149,10 @@ def validate_inputs(lm: LoadedModel, input_ids, attention_mask, query_positions)
     batch, seq = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
+    attention_mask = _as_index_tensor(attention_mask, "attention_mask")
+    if ((attention_mask != 0) & (attention_mask != 1)).any():
+        raise InputError(f"attention_mask must hold only 0 (padding) and 1 (token), got values "
+                         f"{sorted(set(attention_mask.unique().tolist()) - {0, 1})[:5]}")
     if attention_mask.shape != input_ids.shape:
         raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
     lengths = attention_mask.sum(1)
@@ -162,7 +178,7 @@ def validate_inputs(lm: LoadedModel, input_ids, attention_mask, query_positions)
         # every position; rows of padding positions are computed for position 0 and zeroed afterwards
         all_positions = torch.arange(seq).expand(batch, seq)
         query_positions = torch.where(all_positions < lengths[:, None], all_positions, 0)
-    query_positions = torch.as_tensor(query_positions, dtype=torch.long)
+    query_positions = _as_index_tensor(query_positions, "query_positions")
     if query_positions.ndim == 1:
         query_positions = query_positions[:, None]
     if query_positions.ndim != 2 or query_positions.shape[0] != batch:
@@ -224,6 +240,10 @@ def extract_attention(
         :class:`AttentionRows`; ``attention`` is ``[B, Q, L, H, S]`` float32.
     """
     lm = as_loaded(model)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be a whole number of at least 1 (or None for automatic), got {batch_size!r}")
+    if not isinstance(memory_budget_mb, (int, float)) or not memory_budget_mb > 0:
+        raise InputError(f"memory_budget_mb must be a positive number of megabytes, got {memory_budget_mb!r}")
     query_positions_given = query_positions
     input_ids, attention_mask, query_positions = validate_inputs(lm, input_ids, attention_mask, query_positions)
     batch, seq = input_ids.shape

@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if not args.verbose:
+        import warnings
+
+        # our own warnings as one plain line each, without the source line Python would print
+        warnings.formatwarning = lambda message, *rest, **kw: f"attnlab {args.command}: warning: {message}\n"
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         logging.getLogger("transformers").setLevel(logging.ERROR)
         from transformers.utils import logging as hf_logging

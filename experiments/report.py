@@ -74,8 +74,12 @@ def _model_rows(results) -> list[tuple]:
     return rows
 
 
-def _banner(settings, substituted: dict) -> list[str]:
+def _banner(settings, substituted: dict, given: dict) -> list[str]:
     lines = []
+    if given:
+        parts = [f"{role} = {model_label(model)} (paper: {PAPER_MODELS.get(role, '?')})" for role, model in given.items()]
+        lines.append("Models given with --model: " + "; ".join(parts) + ". The figures are comparable with the "
+                     "paper only where these are the paper's checkpoints.")
     if substituted:
         stands = sorted({model_label(m) for m in substituted.values()})
         roles = ", ".join(PAPER_MODELS.get(role, role) for role in sorted(substituted))
@@ -103,14 +107,14 @@ def _top_table(r: FigureResult):
     return ["head", "mean attention", "SEM", "trials"], rows, note
 
 
-def _sections(settings, results, total_s, versions, substituted, advice, extra):
+def _sections(settings, results, total_s, versions, substituted, advice, extra, given):
     """Report content as plain data: (title, kind, payload) blocks rendered by both writers."""
     ran = [r for r in results if not r.earlier]
     produced = [r for r in results if r.error is None]
     if settings.quick:
         mode = "quick smoke run"
-    elif substituted:
-        mode = "full settings, with stand-in models (see the banner)"
+    elif substituted or given:
+        mode = "full settings, with models other than the paper's (see the banner)"
     else:
         mode = "full run with the paper's settings and models"
     head = [
@@ -121,7 +125,7 @@ def _sections(settings, results, total_s, versions, substituted, advice, extra):
         "come from this run's results under runs/.",
     ]
     blocks = [("attnlab: the paper's figures, reproduced", "text", head)]
-    banner = _banner(settings, substituted)
+    banner = _banner(settings, substituted, given)
     if banner:
         blocks.append(("Not comparable with the paper", "banner", banner))
     toc = [(r.id, _title(r.id) + ("" if r.error is None else " (not produced)")) for r in results]
@@ -298,8 +302,8 @@ def _copy_paper_figures(settings, results) -> str | None:
 
 
 def write_report(settings, results, *, total_s: float, versions: dict, substituted: dict | None = None,
-                 advice: str | None = None, sections: list | None = None) -> None:
+                 advice: str | None = None, sections: list | None = None, given: dict | None = None) -> None:
     paper_dir = _copy_paper_figures(settings, results)
-    blocks = _sections(settings, results, total_s, versions, substituted or {}, advice, sections or [])
+    blocks = _sections(settings, results, total_s, versions, substituted or {}, advice, sections or [], given or {})
     write_text(settings.out / "README.md", to_markdown(blocks, paper_dir))
     write_text(settings.out / "index.html", to_html(blocks, paper_dir))

@@ -513,8 +513,9 @@ def reproduce(settings: Settings, only: list[str] | None = None, say=print) -> l
     sections = []
     if "induction_standard" in runner.context["results"] and not only:
         sections.append(_patterns_section(runner))
+    given = {role: model for role, model in settings.models.items() if model != ROLES[role]}
     write_report(settings, results, total_s=time.perf_counter() - t0, versions=versions(),
-                 substituted=dict(runner.context["substituted"]), advice=runner.advice, sections=sections)
+                 substituted=dict(runner.context["substituted"]), advice=runner.advice, sections=sections, given=given)
     settings.reused, settings.advice = runner.reused, runner.advice
     return results
 

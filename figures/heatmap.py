@@ -32,7 +32,11 @@ def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", 
         kwargs["norm"] = norm
     else:
         kwargs.update(vmin=vmin, vmax=vmax, center=center)
-    sns.heatmap(values, **kwargs)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing map is drawn grey, not warned about
+        sns.heatmap(values, **kwargs)
     if cbar_ticks is not None:
         cbar = ax.collections[0].colorbar
         cbar.set_ticks(cbar_ticks)

@@ -240,6 +240,7 @@ def norm_ratio_optimum(median_q, median_k):
 
 
 NO_VALUE, TIE = -1, -2
+TIE_TOLERANCE = 1e-9  # values this close to the best are ties: such differences are rounding, not evidence
 
 
 def _badness(values, metric: str) -> torch.Tensor:
@@ -255,11 +256,12 @@ def _badness(values, metric: str) -> torch.Tensor:
 
 def best_index(values, metric: str) -> torch.Tensor:
     """Index of the best constant per head ``[G]``: ``NO_VALUE`` (-1) where every value is missing,
-    ``TIE`` (-2) where two constants are exactly equally good (the choice would be arbitrary)."""
+    ``TIE`` (-2) where two constants are equally good to within ``TIE_TOLERANCE`` (the choice would be
+    decided by rounding). A two-key correlation is exactly +-1, so ties do occur on real data."""
     badness = _badness(values, metric)
     least = badness.min(-1, keepdim=True).values
     idx = badness.argmin(-1)
-    tied = (badness == least).sum(-1) > 1
+    tied = (badness - least <= TIE_TOLERANCE).sum(-1) > 1
     idx = torch.where(tied, TIE, idx)
     return torch.where(torch.isinf(least[:, 0]), NO_VALUE, idx)
 
@@ -274,7 +276,8 @@ def best_status(values, metric: str, constants) -> list[str]:
         elif i == NO_VALUE:
             out.append("no value at any constant")
         else:
-            tied = [f"{c:g}" for c, b in zip(constants.tolist(), badness[g].tolist()) if b == badness[g].min()]
+            least = badness[g].min().item()
+            tied = [f"{c:g}" for c, b in zip(constants.tolist(), badness[g].tolist()) if b - least <= TIE_TOLERANCE]
             out.append(f"tie between constants {', '.join(tied)}: no single optimum")
     return out
 

@@ -138,4 +138,8 @@ def token_spec_for(lm) -> TokenSpec:
     """The model's TokenSpec: from its tokenizer, else bert-base-uncased's id layout."""
     if lm.tokenizer is not None:
         return TokenSpec.from_tokenizer(lm.tokenizer, lm.vocab_size)
+    if lm.vocab_size <= PAPER_HIGH:
+        raise InputError(f"model '{lm.name}' has no tokenizer files and its {lm.vocab_size}-entry vocabulary is not "
+                         "bert-base-uncased's id layout, so special and ordinary ids are unknown; save the tokenizer "
+                         "beside the model (tokenizer.save_pretrained(folder))")
     return TokenSpec.bert_uncased_layout(lm.vocab_size)

@@ -236,8 +236,8 @@ def sequence_length(variant: Variant, protocol: Protocol, n: int) -> int:
     """Tokens per sequence that ``variant`` builds for block length ``n`` (one cheap trial)."""
     try:
         batch = variant.build(protocol, 1, n, torch.Generator().manual_seed(0))
-    except InputError:
-        raise
+    except InputError as exc:
+        raise InputError(f"variant {variant.name!r}: {exc}") from None
     except Exception as exc:
         raise InputError(f"variant {variant.name!r} builder failed: {type(exc).__name__}: {exc}") from None
     return int(check_batch(batch, variant.name, 1).input_ids.shape[1])
@@ -275,8 +275,8 @@ def build_batch(variant: Variant, protocol: Protocol, n_trials: int, n: int, see
     check_length(variant, protocol, n, max_positions)
     try:
         batch = variant.build(protocol, n_trials, n, torch.Generator().manual_seed(seed))
-    except InputError:
-        raise
+    except InputError as exc:
+        raise InputError(f"variant {variant.name!r}: {exc}") from None
     except Exception as exc:
         raise InputError(f"variant {variant.name!r} builder failed: {type(exc).__name__}: {exc}") from None
     return check_batch(batch, variant.name, n_trials)

