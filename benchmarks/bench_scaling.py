@@ -21,7 +21,9 @@ from transformers import BertConfig, BertModel
 from attnlab.core.models import wrap_model
 from attnlab.geometry import scaling_reference as R
 from attnlab.geometry.qk import collect_qk
-from attnlab.geometry.scaling import PAPER_CONSTANTS, continuous_optimum, scaling_metrics
+from attnlab.geometry.scaling import (
+    PAPER_CONSTANTS, _golden_refine, continuous_grid, continuous_optimum, head_chunks, scaling_metrics,
+)
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "simplewiki" / "articles-400.jsonl.gz"
 
@@ -84,6 +86,24 @@ def main():
     t = time.perf_counter()
     continuous_optimum(qk.queries, qk.keys, qk.lengths, causal=False)
     print(f"    continuous optimum (25-point log grid + golden section): {time.perf_counter() - t:.2f} s")
+
+    # (3) one pass over each head chunk's pair terms (paper grid + dense grid + golden search) vs the earlier
+    # three passes (paper grid; dense grid; golden search building the pair terms again), same process
+    t = time.perf_counter()
+    one = scaling_metrics(qk.queries, qk.keys, qk.lengths, causal=False, continuous=True)
+    t_one = time.perf_counter() - t
+    t = time.perf_counter()
+    scaling_metrics(qk.queries, qk.keys, qk.lengths, causal=False)
+    grid = continuous_grid()
+    dense = scaling_metrics(qk.queries, qk.keys, qk.lengths, grid, causal=False)
+    refined = torch.empty(m.n_under.shape[0], dtype=torch.float64)
+    for g0, g1, terms in head_chunks(qk.queries, qk.keys, qk.lengths, causal=False, translate=True,
+                                     heads_per_chunk=16):
+        refined[g0:g1] = _golden_refine(terms, grid, dense.values["weighted_corr"][g0:g1], 24, 0.5, 3)
+    t_three = time.perf_counter() - t
+    assert torch.equal(torch.nan_to_num(refined), torch.nan_to_num(one.continuous["weighted_corr"]))
+    print(f"(3) grids + continuous search: one pass {t_one:.2f} s vs three passes {t_three:.2f} s "
+          f"({t_three / t_one:.2f}x); same optima")
 
 
 if __name__ == "__main__":

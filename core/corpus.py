@@ -95,6 +95,14 @@ def _load_txt_folder(path: Path, limit):
 
 
 def _load_hf(spec: str, limit):
+    from attnlab.core.models import hub_reachable
+
+    if not hub_reachable():  # decided once per process; datasets would otherwise retry the network
+        err = CorpusError(f"corpus 'hf:{spec}' streams from the Hugging Face Hub, which cannot be reached from this "
+                          "machine; pass a local corpus (a .jsonl/.jsonl.gz with a 'text' field, or a folder of .txt "
+                          "files)")
+        err.unavailable = True
+        raise err
     parts = spec.split(":")
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None

@@ -120,11 +120,12 @@ def _collect(cfg: GeometryConfig, lm, docs, batch_size, progress, cache: Geometr
     key = _data_key(cfg, lm)
     if cache is not None and key in cache.samples:
         return cache.samples[key]
+    if cfg.max_tokens > lm.max_positions:
+        raise InputError(f"max_tokens {cfg.max_tokens} exceeds the model's {lm.max_positions} positions; lower "
+                         f"max_tokens to at most {lm.max_positions}")
     if docs is None:
         docs = load_corpus(cfg.corpus, limit=HF_DOC_LIMIT if cfg.corpus.startswith("hf:") else None)
     sample = sample_sentences(lm.tokenizer, docs, cfg.sentences, cfg.seed, cfg.min_tokens, cfg.max_tokens)
-    if max(len(t) for t in sample.token_ids) > lm.max_positions:
-        raise InputError(f"max_tokens {cfg.max_tokens} exceeds the model's {lm.max_positions} positions; lower it")
     result = sample, collect_qk(lm, sample.token_ids, batch_size=batch_size, progress=progress)
     if cache is not None:
         cache.samples[key] = result

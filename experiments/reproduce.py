@@ -392,8 +392,8 @@ class Runner:
                     self._announce(job.role, exc)
                     continue
                 return None, model, str(exc), True
-            except AttnlabError as exc:
-                return None, model, str(exc), False
+            except AttnlabError as exc:  # e.g. a Hub corpus with no Hub: not at hand, like a missing model
+                return None, model, str(exc), bool(getattr(exc, "unavailable", False))
             except Exception as exc:  # an unexpected failure must not cost the other figures; keep the traceback
                 log = self.settings.out / "logs" / f"{job.name}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)

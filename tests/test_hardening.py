@@ -126,6 +126,8 @@ ONE_LINE_ERRORS = [
     ("icl --model mlm --corpus bad.jsonl --out o --trials 2", "line 5 is not valid JSON"),
     ("induction-sweep --models , --out o", "models lists no model"),
     ("induction --model mlm --out= --trials 2 --seq-len 10", "the output folder is empty"),
+    ("geometry scaling --model mlm --corpus corpus.jsonl.gz --max-tokens 600 --sentences 3 --out o",
+     "max_tokens 600 exceeds the model's 512 positions"),
 ]
 
 
@@ -158,6 +160,27 @@ def test_impossible_work_fails_fast(inside, capsys, command, message):
 
 
 # ---------------------------------------------------------------- silent wrong output
+
+
+def test_a_plugin_named_twice_is_loaded_once(inside, capsys, monkeypatch):
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "gap_variant.py")
+    monkeypatch.setenv("ATTNLAB_PLUGINS", example)
+    rc, out, err = _run(["--plugin", example, "--plugin", example, "variants"], capsys)
+    assert rc == 0 and out.count("gap ") == 1 and "error" not in err
+    from attnlab.induction.variants import _REGISTRY
+
+    _REGISTRY.pop("gap", None)
+
+
+def test_hub_corpus_without_hub_fails_at_once(monkeypatch):
+    from attnlab.core.corpus import load_corpus
+    from attnlab.core.errors import CorpusError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(CorpusError, match="cannot be reached"):
+        load_corpus("hf:wikimedia/wikipedia:20231101.simple:train:text")
+    assert time.perf_counter() - t0 < 2
 
 
 def test_csv_fields_with_commas_are_quoted(inside, capsys):
