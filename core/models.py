@@ -153,6 +153,17 @@ def model_label(name: str) -> str:
     return str(name)
 
 
+def resolve_model(lm, cfg, device="auto", masked_lm: bool = False) -> "LoadedModel":
+    """What experiments accept as ``lm``: a loaded model, a zero-argument loader (called only when the work is
+    not reused, so a finished run never loads a model), or None (load ``cfg.model`` with ``cfg``'s dtype and
+    revision)."""
+    if isinstance(lm, LoadedModel):
+        return lm
+    if callable(lm):
+        return lm()
+    return load_model(cfg.model, masked_lm=masked_lm, device=device, dtype=cfg.dtype, revision=cfg.revision)
+
+
 def model_identity(name: str, revision: str | None = None, lm: "LoadedModel | None" = None) -> str | None:
     """The model part of a reuse key: from the loaded model when there is one, else from ``name`` on disk."""
     if isinstance(lm, LoadedModel):

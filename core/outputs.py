@@ -114,7 +114,8 @@ def check_out_dir(out_dir) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when it is missing, unreadable or not an object."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -159,10 +160,10 @@ class RunFolder:
         return self.path / STAGING
 
     def meta(self) -> dict | None:
-        return _read_json(self.path / "meta.json")
+        return read_json(self.path / "meta.json")
 
     def _recover(self) -> None:
-        marker = _read_json(self.path / SWAP_MARKER)
+        marker = read_json(self.path / SWAP_MARKER)
         if marker is not None and not (self.path / "meta.json").exists():
             for name in marker.get("files", []):  # a swap was cut short: none of these files can be trusted
                 (self.path / name).unlink(missing_ok=True)

@@ -110,12 +110,14 @@ def model_fingerprint(name: str, revision: str | None = None) -> str | None:
 
 def parameters_fingerprint(module) -> str:
     """Digest of a model built in-process: every parameter and buffer, by name."""
+    import torch
+
     h = hashlib.sha256()
     for key, tensor in sorted(module.state_dict().items()):
         h.update(key.encode())
         t = tensor.detach().cpu().contiguous()
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "params:" + h.hexdigest()[:16]
 
 

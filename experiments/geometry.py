@@ -19,14 +19,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from attnlab.core.corpus import DEFAULT_CORPUS, load_corpus
 from attnlab.core.errors import InputError
-from attnlab.core.models import LoadedModel, load_model, model_identity, model_label
+from attnlab.core.models import model_identity, model_label, resolve_model
 from attnlab.core.outputs import RunFolder, atomic_path, reuse_key, write_csv, write_json
 from attnlab.core.provenance import corpus_fingerprint, digest
 from attnlab.experiments.common_args import add_runtime_args, positive_int, print_wrote
@@ -110,6 +109,9 @@ class GeometryCache:
         self.samples: dict = {}
         self.metrics: dict = {}
 
+    def has_metrics(self, data_key: str, cfg) -> bool:
+        return any(k[:4] == (data_key, cfg.protocol, cfg.constants, cfg.translate_keys) for k in self.metrics)
+
 
 def _data_key(cfg: GeometryConfig, lm) -> str:
     return digest([model_identity(cfg.model, cfg.revision, lm), cfg.corpus, cfg.sentences, cfg.seed,
@@ -157,14 +159,6 @@ def _cached_metrics(qk, cfg, cache, data_key, continuous):
     if cache is not None:
         cache.metrics[key] = metrics
     return metrics
-
-
-def _load(cfg, lm, device) -> LoadedModel:
-    if isinstance(lm, LoadedModel):
-        return lm
-    if callable(lm):
-        return lm()
-    return load_model(cfg.model, device=device, dtype=cfg.dtype, revision=cfg.revision)
 
 
 # ---------------------------------------------------------------- results as rows
@@ -241,7 +235,7 @@ def run_scaling(cfg: GeometryConfig, out_dir, *, lm=None, docs=None, device="aut
     if reuse and (meta := run.finished(key)):
         return meta
     t0 = time.perf_counter()
-    lm = _load(cfg, lm, device)
+    lm = resolve_model(lm, cfg, device)
     identity["model"] = lm.fingerprint
     sample, qk = _collect(cfg, lm, docs, batch_size, progress, cache)
     t1 = time.perf_counter()
@@ -307,15 +301,13 @@ def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", bat
     if reuse and (meta := run.finished(key)):
         return meta
     t0 = time.perf_counter()
-    lm = _load(cfg, lm, device)
+    lm = resolve_model(lm, cfg, device)
     identity["model"] = lm.fingerprint
     check_head(cfg.layer, cfg.head, lm.n_layers, lm.n_heads)  # before the forward pass
     sample, qk = _collect(cfg, lm, docs, batch_size, progress, cache)
     g = cfg.layer * qk.n_heads + cfg.head
     data_key = _data_key(cfg, lm)
-    have = cache is not None and any(k[:4] == (data_key, cfg.protocol, cfg.constants, cfg.translate_keys)
-                                     for k in cache.metrics)
-    if have or cfg.metric == "scaled_weighted_corr" or cfg.protocol == "notebook":
+    if (cache is not None and cache.has_metrics(data_key, cfg)) or cfg.metric == "scaled_weighted_corr" or cfg.protocol == "notebook":
         optimum = _cached_metrics(qk, cfg, cache, data_key, False).best(cfg.metric)[g].item()
     else:  # only this head is needed: its metric does not pool over heads
         sl = (slice(None), slice(None), slice(cfg.layer, cfg.layer + 1), slice(cfg.head, cfg.head + 1))
@@ -365,9 +357,7 @@ def parse_constants(text: str) -> tuple:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise InputError(f"constants must be comma-separated numbers, got {text!r}") from None
-    check_constants(values)
-    _check_plottable(values)
-    return values
+    return values  # validated by the config (GeometryConfig / UMAPConfig)
 
 
 def _common(p) -> None:

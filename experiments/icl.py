@@ -17,17 +17,15 @@ Outputs: icl.csv (one row a trial), summary.json, icl_histogram.png, meta.json.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from attnlab.core.corpus import DEFAULT_CORPUS, load_corpus
 from attnlab.core.errors import CorpusError, InputError, MissingHeadError
-from attnlab.core.models import LoadedModel, load_model, model_identity, model_label
+from attnlab.core.models import model_identity, model_label, resolve_model
 from attnlab.core.outputs import RunFolder, reuse_key, write_csv, write_json
 from attnlab.core.provenance import corpus_fingerprint
 from attnlab.core.resources import check_fits
@@ -188,12 +186,7 @@ def run_icl(cfg: ICLConfig, out_dir, *, lm=None, docs=None, device="auto", batch
     t0 = time.perf_counter()
     if docs is None:
         docs = load_corpus(cfg.corpus)
-    if isinstance(lm, LoadedModel):
-        pass
-    elif callable(lm):
-        lm = lm()
-    else:
-        lm = load_model(cfg.model, masked_lm=True, device=device, dtype=cfg.dtype, revision=cfg.revision)
+    lm = resolve_model(lm, cfg, device, masked_lm=True)
     identity["model"] = lm.fingerprint
     trials, loss_short, loss_long = icl_trials(lm, docs, cfg.protocol, cfg.trials, cfg.seed, batch_size, progress)
     diff = loss_short - loss_long

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from attnlab.core.errors import InputError
-from attnlab.core.models import LoadedModel, load_model, model_identity, model_label
+from attnlab.core.models import model_identity, model_label, resolve_model
 from attnlab.core.outputs import RunFolder, atomic_path, reuse_key, write_csv
 from attnlab.core.provenance import source_fingerprint
 from attnlab.core.resources import check_fits
@@ -108,15 +108,6 @@ def check_trials_fit(trials: int, seq: int, n_layers: int, n_heads: int, n_targe
     check_fits(trials * per_trial, f"{trials} trials of {seq} tokens", per_trial, "trials")
 
 
-def _resolve_model(cfg, lm, device, **load_kwargs) -> LoadedModel:
-    """``lm``: a loaded model, a zero-argument loader, or None (load ``cfg.model``)."""
-    if isinstance(lm, LoadedModel):
-        return lm
-    if callable(lm):
-        return lm()
-    return load_model(cfg.model, device=device, dtype=cfg.dtype, revision=cfg.revision, **load_kwargs)
-
-
 def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batch_size=None,
                   progress=False, reuse=True) -> dict:
     """Run one induction experiment into ``out_dir``; reuse it if already finished with the same reuse key
@@ -129,7 +120,7 @@ def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batc
     if reuse and (meta := run.finished(key)):
         return meta
     t0 = time.perf_counter()
-    lm = _resolve_model(cfg, lm, device)
+    lm = resolve_model(lm, cfg, device)
     identity["model"] = lm.fingerprint
     t_load = time.perf_counter() - t0
     protocol = make_protocol(cfg.protocol, token_spec_for(lm))

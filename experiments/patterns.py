@@ -15,7 +15,7 @@ import torch
 
 from attnlab.core.activations import attention_inputs
 from attnlab.core.errors import InputError
-from attnlab.core.models import LoadedModel, load_model, model_identity, model_label
+from attnlab.core.models import model_identity, model_label, resolve_model
 from attnlab.core.outputs import RunFolder, reuse_key, write_csv, write_text
 from attnlab.core.weights import head_weights
 from attnlab.experiments.common_args import add_model_args, positive_int, print_wrote
@@ -139,8 +139,7 @@ def run_patterns(cfg: PatternsConfig, out_dir, *, lm=None, device="auto", reuse=
     if reuse and (meta := run.finished(key)):
         return meta
     t0 = time.perf_counter()
-    if not isinstance(lm, LoadedModel):
-        lm = lm() if callable(lm) else load_model(cfg.model, device=device, dtype=cfg.dtype, revision=cfg.revision)
+    lm = resolve_model(lm, cfg, device)
     identity["model"] = lm.fingerprint
     if lm.tokenizer is None:
         raise InputError(f"model '{cfg.model}' has no tokenizer files; patterns look words up in the vocabulary - "

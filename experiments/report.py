@@ -67,7 +67,12 @@ def _model_rows(results) -> list[tuple]:
             used.setdefault(x.model_used, x.meta.get("model") or {})
         for name, m in used.items():
             shape = f"{m.get('layers', '?')} x {m.get('heads', '?')}"
-            head = "yes" if m.get("masked_lm") else "not loaded" if name == r.model else "no"
+            if m.get("masked_lm"):
+                head = "yes"
+            elif model_label(name) == "all-MiniLM-L6-v2":
+                head = "no (a sentence encoder)"
+            else:
+                head = "not loaded (not needed)"
             rows.append((r.role, PAPER_MODELS.get(r.role, r.model),
                          model_label(name) + (" (stand-in)" if name != r.model else ""), shape, head,
                          m.get("source", ""), m.get("revision") or "-"))

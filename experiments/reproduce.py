@@ -23,7 +23,6 @@ Model roles (``--model ROLE=ID_OR_PATH`` substitutes one, e.g. a local folder wh
 
 from __future__ import annotations
 
-import math
 import shlex
 import shutil
 import sys
@@ -36,7 +35,7 @@ from typing import Callable
 from attnlab.core.corpus import DEFAULT_CORPUS
 from attnlab.core.errors import AttnlabError, InputError, MissingHeadError, ModelNotAvailableError
 from attnlab.core.models import model_label
-from attnlab.core.outputs import _read_json, atomic_path, check_out_dir, versions, write_json
+from attnlab.core.outputs import atomic_path, check_out_dir, read_json, versions, write_json
 from attnlab.experiments.common_args import add_runtime_args
 from attnlab.experiments.report import FigureResult, write_report
 
@@ -50,7 +49,6 @@ ROLES = {
 }
 PAPER_TOP_HEADS = ["L9H0", "L9H6", "L10H1", "L10H9", "L11H8"]
 EMBEDDED_NAME = "all-MiniLM-L6-v2"
-#: the figure ids, in report order
 QUICK_TRIALS = 8
 
 
@@ -430,10 +428,11 @@ def copy_figure(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def _fill_caption(fig: Figure, meta: dict, model: str, settings: Settings) -> str:
-    cfg = meta.get("config", {})
+def _fill_caption(fig: Figure, meta: dict | None, model: str | None) -> str:
+    """The caption with the model actually used (and, for geometry, the head and protocol it ran with)."""
+    cfg = (meta or {}).get("config", {})
     translate = cfg.get("translate_keys", True) and cfg.get("protocol", "text") == "text"
-    return fig.caption.format(model=model_label(model), layer=cfg.get("layer", "?"), head=cfg.get("head", "?"),
+    return fig.caption.format(model=model_label(model or "?"), layer=cfg.get("layer", "?"), head=cfg.get("head", "?"),
                               protocol=cfg.get("protocol", "?"),
                               translation=", keys translated onto the query centroid" if translate else ", no translation",
                               translation_short=", key-translated" if translate else "")
@@ -441,12 +440,12 @@ def _fill_caption(fig: Figure, meta: dict, model: str, settings: Settings) -> st
 
 def _previous_results(settings: Settings, skip: set) -> list[FigureResult]:
     """Figures of an earlier run in the same folder that this run did not redo: still in the report."""
-    report = _read_json(settings.out / "report.json") or {}
+    report = read_json(settings.out / "report.json") or {}
     kept = []
     for entry in report.get("figures", []):
         if entry.get("id") in skip or not entry.get("path"):
             continue
-        meta = _read_json(settings.out / "runs" / entry["job"] / "meta.json")
+        meta = read_json(settings.out / "runs" / entry["job"] / "meta.json")
         if meta is None or not (settings.out / entry["path"]).is_file():
             continue  # its run is gone or unfinished: nothing trustworthy to show
         r = FigureResult(**{k: v for k, v in entry.items() if k in FigureResult.__dataclass_fields__})
@@ -483,15 +482,13 @@ def reproduce(settings: Settings, only: list[str] | None = None, say=print) -> l
             if only and fig.id not in only:
                 continue
             substituted = meta is not None and model != settings.models[job.role]
-            result = FigureResult(fig.id, fig.caption.format(model=model_label(model or "?"), layer="?", head="?",
-                                                             protocol="?", translation="", translation_short=""),
+            result = FigureResult(fig.id, _fill_caption(fig, meta, model),
                                   job.name, job.role, settings.models[job.role], model_used=model,
                                   substituted=substituted, paper_image=fig.paper_image)
             if meta is None:
                 result.error = reason
                 result.unavailable = unavailable
             else:
-                result.caption = _fill_caption(fig, meta, model, settings)
                 if substituted:
                     result.caption += (f" Offline stand-in: {model_label(model)} instead of "
                                        f"{settings.models[job.role]}; not comparable with the paper.")

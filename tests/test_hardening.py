@@ -1,7 +1,6 @@
 """Issue #12: every bad input a clear one-line error, no hang, no mixed or half-written run."""
 
 import csv
-import gzip
 import json
 import os
 import shutil

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import minilm_dir, save_tiny_mlm, tiny_bert, write_corpus
+from conftest import minilm_dir, save_tiny_mlm, write_corpus
 
 from attnlab.experiments.cli import main
 from attnlab.geometry import scaling as S
