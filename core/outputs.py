@@ -29,6 +29,7 @@ from attnlab.core.provenance import digest
 TMP_TAG = ".attnlab-tmp"
 STAGING = ".attnlab-staging"
 SWAP_MARKER = ".attnlab-swap.json"
+DERIVED = ("view.html",)  # drawn from a run by `attnlab view`: stale once the run is replaced
 
 
 def config_hash(config: dict) -> str:
@@ -195,7 +196,7 @@ class RunFolder:
             raise RuntimeError(f"run did not write {missing}")  # a bug, not a user error
         write_json(self.path / SWAP_MARKER, {"files": sorted(old | set(outputs))})
         (self.path / "meta.json").unlink(missing_ok=True)
-        for name in old - set(outputs):
+        for name in (old - set(outputs)) | set(DERIVED):
             (self.path / name).unlink(missing_ok=True)
         for name in outputs:
             os.replace(self.staging / name, self.path / name)

@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "attnlab.experiments.patterns",
     "attnlab.experiments.geometry",
     "attnlab.experiments.reproduce",
+    "attnlab.experiments.view",
 ]
 
 

@@ -334,8 +334,13 @@ def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", bat
         arrays[f"c_{c:g}"] = emb
     stage = run.stage()
     name = umap_name(cfg.layer, cfg.head)
+    # token text of every embedded point, in qk.head()'s order (sentences, then positions): the hover view
+    flat = [t for ids in sample.token_ids for t in ids]
+    text = lm.tokenizer.convert_ids_to_tokens(flat) if lm.tokenizer is not None else [str(t) for t in flat]
+    text = np.array(text, dtype=np.str_)
     with atomic_path(stage / f"{name}.npz") as tmp:
-        np.savez_compressed(tmp, constants=np.array(shown), n_queries=len(q_idx), **arrays)
+        np.savez_compressed(tmp, constants=np.array(shown), n_queries=len(q_idx), query_tokens=text[q_idx],
+                            key_tokens=text[k_idx], **arrays)
     from attnlab.figures.scaling import umap_grid
 
     opt_text = f"{optimum:g}" if math.isfinite(optimum) else "none"

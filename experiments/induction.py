@@ -23,12 +23,14 @@ from attnlab.core.outputs import RunFolder, atomic_path, reuse_key, write_csv
 from attnlab.core.provenance import source_fingerprint
 from attnlab.core.resources import check_fits
 from attnlab.experiments.common_args import add_runtime_args, print_wrote
-from attnlab.figures.heatmap import head_heatmap
+from attnlab.core.extractor import extract_attention
+from attnlab.figures.heatmap import induction_map
 from attnlab.induction.protocols import PROTOCOLS, make_protocol, token_spec_for
 from attnlab.induction.scores import induction_scores
 from attnlab.induction.variants import build_batch, check_length, get_variant, list_variants
 
 FIGURE9_MODELS = ["prajjwal1/bert-tiny", "prajjwal1/bert-small", "prajjwal1/bert-medium", "bert-large-uncased"]
+VIEW_TRIALS = 3  # trials whose full [MASK] attention rows are kept for the interactive view
 PROTOCOL_NOTES = {
     "clean": "clean protocol: [CLS] X X [SEP], distinct ordinary tokens, mask never at a copy's edge",
     "paper": "paper protocol: the paper's code, quirks included (leading [SEP], ids in [100, 20000) with "
@@ -102,6 +104,27 @@ def top_heads(scores, k: int = 10) -> dict:
     return out
 
 
+def _rounded(x) -> list:
+    """[L, H] tensor -> nested lists with 6 significant digits (NaN -> None), for meta.json."""
+    return [[None if not np.isfinite(v) else float(f"{v:.6g}") for v in row] for row in x.tolist()]
+
+
+def view_arrays(lm, batch, n: int = VIEW_TRIALS) -> dict:
+    """The full attention row of [MASK] for the first ``n`` trials (``view_rows [n, L, H, S]`` float16) and
+    their tokens (``view_tokens [n, S]``): what the interactive view draws when a head is clicked."""
+    n = min(n, batch.input_ids.shape[0])
+    rows = extract_attention(lm, batch.input_ids[:n], None, batch.mask_index[:n, None]).attention[:, 0]
+    ids = batch.input_ids[:n]
+    if lm.tokenizer is not None:
+        tokens = [lm.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+    else:
+        tokens = [[str(i) for i in row.tolist()] for row in ids]
+    masked = batch.masked_token[:n].tolist()
+    masked = lm.tokenizer.convert_ids_to_tokens(masked) if lm.tokenizer is not None else [str(i) for i in masked]
+    return {"view_rows": rows.numpy().astype(np.float16), "view_tokens": np.array(tokens, dtype=np.str_),
+            "view_masked": np.array(masked, dtype=np.str_)}
+
+
 def check_trials_fit(trials: int, seq: int, n_layers: int, n_heads: int, n_targets: int) -> None:
     """Token ids (a few copies while building) and the per-target scores must fit in memory."""
     per_trial = seq * 8 * 4 + n_layers * n_heads * n_targets * 4 * 2
@@ -143,18 +166,20 @@ def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batc
     for target, pos in batch.targets.items():
         arrays[f"target_index_{target}"] = pos.numpy()
         arrays[f"attention_{target}"] = scores.per_trial[target].numpy()
+    arrays.update(view_arrays(lm, batch))
     with atomic_path(stage / "trials.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     for target, mean in scores.mean.items():
         name = figure_name(cfg.variant, target)
-        head_heatmap(mean.numpy(), f"Induction map: {model_label(cfg.model)}, {cfg.variant} RRT ({cfg.protocol} "
-                     f"protocol)\nattention from [MASK] to the {target_words(target)}, {scores.n_trials} trials",
-                     stage / name, cbar_label="mean attention")
+        induction_map(mean.numpy(), scores.sem[target].numpy(),
+                      f"Induction map: {model_label(cfg.model)}, {cfg.variant} RRT ({cfg.protocol} protocol)\n"
+                      f"attention from [MASK] to the {target_words(target)}, {scores.n_trials} trials", stage / name)
         outputs.append(name)
     return run.commit(key, config, outputs, identity, model=lm.meta, seq_len=n, sequence_tokens=seq,
                       protocol_note=PROTOCOL_NOTES.get(cfg.protocol, cfg.protocol),
                       share_r0=None if quirk is None else float(quirk.float().mean()),
                       n_trials=scores.n_trials, top_heads=top_heads(scores),
+                      maps={t: {"mean": _rounded(scores.mean[t]), "sem": _rounded(scores.sem[t])} for t in scores.mean},
                       timings={"load_s": round(t_load, 3), "extract_s": round(t_run, 3),
                                "total_s": round(time.perf_counter() - t0, 3)})
 

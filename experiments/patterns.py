@@ -2,8 +2,9 @@
 
 For each word (or each word's position in --sentence), layer and head: the top-k vocabulary tokens by cosine
 similarity with the pattern p = x W_Q W_K^T (what the head looks for) and the message m = x W_V W_O (what it
-writes). Outputs: patterns.csv (input, layer, head, kind, rank, token, similarity), patterns.md, spectrum.csv
-(singular values and effective rank of every head's W^P and W^M), meta.json.
+writes). Outputs: patterns.csv (input, layer, head, kind, rank, token, similarity), patterns.md, patterns.png (per word
+and kind: the most similar heads x their top tokens), spectrum.csv (singular values and effective rank of the
+W^P and W^M of the heads asked for), meta.json.
 """
 
 from __future__ import annotations
@@ -166,7 +167,12 @@ def run_patterns(cfg: PatternsConfig, out_dir, *, lm=None, device="auto", reuse=
                 spectrum_rows.append([layer, h, kind, f"{eff[layer, h].item():.4f}",
                                       " ".join(f"{v:.5g}" for v in s[layer, h].tolist())])
     write_csv(stage / "spectrum.csv", ["layer", "head", "kind", "effective_rank", "singular_values"], spectrum_rows)
-    return run.commit(key, config, ["patterns.csv", "patterns.md", "spectrum.csv"], identity, model=lm.meta,
+    from attnlab.figures.patterns import patterns_figure
+
+    patterns_figure(rows, list(cfg.words), list(cfg.kinds), f"Pattern and message projections: {model_label(cfg.model)}",
+                    stage / "patterns.png")
+    return run.commit(key, config, ["patterns.csv", "patterns.md", "spectrum.csv", "patterns.png"], identity,
+                      model=lm.meta,
                       tokens_used={w_: p for w_, (_, p) in zip(cfg.words, used)}, top_tokens=top_tokens(rows),
                       timings={"total_s": round(time.perf_counter() - t0, 3)})
 

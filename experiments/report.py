@@ -219,7 +219,11 @@ def to_markdown(blocks, paper_dir=None) -> str:
             if payload.get("error"):
                 lines += [f"**Not produced**: {payload['error']}", ""]
             else:
-                lines += [payload["text"], ""] + _md_table(payload["header"], payload["rows"])
+                lines += [payload["text"], ""]
+                if payload.get("image"):
+                    lines += [f"![{title}]({payload['image']})", ""]
+                if payload.get("rows"):
+                    lines += _md_table(payload["header"], payload["rows"])
         else:
             lines += _figure_lines_md(payload, paper_dir)
     return "\n".join(lines) + "\n"
@@ -231,7 +235,25 @@ def _html_table(header, rows) -> str:
             + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
 
 
-def _figure_html(r: FigureResult, paper_dir: str | None) -> str:
+def _interactive(r: FigureResult, page, root) -> str:
+    """The interactive block of a figure (induction map or UMAP), or '' when there is none."""
+    if page is None or root is None or r.meta is None:
+        return ""
+    from attnlab.experiments import view
+
+    run_dir = Path(root) / "runs" / r.job
+    if r.meta.get("experiment") == "induction" and r.target:
+        data = view.induction_run_data(run_dir)
+        if data is None:
+            return ""
+        return page.add_induction(r.job, data, r.target, f"{_title(r.id)} ({model_label(r.model_used or r.model)})")
+    if r.meta.get("experiment") == "geometry-umap":
+        spec = view.umap_spec(run_dir)
+        return page.add_umap(spec) if spec else ""
+    return ""
+
+
+def _figure_html(r: FigureResult, paper_dir: str | None, page=None, root=None) -> str:
     e = html.escape
     anchor = f"<h2 id='{e(r.id)}'>{e(_title(r.id))}</h2>"
     if r.error:
@@ -244,6 +266,7 @@ def _figure_html(r: FigureResult, paper_dir: str | None) -> str:
         body = f"<div class='pair'>{ours}{paper}</div>"
     else:
         body = ours + (f"<p><small>Paper's image: <code>{e(r.paper_image)}</code></small></p>" if r.paper_image else "")
+    body += _interactive(r, page, root)
     top = _top_table(r)
     if top:
         header, rows, note = top
@@ -257,8 +280,12 @@ def _figure_html(r: FigureResult, paper_dir: str | None) -> str:
     return anchor + body
 
 
-def to_html(blocks, paper_dir=None) -> str:
+def to_html(blocks, paper_dir=None, root=None) -> str:
+    """index.html; with ``root`` (the report folder) the induction maps and UMAPs are interactive too."""
+    from attnlab.experiments.view import STYLE, Page
+
     e = html.escape
+    page = Page() if root is not None else None
     body = []
     for title, kind, payload in blocks:
         if kind == "text":
@@ -278,17 +305,23 @@ def to_html(blocks, paper_dir=None) -> str:
             if payload.get("error"):
                 body.append(f"<p class='err'><b>Not produced</b>: {e(payload['error'])}</p>")
             else:
-                body.append(f"<p>{e(payload['text'])}</p>" + _html_table(payload["header"], payload["rows"]))
+                body.append(f"<p>{e(payload['text'])}</p>")
+                if payload.get("image"):
+                    body.append(f"<figure><img src='{e(payload['image'])}' alt='{e(title)}'></figure>")
+                if payload.get("rows"):
+                    body.append(_html_table(payload["header"], payload["rows"]))
         else:
-            body.append(_figure_html(payload, paper_dir))
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+            body.append(_figure_html(payload, paper_dir, page, root))
+    style = STYLE + ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
              "th{background:#f3f3f3}.err{color:#a00}figcaption{margin-top:.4em}.note{color:#555}"
              ".banner{background:#fff4d6;border:2px solid #e0a800;border-radius:6px;padding:.8em 1em;margin:1em 0}"
-             ".pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}nav ol{columns:3}")
+             ".pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}nav ol{columns:3}"
+             "td{overflow-wrap:anywhere}")
+    head, tail = (page.head(), page.tail()) if page else ("", "")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>attnlab report</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<style>{style}</style>{head}</head><body>{''.join(body)}{tail}</body></html>\n")
 
 
 def _copy_paper_figures(settings, results) -> str | None:
@@ -311,4 +344,4 @@ def write_report(settings, results, *, total_s: float, versions: dict, substitut
     paper_dir = _copy_paper_figures(settings, results)
     blocks = _sections(settings, results, total_s, versions, substituted or {}, advice, sections or [], given or {})
     write_text(settings.out / "README.md", to_markdown(blocks, paper_dir))
-    write_text(settings.out / "index.html", to_html(blocks, paper_dir))
+    write_text(settings.out / "index.html", to_html(blocks, paper_dir, root=settings.out))

