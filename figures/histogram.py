@@ -8,9 +8,9 @@ from matplotlib.ticker import MaxNLocator
 from attnlab.figures.style import plt, save
 
 
-def icl_histogram(diffs, mean: float, ci: tuple[float, float], title: str, path, paper_mean: float | None = None) -> None:
+def icl_histogram(diffs, mean: float, ci: tuple[float, float], title: str, path, paper_mean: float | None = None):
     """Counts of trials (integer ticks); mean as a solid line, the 95% CI as two dashed lines (not a band
-    over the bars), the paper's reported mean dotted when given."""
+    over the bars), the paper's reported mean dotted when given. Saves to ``path``, or returns the Figure."""
     diffs = np.asarray(diffs, dtype=float)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.hist(diffs, bins="auto" if len(diffs) > 20 else 10, color="#9ecae1", edgecolor="#3182bd")
@@ -26,4 +26,7 @@ def icl_histogram(diffs, mean: float, ci: tuple[float, float], title: str, path,
     ax.set_ylabel("trials")
     ax.set_title(title)
     ax.legend()
+    if path is None:
+        return fig
     save(fig, path)
+    return None

@@ -94,7 +94,15 @@ def test_report_page_loads_clean_with_interactive_maps_and_umap(browser, tmp_pat
     out = tmp_path / "report"
     args = ["reproduce", "--out", str(out), "--quick", "--no-progress", "--device", "cpu", "--corpus", str(corpus),
             "--model", f"bert={model}", "--model", f"gpt2={model}", "--only", "figure7a,figure3"]
+    from conftest import SIMPLEWIKI
+
+    paper = SIMPLEWIKI.parents[2] / "reference" / "paper-figures"
+    if paper.is_dir():
+        args += ["--paper-figures", str(paper)]
     assert main(args) == 0
+    if paper.is_dir():  # each figure beside the paper's, copied into the report folder
+        assert (out / "paper" / "ind_score_rrt.png").is_file()
+        assert "src='paper/ind_score_rrt.png'" in (out / "index.html").read_text()
     page, errors = _open(browser, out / "index.html")
     page.wait_for_timeout(500)
     assert errors == []

@@ -49,12 +49,13 @@ def test_offline_main_job_runs_on_the_embedded_model(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl.gz")
     out = tmp_path / "paper"
     cmd = [sys.executable, "-m", "attnlab.experiments.cli", "reproduce", "--out", str(out), "--quick", "--corpus",
-           str(corpus), "--no-progress", "--device", "cpu"]
+           str(corpus), "--device", "cpu"]  # progress on: off a terminal it must be plain lines
     t0 = time.perf_counter()
     run = subprocess.run(cmd, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=240)
     elapsed = time.perf_counter() - t0
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+    assert "\r" not in run.stderr and "\x1b[" not in run.stderr  # no carriage returns or cursor codes in a log
     # each missing model is reported once, in one line; the how-to advice appears once
     for model in ("gpt2", "bert-base-uncased", "prajjwal1/bert-tiny", "bert-large-uncased"):
         assert sum(line.split(": ", 1)[1].startswith(model + " ") for line in run.stderr.splitlines()
