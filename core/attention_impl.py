@@ -7,6 +7,9 @@ per-head queries and keys *as the model computed them* (after any scaling the ar
 its projection) together with the mask and scaling the model used. The recorder then computes only the
 attention rows it was asked for, so the forward pass never materialises ``[layers, heads, seq, seq]``.
 
+The same function is where heads are ablated or patched (``circuits/ablation.py``): while an editor is active
+it receives each layer's per-head outputs ``[batch, seq, heads, d_head]`` before the output projection.
+
 Hook names (TransformerLens style, one per activation):
     ``q``      per-head queries  ``[batch, heads, seq, d_head]``
     ``k``      per-head keys     ``[batch, heads, seq, d_head]``
@@ -24,6 +27,9 @@ CAPTURE_IMPLEMENTATION = "attnlab_sdpa"
 
 # The recorder for the forward pass in flight (None: behave exactly like plain SDPA).
 _ACTIVE_RECORDER: contextvars.ContextVar = contextvars.ContextVar("attnlab_recorder", default=None)
+# Edits of the per-head outputs before the output projection (ablation, patching, recording), outermost
+# first: nested blocks compose, so a recording inside an ablation sees the ablated outputs.
+_ACTIVE_HEAD_EDITS: contextvars.ContextVar = contextvars.ContextVar("attnlab_head_edits", default=())
 
 
 def _capture_attention_forward(module, query, key, value, attention_mask, scaling=None, is_causal=None, **kwargs):
@@ -35,9 +41,12 @@ def _capture_attention_forward(module, query, key, value, attention_mask, scalin
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         recorder.record(module, query, key, attention_mask, float(scaling), bool(causal))
-    return sdpa_attention_forward(
+    out, weights = sdpa_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs
     )
+    for edit in _ACTIVE_HEAD_EDITS.get():
+        out = edit.edit(module, out)  # out: [batch, seq, heads, d_head], before the output projection
+    return out, weights
 
 
 _installed = False
@@ -55,6 +64,23 @@ def install_capture_attention() -> None:
     # Masks are built exactly as for SDPA, so the recorder sees the mask SDPA sees.
     AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
     _installed = True
+
+
+class editing:
+    """Context manager: every attention call in its block passes its per-head outputs ``[B, S, H, d_head]``
+    through ``editor.edit(module, out) -> out`` before the output projection."""
+
+    def __init__(self, editor):
+        self.editor = editor
+        self._token = None
+
+    def __enter__(self):
+        self._token = _ACTIVE_HEAD_EDITS.set(_ACTIVE_HEAD_EDITS.get() + (self.editor,))
+        return self.editor
+
+    def __exit__(self, *exc):
+        _ACTIVE_HEAD_EDITS.reset(self._token)
+        return False
 
 
 class recording:
