@@ -19,6 +19,8 @@ SUBCOMMAND_MODULES = [
     "attnlab.experiments.geometry",
     "attnlab.experiments.reproduce",
     "attnlab.experiments.view",
+    "attnlab.experiments.ablate",
+    "attnlab.experiments.heads",
 ]
 
 

@@ -125,3 +125,120 @@ def test_bad_heads_and_modes_are_refused(mlm):
     with pytest.raises(InputError, match="needs a reference"):
         with attnlab.ablate(mlm, "L0H0", mode="mean"):
             pass
+
+
+# ---------------------------------------------------------------- weight-based scores
+
+
+def _orthonormal(d, k, seed):
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def test_ov_copying_score_of_projectors_random_heads_and_the_explicit_circuit():
+    from attnlab.circuits.scores import ov_copying_scores
+
+    g = torch.Generator().manual_seed(0)
+    d, k, vocab = 16, 4, 40
+    w_e = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    u = _orthonormal(d, k, 1)
+    assert ov_copying_scores(u, u.T, w_e).item() == pytest.approx(1.0, abs=1e-12)  # W_V W_O an orthogonal projector
+    assert ov_copying_scores(u, -u.T, w_e).item() == pytest.approx(-1.0, abs=1e-12)
+    random = ov_copying_scores(torch.randn(200, 64, 8, generator=g), torch.randn(200, 8, 64, generator=g),
+                               torch.randn(500, 64, generator=g))
+    assert abs(random.mean().item()) < 0.05 and random.abs().mean().item() < 0.5  # near 0 on average
+    w_v, w_o = torch.randn(d, k, generator=g, dtype=torch.float64), torch.randn(k, d, generator=g, dtype=torch.float64)
+    full = w_e @ w_v @ w_o @ w_e.T  # the vocab x vocab circuit, only on this small vocabulary
+    eig = torch.linalg.eigvals(full)
+    explicit = (eig.sum().real / eig.abs().sum()).item()
+    assert ov_copying_scores(w_v, w_o, w_e).item() == pytest.approx(explicit, abs=1e-9)
+
+
+def test_composition_from_factors_equals_the_dense_products_and_finds_a_planted_pair():
+    from attnlab.circuits.scores import composition, random_baseline
+
+    g = torch.Generator().manual_seed(3)
+    d, k = 24, 4
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    v1, o1, q2, k2, v2, o2 = r(3, d, k), r(3, k, d), r(2, d, k), r(2, d, k), r(2, d, k), r(2, k, d)
+    for kind, second, right in (("Q", (q2, k2), lambda j: q2[j] @ k2[j].T), ("K", (q2, k2), lambda j: k2[j] @ q2[j].T),
+                                ("V", (v2, o2), lambda j: v2[j] @ o2[j])):
+        got = composition((v1, o1), second, kind)
+        for i in range(3):
+            for j in range(2):
+                left = v1[i] @ o1[i]
+                dense = torch.linalg.norm(left @ right(j)) / (torch.linalg.norm(left) * torch.linalg.norm(right(j)))
+                assert got[i, j].item() == pytest.approx(dense.item(), rel=1e-10)
+    # a planted pair: head 1 writes exactly the subspace head 2's keys read -> K-composition far above chance
+    u = _orthonormal(d, k, 5)
+    planted_k = composition((u[None], u.T[None]), (r(1, d, k), u[None]), "K")[0, 0].item()
+    assert planted_k == pytest.approx(1 / k ** 0.5, rel=1e-12)  # the largest a rank-k projector pair can give
+    assert planted_k > 2 * random_baseline(d, k, "K")
+    assert 0 < random_baseline(d, k, "K") < 1
+
+
+def test_every_detector_scores_one_on_its_template_and_chance_on_uniform_attention():
+    from attnlab.circuits.scores import DETECTORS, detector_scores, templates
+
+    ids = torch.tensor([[101, 7, 8, 9, 7, 8, 9, 103, 102], [101, 5, 6, 5, 6, 103, 4, 4, 102]])
+    specials = {"cls": 101, "sep": 102, "mask": 103}
+    b, s = ids.shape
+    for name, t in templates(ids, specials).items():
+        rows = t.double() / t.double().sum(-1, keepdim=True).clamp_min(1)  # attention = the template itself
+        attention = rows[:, :, None, None, :].expand(b, s, 1, 1, s)
+        score, chance, corrected = detector_scores(attention, ids, specials)[name]
+        assert score.item() == pytest.approx(1.0, abs=1e-12), name
+        uniform = torch.full((b, s, 1, 1, s), 1.0 / s, dtype=torch.float64)
+        score_u, chance_u, corrected_u = detector_scores(uniform, ids, specials)[name]
+        has = t.sum(-1) > 0
+        assert chance_u == pytest.approx((t.sum(-1)[has].double() / s).mean().item(), abs=1e-12), name
+        assert score_u.item() == pytest.approx(chance_u, abs=1e-12) and abs(corrected_u.item()) < 1e-12, name
+    assert set(templates(ids, specials)) == set(DETECTORS)
+    t = templates(ids, specials)
+    assert t["induction"][0, 4, 2] and t["induction"][0, 5, 3] and not t["induction"][0, 1, 2]  # after the earlier 7
+    assert t["suffix_matching"][0, 1, 3] and t["previous_token"][0, 3, 2] and t["next_token"][0, 3, 4]
+
+
+# ---------------------------------------------------------------- direct logit attribution
+
+
+def test_dla_equals_the_frozen_layernorm_gradient_times_output_on_a_one_layer_model():
+    from attnlab.circuits.attribution import direct_logit_attribution, layer_norm_scales
+
+    lm = wrap_model(tiny_bert(masked_lm=True, vocab_size=30522, layers=1, heads=4, hidden=32, positions=64, seed=4))
+    block = lm.base.encoder.layer[0]
+    with torch.no_grad():  # no MLP: the head's direct path is its only path, so the reference can be exact
+        block.output.dense.weight.zero_()
+        block.output.dense.bias.zero_()
+    ids = torch.randint(1000, 2900, (3, 14), generator=torch.Generator().manual_seed(5))
+    pos, token = torch.tensor([3, 7, 10]), torch.tensor([1200, 2000, 2500])
+    got = direct_logit_attribution(lm, ids, pos, token)  # [3, 1, 4]
+    sig_a, sig_m, hidden, heads = layer_norm_scales(lm, ids)
+    rows = torch.arange(3)
+    w_o = block.attention.output.dense.weight.reshape(32, 4, 8)
+    o = torch.einsum("thd,Dhd->thD", heads[0][rows, pos], w_o).detach().requires_grad_(True)  # [3, 4, D]
+    ln_a, ln_m = block.attention.output.LayerNorm, block.output.LayerNorm
+
+    def frozen(v, ln, sigma):
+        return ln.weight * (v - v.mean(-1, keepdim=True)) / sigma[:, None] + ln.bias
+
+    r_a = hidden[0][rows, pos] + o.sum(1) + block.attention.output.dense.bias
+    h = frozen(frozen(r_a, ln_a, sig_a[0][rows, pos]), ln_m, sig_m[0][rows, pos])
+    torch.testing.assert_close(h, hidden[1][rows, pos], atol=1e-5, rtol=1e-5)  # sigmas reproduce the forward pass
+    logit = lm.model.cls(h)[rows, token]
+    (g,) = torch.autograd.grad(logit.sum(), o)
+    torch.testing.assert_close(got[:, 0], (g * o).sum(-1).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_layernorm_scales_reproduce_every_layer(mlm):
+    from attnlab.circuits.attribution import layer_norm_scales
+
+    ids = IDS
+    sig_a, sig_m, hidden, heads = layer_norm_scales(mlm, ids)
+    with torch.no_grad():
+        for layer, block in enumerate(mlm.base.encoder.layer):
+            x = hidden[layer]
+            r_a = x + block.attention.output.dense(heads[layer].reshape(*x.shape[:2], -1))
+            y = block.attention.output.LayerNorm(r_a)
+            r_m = y + block.output.dense(block.intermediate(y))
+            torch.testing.assert_close(block.output.LayerNorm(r_m), hidden[layer + 1], atol=1e-5, rtol=1e-5)
