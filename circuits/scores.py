@@ -104,15 +104,17 @@ def composition_scores(weights) -> list[tuple]:
 # ---------------------------------------------------------------- attention-pattern detectors
 
 
-DETECTORS = ("previous_token", "next_token", "self", "duplicate_token", "induction", "suffix_matching",
-             "cls", "sep", "mask")
+DETECTORS = ("previous_token", "next_token", "self", "duplicate_token", "induction", "masked_induction",
+             "suffix_matching", "cls", "sep", "mask")
 
 
 def templates(ids: torch.Tensor, specials: dict) -> dict:
     """Boolean templates ``[B, S, S]`` (query, key) of every detector for token ids ``[B, S]``.
 
-    induction = prefix matching: the token after an earlier instance of the query's token; suffix_matching: the
-    token before a later instance; duplicate_token: any other instance. Both directions are allowed (BERT)."""
+    induction = prefix matching (Olsson et al.): the token after an earlier instance of the query's token;
+    masked_induction: the token after an earlier instance of the token *before* the query - what an induction
+    head does at a [MASK], whose own token is hidden (the paper's "previous instance" target); suffix_matching:
+    the token before a later instance; duplicate_token: any other instance. Both directions are allowed."""
     b, s = ids.shape
     q = torch.arange(s)[:, None]
     k = torch.arange(s)[None, :]
@@ -125,6 +127,8 @@ def templates(ids: torch.Tensor, specials: dict) -> dict:
         "duplicate_token": other,
         # key j + 1 where token[j] == token[q], j < q
         "induction": torch.nn.functional.pad((other & (k < q))[:, :, :-1], (1, 0)),
+        # key j + 1 where token[j] == token[q - 1], j + 1 < q
+        "masked_induction": torch.nn.functional.pad((other & (k < q))[:, :-1, :-1], (1, 0, 1, 0)),
         # key j - 1 where token[j] == token[q], j > q
         "suffix_matching": torch.nn.functional.pad((other & (k > q))[:, :, 1:], (0, 1)),
     }

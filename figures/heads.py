@@ -13,6 +13,7 @@ from attnlab.figures.style import plt, save
 LABELS = {
     "ov_copying": "OV copying score", "induction": "prefix matching (corrected)", "dla": "direct logit attribution",
     "ablation_copying_gain": "ablation: change in copying gain", "previous_token": "previous token (corrected)",
+    "masked_induction": "induction at a [MASK]: after the earlier instance of the previous token (corrected)",
 }
 
 
@@ -45,10 +46,12 @@ def score_maps(scores: dict, title: str, path=None):
 
 def story_figure(scores: dict, title: str, path=None):
     """Per head: prefix matching (x) vs OV copying (y); colour = ablation delta of the copying gain (else DLA,
-    else none). Induction heads in the sense of Olsson et al. sit top right, and ablating them costs the gain."""
-    x = np.asarray(scores["induction"], dtype=float).ravel()
+    else none). Induction heads in the sense of Olsson et al. sit top right, and ablating them costs the gain.
+    Prefix matching is read at a [MASK]'s level (``masked_induction``: the token after the earlier instance of
+    the preceding token), the form it takes in a masked LM."""
+    x = np.asarray(scores["masked_induction"], dtype=float).ravel()
     y = np.asarray(scores["ov_copying"], dtype=float).ravel()
-    layers, heads = np.asarray(scores["induction"]).shape
+    layers, heads = np.asarray(scores["masked_induction"]).shape
     colour_name = next((n for n in ("ablation_copying_gain", "dla") if n in scores), None)
     fig, ax = plt.subplots(figsize=(7.5, 5.8))
     if colour_name:
@@ -64,7 +67,8 @@ def story_figure(scores: dict, title: str, path=None):
         ax.annotate(f"L{i // heads}H{i % heads}", (x[i], y[i]), fontsize=8, xytext=(4, 3), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel("prefix matching: attention to the token after the earlier instance (minus chance)")
+    ax.set_xlabel("prefix matching: attention to the token after the earlier instance of the previous token (minus chance)",
+                  fontsize=8)
     ax.set_ylabel("OV copying score (+1: copies the attended token)")
     ax.set_title(title, fontsize=11)
     if path is None:

@@ -51,3 +51,59 @@ def planted_lag_bert(lag: int, positions: int = 256, vocab_size: int = 30522, sh
         att.key.weight[:d_head, :d_head] = torch.eye(d_head) / scale
         att.query.weight[:d_head, :d_head] = sharpness * rot / scale
     return model
+
+
+RECENCY = 7.0
+
+
+def planted_induction_circuit(positions: int = 64, seed: int = 0, tiny: float = 1e-3):
+    """A 2-layer BERT masked LM whose answer is known: a previous-token head (L0H0) writes the previous token
+    into a subspace; an induction head (L1H0) matches that subspace between query and keys, looks only
+    backwards, and copies the attended token into the token subspace that the tied decoder reads. L0H1 and L1H1
+    have tiny random weights (they exist, so composition scores are defined, but do nothing); MLPs are zero.
+
+    Residual stream (d_model 256): tokens [0, 64) (random unit embeddings), positions [64, 128) (one-hot),
+    previous token [128, 192), a constant and the relative position p / S at 192 and 193. Head dimension 128. Attention scores are scaled by 1/sqrt(128) in BERT; the
+    constants below are set with that and the LayerNorms' rescaling in mind."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    vocab, d_model, n_heads, d_head = 30522, 256, 2, 128
+    tok, pos, prev = slice(0, 64), slice(64, 128), slice(128, 192)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=2, num_attention_heads=n_heads,
+                     intermediate_size=16, max_position_embeddings=positions, layer_norm_eps=1e-12)
+    model = BertForMaskedLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "LayerNorm.weight" in name else torch.zeros_like(p))
+        emb = torch.nn.functional.normalize(torch.randn(vocab, 64, generator=g), dim=-1)
+        model.bert.embeddings.word_embeddings.weight[:, tok] = emb  # also the tied decoder
+        model.bert.embeddings.position_embeddings.weight[:, pos] = torch.eye(positions, 64)
+        model.bert.embeddings.position_embeddings.weight[:, 192] = 1.0  # a constant feature...
+        model.bert.embeddings.position_embeddings.weight[:, 193] = torch.arange(positions) / positions  # ...and p / S
+        eye = torch.eye(64)
+        shift = torch.zeros(64, 64)
+        shift[torch.arange(1, 64), torch.arange(63)] = 1.0  # row p has its 1 at column p - 1
+        h0 = slice(0, d_head)
+        a0 = model.bert.encoder.layer[0].attention
+        a0.self.query.weight[0:64, pos] = (3.0 * shift).T  # q_p . k_k large exactly when k = p - 1
+        a0.self.key.weight[0:64, pos] = eye
+        a0.self.value.weight[0:64, tok] = eye  # read the token...
+        a0.output.dense.weight[prev, 0:64] = eye  # ...write it into the previous-token subspace
+        a1 = model.bert.encoder.layer[1].attention
+        a1.self.query.weight[0:64, prev] = 8.0 * eye  # match the previous token of query and key
+        a1.self.key.weight[0:64, prev] = eye
+        a1.self.query.weight[64, 192] = -RECENCY  # prefer earlier keys: the query's own position (which always
+        a1.self.key.weight[64, 193] = 1.0  # matches itself) is later than the previous instance
+        a1.self.value.weight[0:64, tok] = eye  # copy the attended token...
+        a1.output.dense.weight[tok, 0:64] = 6.0 * eye  # ...into the token subspace the decoder reads
+        for layer in model.bert.encoder.layer:  # the other head of each layer: tiny random weights
+            h1 = slice(d_head, 2 * d_head)
+            for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
+                lin.weight[h1] = tiny * torch.randn(d_head, d_model, generator=g)
+            layer.attention.output.dense.weight[:, h1] = tiny * torch.randn(d_model, d_head, generator=g)
+        tr = model.cls.predictions.transform
+        tr.dense.weight.copy_(torch.eye(d_model))
+        tr.dense.bias.fill_(50.0)  # GELU(x + 50) = x + 50 here; the LayerNorm then removes the 50
+        tr.LayerNorm.weight.fill_(3.0)  # sharpen the logits
+    return model

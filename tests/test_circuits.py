@@ -197,6 +197,7 @@ def test_every_detector_scores_one_on_its_template_and_chance_on_uniform_attenti
     t = templates(ids, specials)
     assert t["induction"][0, 4, 2] and t["induction"][0, 5, 3] and not t["induction"][0, 1, 2]  # after the earlier 7
     assert t["suffix_matching"][0, 1, 3] and t["previous_token"][0, 3, 2] and t["next_token"][0, 3, 4]
+    assert t["masked_induction"][0, 5, 2] and t["masked_induction"][0, 6, 3] and not t["masked_induction"][0, 5, 3]
 
 
 # ---------------------------------------------------------------- direct logit attribution
@@ -242,3 +243,45 @@ def test_layernorm_scales_reproduce_every_layer(mlm):
             y = block.attention.output.LayerNorm(r_a)
             r_m = y + block.output.dense(block.intermediate(y))
             torch.testing.assert_close(block.output.LayerNorm(r_m), hidden[layer + 1], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- a planted two-layer induction circuit
+
+
+def test_planted_circuit_copies_and_needs_exactly_its_two_heads():
+    from planted import planted_induction_circuit
+
+    from attnlab.circuits.scores import composition_scores, detector_scores
+    from attnlab.core.weights import head_weights
+
+    lm = wrap_model(planted_induction_circuit())
+    task = rrt_task(lm, trials=16, n=25, seed=0)
+    base = rrt_metrics(lm, task)
+    assert base["top1_second"].mean().item() == 1.0 and base["ce_second"].max().item() < 1e-3
+    assert base["copying_gain"].mean().item() > 20  # the first copy's mask cannot copy; the second's can
+    scan = scan_rrt(lm, task)
+    gain = base["copying_gain"].mean().item()
+    for (layer, head), m in scan.items():
+        ablated = m["copying_gain"].mean().item()
+        if (layer, head) in ((0, 0), (1, 0)):  # the previous-token head or the induction head: the gain is gone
+            assert ablated < 0.2 * gain and m["top1_second"].mean().item() < 0.2, (layer, head)
+        else:
+            assert abs(ablated - gain) < 0.01 * gain, (layer, head)
+    rows = composition_scores(head_weights(lm, device="cpu"))
+    k_comp = {(r[0], r[1], r[2], r[3]): r[7] for r in rows if r[4] == "K"}  # baseline-corrected
+    raw = {(r[0], r[1], r[2], r[3]): r[5] for r in rows if r[4] == "K"}
+    best = max(k_comp, key=k_comp.get)
+    assert best == (0, 0, 1, 0)
+    # the previous-token channel is rank 64: 1/sqrt(64) is the most a rank-64 pair can score (the recency term
+    # of the induction head's W_QK takes a little); every other pair is at chance
+    assert raw[best] == pytest.approx(1 / 8, rel=0.05) and k_comp[best] > 0.05
+    assert all(abs(v) < 0.2 * k_comp[best] for pair, v in k_comp.items() if pair != best)
+    # and the pattern detectors see a previous-token head and an induction (prefix-matching) head
+    from attnlab import extract_attention
+
+    ids = task.ids_second[:4]
+    att = extract_attention(lm, ids).attention
+    det = detector_scores(att, ids, {"cls": 101, "sep": 102, "mask": 103})
+    assert det["previous_token"][2][0, 0].item() > 0.9
+    assert det["masked_induction"][2][1, 0].item() > 0.5  # the paper's induction pattern, at any query
+    assert det["masked_induction"][2][1, 0].item() > max(det["masked_induction"][2][1, 1].item(), 0.1)
