@@ -285,3 +285,40 @@ def test_planted_circuit_copies_and_needs_exactly_its_two_heads():
     assert det["previous_token"][2][0, 0].item() > 0.9
     assert det["masked_induction"][2][1, 0].item() > 0.5  # the paper's induction pattern, at any query
     assert det["masked_induction"][2][1, 0].item() > max(det["masked_induction"][2][1, 1].item(), 0.1)
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def test_heads_and_ablate_commands_end_to_end(tmp_path, bert_tokenizer, capsys):
+    import csv
+    import json
+
+    from conftest import save_tiny_mlm
+
+    from attnlab.circuits.scores import DETECTORS
+    from attnlab.experiments.cli import main
+
+    folder = save_tiny_mlm(tmp_path / "m", bert_tokenizer)
+    common = ["--model", str(folder), "--device", "cpu", "--no-progress", "--seq-len", "12"]
+    assert main(["heads", *common, "--trials", "3", "--out", str(tmp_path / "h")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "h" / "heads.csv")))
+    assert {r["score"] for r in rows} == {"ov_copying", "dla", "ablation_copying_gain", *DETECTORS}
+    assert len(rows) == len({r["score"] for r in rows}) * 3 * 4
+    comp = list(csv.DictReader(open(tmp_path / "h" / "composition.csv")))
+    assert len(comp) == 3 * 4 * 4 * 3 and {c["kind"] for c in comp} == {"Q", "K", "V"}  # 3 layer pairs, 16 head pairs
+    assert (tmp_path / "h" / "story.png").stat().st_size > 5000
+    assert main(["ablate", *common, "--heads", "L0H1,L2H3", "--trials", "4", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "copying_gain:" in out and "95% CI" in out
+    rows = list(csv.DictReader(open(tmp_path / "a" / "ablation.csv")))
+    assert [r["metric"] for r in rows] == ["copying_gain", "ce_second", "top1_second"]
+    assert rows[0]["layer"] == "0;2" and rows[0]["head"] == "1;3"
+    assert all(float(r["ci_low"]) <= float(r["delta"]) <= float(r["ci_high"]) for r in rows)
+    assert main(["ablate", *common, "--scan", "--trials", "2", "--out", str(tmp_path / "s")]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "s" / "ablation.csv")))) == 3 * 4 * 3
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["config"]["scan"] is True
+    assert main(["ablate", *common, "--heads", "L0H0", "--scan", "--out", str(tmp_path / "x")]) == 2
+    assert "either heads" in capsys.readouterr().err
+    assert main(["ablate", *common, "--heads", "L7H0", "--trials", "3", "--out", str(tmp_path / "y")]) == 2
+    assert "L7H0 does not exist" in capsys.readouterr().err
