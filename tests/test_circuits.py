@@ -322,3 +322,12 @@ def test_heads_and_ablate_commands_end_to_end(tmp_path, bert_tokenizer, capsys):
     assert "either heads" in capsys.readouterr().err
     assert main(["ablate", *common, "--heads", "L7H0", "--trials", "3", "--out", str(tmp_path / "y")]) == 2
     assert "L7H0 does not exist" in capsys.readouterr().err
+    from conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "c.jsonl.gz")
+    for mode in ("zero", "mean"):
+        assert main(["ablate", *common, "--task", "icl", "--corpus", str(corpus), "--heads", "L1H2", "--mode", mode,
+                     "--trials", "4", "--out", str(tmp_path / f"icl-{mode}")]) == 0
+        rows = list(csv.DictReader(open(tmp_path / f"icl-{mode}" / "ablation.csv")))
+        assert [r["metric"] for r in rows] == ["icl_score"] and rows[0]["mode"] == mode
+        assert float(rows[0]["delta"]) != 0.0  # the ablation reached the ICL forward passes
