@@ -221,3 +221,17 @@ def reuse_key(config: dict, **identity) -> tuple[str, dict]:
     if any(v is None for v in identity.values()):
         return f"unknown-{os.getpid()}-{id(identity)}", identity
     return digest({"config": config, **identity}), identity
+
+
+def begin_run(out_dir, experiment: str, cfg, lm=None, reuse: bool = True, **identity):
+    """Open ``out_dir`` for ``experiment`` and compute the reuse key of ``cfg`` (a config dataclass with
+    ``model`` and ``revision``), the model (``lm`` or the files ``cfg.model`` names) and ``identity``'s other
+    digests. Returns ``(run, config, key, identity, meta)``; ``meta`` is the finished run to reuse, or None."""
+    from dataclasses import asdict
+
+    from attnlab.core.models import model_identity
+
+    run = RunFolder(out_dir, experiment)
+    config = asdict(cfg)
+    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm), **identity)
+    return run, config, key, identity, (run.finished(key) if reuse else None)

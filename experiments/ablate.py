@@ -14,7 +14,7 @@ ablation_<metric>.png (layers x heads map of the delta), meta.json.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,10 +23,10 @@ from attnlab.circuits.ablation import MODES, ablate, parse_heads
 from attnlab.circuits.tasks import RRT_METRICS, rrt_metrics, rrt_task, scan_rrt
 from attnlab.core.corpus import DEFAULT_CORPUS, load_corpus
 from attnlab.core.errors import InputError
-from attnlab.core.models import model_identity, model_label, resolve_model
-from attnlab.core.outputs import RunFolder, reuse_key, write_csv
+from attnlab.core.models import model_label, resolve_model
+from attnlab.core.outputs import begin_run, write_csv
 from attnlab.core.provenance import corpus_fingerprint
-from attnlab.experiments.common_args import add_runtime_args, positive_int, print_wrote
+from attnlab.experiments.common_args import add_output_args, add_runtime_args, positive_int, print_wrote
 
 TASKS = ("rrt", "icl")
 HEADER = ["layer", "head", "mode", "task", "metric", "baseline", "ablated", "delta", "ci_low", "ci_high"]
@@ -114,11 +114,9 @@ def compute_ablation(cfg: AblationConfig, lm, docs=None, progress=False) -> dict
 
 
 def run_ablation(cfg: AblationConfig, out_dir, *, lm=None, docs=None, device="auto", reuse=True, progress=False) -> dict:
-    run = RunFolder(out_dir, "ablate")
-    config = asdict(cfg)
-    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
-                              corpus=corpus_fingerprint(cfg.corpus, docs) if cfg.task == "icl" else "-")
-    if reuse and (meta := run.finished(key)):
+    run, config, key, identity, meta = begin_run(out_dir, "ablate", cfg, lm, reuse,
+                                                 corpus=corpus_fingerprint(cfg.corpus, docs) if cfg.task == "icl" else "-")
+    if meta:
         return meta
     t0 = time.perf_counter()
     lm = resolve_model(lm, cfg, device, masked_lm=True)
@@ -160,9 +158,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=positive_int, default=200, help="rrt: length n of the random block")
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="icl: the corpus (as for `attnlab icl`)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_args(p)
     add_runtime_args(p)
     p.set_defaults(func=_run)
 

@@ -32,6 +32,14 @@ def add_runtime_args(parser) -> None:
                         help="sequences per forward pass (default: chosen from a 1 GB memory budget)")
 
 
+def add_output_args(parser, help_out: str = "output directory") -> None:
+    """--out, --force and --no-progress, which every experiment that writes a run folder takes."""
+    parser.add_argument("--out", required=True, help=help_out)
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even if a finished run with these settings exists")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def print_wrote(meta: dict, out, extra: str = "") -> None:
     """The closing line of a command: every file of the run, meta.json included."""
     state = "reused finished run in" if meta.get("reused") else "wrote"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,9 +26,9 @@ import torch
 from attnlab.core.corpus import DEFAULT_CORPUS, load_corpus
 from attnlab.core.errors import InputError
 from attnlab.core.models import model_identity, model_label, resolve_model
-from attnlab.core.outputs import RunFolder, atomic_path, reuse_key, write_csv, write_json
+from attnlab.core.outputs import begin_run, atomic_path, write_csv, write_json
 from attnlab.core.provenance import corpus_fingerprint, digest
-from attnlab.experiments.common_args import add_runtime_args, positive_int, print_wrote
+from attnlab.experiments.common_args import add_output_args, add_runtime_args, positive_int, print_wrote
 from attnlab.geometry.qk import check_head, collect_qk, sample_sentences
 from attnlab.geometry.scaling import (
     METRIC_TITLES, METRICS, PAPER_CONSTANTS, bootstrap_stability, check_constants, scaling_metrics, transform_qk,
@@ -228,11 +228,9 @@ def run_scaling(cfg: GeometryConfig, out_dir, *, lm=None, docs=None, device="aut
                 progress=False, reuse=True, cache: GeometryCache | None = None) -> dict:
     """Figure 2: the three metrics for every head and constant, the optimum per head (with its bootstrap
     stability), three heatmaps. ``lm``: a loaded model, a loader callable, or None (load ``cfg.model``)."""
-    run = RunFolder(out_dir, "geometry-scaling")
-    config = asdict(cfg)
-    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
-                              corpus=corpus_fingerprint(cfg.corpus, docs))
-    if reuse and (meta := run.finished(key)):
+    run, config, key, identity, meta = begin_run(out_dir, "geometry-scaling", cfg, lm, reuse,
+                                                 corpus=corpus_fingerprint(cfg.corpus, docs))
+    if meta:
         return meta
     t0 = time.perf_counter()
     lm = resolve_model(lm, cfg, device)
@@ -294,11 +292,9 @@ def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", bat
     ``cache`` shared with :func:`run_scaling`, the q/k collection and the optimum are taken from it."""
     from attnlab.geometry.embedding import joint_embedding, subsample
 
-    run = RunFolder(out_dir, "geometry-umap")
-    config = asdict(cfg)
-    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
-                              corpus=corpus_fingerprint(cfg.corpus, docs))
-    if reuse and (meta := run.finished(key)):
+    run, config, key, identity, meta = begin_run(out_dir, "geometry-umap", cfg, lm, reuse,
+                                                 corpus=corpus_fingerprint(cfg.corpus, docs))
+    if meta:
         return meta
     t0 = time.perf_counter()
     lm = resolve_model(lm, cfg, device)
@@ -381,9 +377,7 @@ def _common(p) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="longest usable sentence in tokens (default: 64)")
     p.add_argument("--no-translate", action="store_true", help="do not translate keys onto the query centroid")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_args(p)
     add_runtime_args(p)
 
 

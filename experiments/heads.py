@@ -18,18 +18,17 @@ against OV copying (y), coloured by the ablation delta (else DLA).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from attnlab.circuits.scores import DETECTORS, composition_scores, detector_scores, ov_copying_scores
 from attnlab.core.errors import InputError
 from attnlab.core.extractor import extract_attention
-from attnlab.core.models import model_identity, model_label, resolve_model
-from attnlab.core.outputs import RunFolder, reuse_key, write_csv
+from attnlab.core.models import model_label, resolve_model
+from attnlab.core.outputs import begin_run, write_csv
 from attnlab.core.weights import head_weights
-from attnlab.experiments.common_args import add_runtime_args, positive_int, print_wrote
+from attnlab.experiments.common_args import add_output_args, add_runtime_args, positive_int, print_wrote
 from attnlab.induction.protocols import make_protocol, token_spec_for
 from attnlab.induction.variants import build_batch, get_variant
 
@@ -83,10 +82,8 @@ def compute_heads(cfg: HeadsConfig, lm, progress: bool = False) -> dict:
 
 
 def run_heads(cfg: HeadsConfig, out_dir, *, lm=None, device="auto", reuse=True, progress=False) -> dict:
-    run = RunFolder(out_dir, "heads")
-    config = asdict(cfg)
-    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm))
-    if reuse and (meta := run.finished(key)):
+    run, config, key, identity, meta = begin_run(out_dir, "heads", cfg, lm, reuse)
+    if meta:
         return meta
     t0 = time.perf_counter()
     if lm is None:
@@ -136,9 +133,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=positive_int, default=50)
     p.add_argument("--no-ablation", action="store_true", help="skip the per-head ablation scan")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_args(p)
     add_runtime_args(p)
     p.set_defaults(func=_run)
 

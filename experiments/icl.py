@@ -18,18 +18,18 @@ Outputs: icl.csv (one row a trial), summary.json, icl_histogram.png, meta.json.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from attnlab.core.corpus import DEFAULT_CORPUS, load_corpus
 from attnlab.core.errors import CorpusError, InputError, MissingHeadError
-from attnlab.core.models import model_identity, model_label, resolve_model
-from attnlab.core.outputs import RunFolder, reuse_key, write_csv, write_json
+from attnlab.core.models import model_label, resolve_model
+from attnlab.core.outputs import begin_run, write_csv, write_json
 from attnlab.core.provenance import corpus_fingerprint
 from attnlab.core.resources import check_fits
-from attnlab.experiments.common_args import add_runtime_args, positive_int, print_wrote
+from attnlab.experiments.common_args import add_output_args, add_runtime_args, positive_int, print_wrote
 
 LONG, SHORT = 500, 50
 ICL_PROTOCOLS = ("masked-token", "paper")
@@ -177,11 +177,9 @@ def run_icl(cfg: ICLConfig, out_dir, *, lm=None, docs=None, device="auto", batch
             progress=False) -> dict:
     """The ICL score into ``out_dir``; reused when finished with the same config, model and corpus content.
     ``lm``: a loaded masked LM, a loader callable, or None (load ``cfg.model``)."""
-    run = RunFolder(out_dir, "icl")
-    config = asdict(cfg)
-    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
-                              corpus=corpus_fingerprint(cfg.corpus, docs))
-    if reuse and (meta := run.finished(key)):
+    run, config, key, identity, meta = begin_run(out_dir, "icl", cfg, lm, reuse,
+                                                 corpus=corpus_fingerprint(cfg.corpus, docs))
+    if meta:
         return meta
     t0 = time.perf_counter()
     if docs is None:
@@ -224,9 +222,7 @@ def add_parser(sub) -> None:
     p.add_argument("--protocol", default="masked-token", choices=ICL_PROTOCOLS)
     p.add_argument("--trials", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_args(p)
     add_runtime_args(p)
     p.set_defaults(func=_run)
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from attnlab.core.errors import InputError
-from attnlab.core.models import model_identity, model_label, resolve_model
-from attnlab.core.outputs import RunFolder, atomic_path, reuse_key, write_csv
+from attnlab.core.models import model_label, resolve_model
+from attnlab.core.outputs import begin_run, atomic_path, write_csv
 from attnlab.core.provenance import source_fingerprint
 from attnlab.core.resources import check_fits
-from attnlab.experiments.common_args import add_runtime_args, print_wrote
+from attnlab.experiments.common_args import add_output_args, add_runtime_args, print_wrote
 from attnlab.core.extractor import extract_attention
 from attnlab.figures.heatmap import induction_map
 from attnlab.induction.protocols import PROTOCOLS, make_protocol, token_spec_for
@@ -136,11 +136,9 @@ def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batc
     """Run one induction experiment into ``out_dir``; reuse it if already finished with the same reuse key
     (config, model content, variant source, attnlab). ``lm``: a loaded model, a loader callable, or None."""
     variant = get_variant(cfg.variant)  # fail on a bad name before loading anything
-    run = RunFolder(out_dir, "induction")
-    config = asdict(cfg)
-    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm),
-                              variant=source_fingerprint(variant.build))
-    if reuse and (meta := run.finished(key)):
+    run, config, key, identity, meta = begin_run(out_dir, "induction", cfg, lm, reuse,
+                                                 variant=source_fingerprint(variant.build))
+    if meta:
         return meta
     t0 = time.perf_counter()
     lm = resolve_model(lm, cfg, device)
@@ -214,9 +212,7 @@ def _add_experiment_args(p) -> None:
     p.add_argument("--seq-len", type=int, default=None,
                    help="length n of the random block X (default: 200, triple 150)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_args(p)
     add_runtime_args(p)
 
 

@@ -10,16 +10,16 @@ W^P and W^M of the heads asked for), meta.json.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from attnlab.core.activations import attention_inputs
 from attnlab.core.errors import InputError
-from attnlab.core.models import model_identity, model_label, resolve_model
-from attnlab.core.outputs import RunFolder, reuse_key, write_csv, write_text
+from attnlab.core.models import model_label, resolve_model
+from attnlab.core.outputs import begin_run, write_csv, write_text
 from attnlab.core.weights import head_weights
-from attnlab.experiments.common_args import add_model_args, positive_int, print_wrote
+from attnlab.experiments.common_args import add_output_args, add_model_args, positive_int, print_wrote
 from attnlab.geometry.projections import (
     VocabFilter, high_bias_mask, layer_input_norm, parse_range, project, spectrum, top_k_vocab, word_token,
 )
@@ -134,10 +134,8 @@ PATTERNS_HEADER = ["input", "layer", "head", "kind", "rank", "token", "similarit
 def run_patterns(cfg: PatternsConfig, out_dir, *, lm=None, device="auto", reuse=True, warn=print) -> dict:
     """Projections of ``cfg.words`` into ``out_dir`` (patterns.csv, patterns.md, spectrum.csv). ``lm``: a loaded
     model, a loader callable, or None (load ``cfg.model``)."""
-    run = RunFolder(out_dir, "patterns")
-    config = asdict(cfg)
-    key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm))
-    if reuse and (meta := run.finished(key)):
+    run, config, key, identity, meta = begin_run(out_dir, "patterns", cfg, lm, reuse)
+    if meta:
         return meta
     t0 = time.perf_counter()
     lm = resolve_model(lm, cfg, device)
@@ -233,8 +231,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-bpe-fragments", action="store_true", help="drop GPT-2 tokens without a leading space")
     p.add_argument("--no-high-bias", action="store_true", help="drop tokens in the top-k of over half the rows")
     p.add_argument("--strict", action="store_true", help="refuse words that split into several pieces or are unknown")
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="recompute even if a finished run with these settings exists")
+    add_output_args(p)
     p.set_defaults(func=_run)
 
 

@@ -84,7 +84,6 @@ def planted_induction_circuit(positions: int = 64, seed: int = 0, tiny: float = 
         eye = torch.eye(64)
         shift = torch.zeros(64, 64)
         shift[torch.arange(1, 64), torch.arange(63)] = 1.0  # row p has its 1 at column p - 1
-        h0 = slice(0, d_head)
         a0 = model.bert.encoder.layer[0].attention
         a0.self.query.weight[0:64, pos] = (3.0 * shift).T  # q_p . k_k large exactly when k = p - 1
         a0.self.key.weight[0:64, pos] = eye
