@@ -92,8 +92,8 @@ class _RowRecorder:
             return
         rows = torch.arange(batch, device=q.device)[:, None]
         q_rows = q.transpose(1, 2)[rows, self.qpos]  # [B, Q, H, d]
-        # fp32 for the few rows we keep, whatever dtype the model runs in
-        scores = torch.einsum("bqhd,bhkd->bqhk", q_rows.float(), k.float()) * scaling  # [B, Q, H, S]
+        # the product in the model's dtype (no fp32 copy of every layer's keys), the softmax in fp32
+        scores = torch.einsum("bqhd,bhkd->bqhk", q_rows, k).float() * scaling  # [B, Q, H, S]
         if self.want_scores:
             self.scores[layer] = scores.to(self.out_device)
         if not self.want_attention:

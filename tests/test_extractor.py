@@ -115,3 +115,29 @@ def test_cuda_path_matches_cpu_eager(make):
         full = eager_attention(ref, seq)
         for j, q in enumerate(qpos[b].tolist()):
             torch.testing.assert_close(rows.attention[b, j, ..., : len(seq)], full[:, :, q, :], atol=1e-5, rtol=0)
+
+
+def _bf16_matches_eager(make, device):
+    model = make().to(torch.bfloat16)
+    ref = eager_copy(model)  # HF eager in bf16: bf16 product, fp32 softmax, cast back to bf16
+    lm = wrap_model(model.to(device))
+    seqs, ids, mask, qpos = _random_batch(120, [40, 17, 33, 5], 3, seed=11)
+    rows = extract_attention(lm, ids, mask, qpos, batch_size=3)
+    assert rows.attention.dtype == torch.float32
+    for b, seq in enumerate(seqs):
+        full = eager_attention(ref, seq).float()
+        for j, q in enumerate(qpos[b].tolist()):
+            # bf16 keeps ~3 significant digits; the product is in bf16 in both, the softmax in fp32 in both
+            torch.testing.assert_close(rows.attention[b, j, ..., : len(seq)], full[:, :, q, :], atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
+def test_bf16_rows_match_eager_bf16_on_cpu(make):
+    """The recorder computes q.k in the model's dtype (no fp32 copy of the keys) and the softmax in fp32."""
+    _bf16_matches_eager(make, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
+def test_bf16_cuda_rows_match_eager(make):
+    _bf16_matches_eager(make, "cuda")
