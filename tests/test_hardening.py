@@ -224,6 +224,11 @@ def test_unknown_word_without_strict_is_a_warning(inside, capsys):
         rc, _, err = _run(["patterns", "--model", "mlm", "--words", "\U0001f642,dog", "--out", "pw", "--device", "cpu"],
                           capsys)
     assert rc == 0 and "Traceback" not in err
+    assert (inside / "pw" / "patterns.png").stat().st_size > 5000
+    rc, _, _ = _run(["patterns", "--model", "mlm", "--words", "dog", "--layers", "1", "--out", "pw1", "--device", "cpu"],
+                    capsys)
+    spectrum = list(csv.DictReader(open(inside / "pw1" / "spectrum.csv")))
+    assert rc == 0 and {r["layer"] for r in spectrum} == {"1"}  # the spectrum honours --layers
 
 
 def test_api_rejects_silent_truncation_and_bad_sizes(inside):

@@ -72,6 +72,8 @@ def test_reproduce_quick_writes_every_figure_and_report(tmp_path, local_models):
     assert "Models given with --model" in readme and "Quick smoke run" in readme
     assert "paper's settings and models" not in readme
     assert "| role | paper's model | model used | layers x heads | MLM head |" in readme
+    # Figure 9 also as one small-multiples figure across the sizes
+    assert (out / "figures" / "figure9.png").stat().st_size > 5000 and "## Figure 9 across sizes" in readme
 
     # a rerun with the same settings reuses every finished experiment
     before = (out / "runs" / "induction_standard" / "scores.csv").stat().st_mtime_ns
