@@ -368,12 +368,11 @@ class Runner:
         role = job.role
         if role not in self.role_error:
             return self.settings.models[role], None
-        error = self.role_error[role]
-        if self.embedded and job.embedded_ok and not isinstance(error, MissingHeadError):
+        if self.embedded and job.embedded_ok:
             return self.embedded, None
-        if self.embedded and not job.embedded_ok and isinstance(error, ModelNotAvailableError):
+        if self.embedded:
             return None, f"its model is not available here, and it needs {job.needs}"
-        return None, str(error)
+        return None, str(self.role_error[role])
 
     def run(self, job: Job) -> tuple[dict | None, str | None, str | None, bool]:
         """(meta, model used, None, False) on success; (None, model, reason, unavailable) when the experiment
@@ -388,11 +387,13 @@ class Runner:
                 meta = job.run(cfg, out, lambda: self.cache.get(model, job.masked_lm), self.settings, self.context)
                 self.reused += bool(meta.get("reused"))
                 return meta, model, None, False
-            except (ModelNotAvailableError, MissingHeadError) as exc:
+            except ModelNotAvailableError as exc:  # the role's model cannot be had: every job of the role
                 if model == self.settings.models[job.role] and job.role not in self.role_error:
                     self.role_error[job.role] = exc
                     self._announce(job.role, exc)
                     continue
+                return None, model, str(exc), True
+            except MissingHeadError as exc:  # only the jobs that need the head: the encoder still serves the rest
                 return None, model, str(exc), True
             except AttnlabError as exc:  # e.g. a Hub corpus with no Hub: not at hand, like a missing model
                 return None, model, str(exc), bool(getattr(exc, "unavailable", False))
@@ -407,7 +408,7 @@ class Runner:
         """One line per missing model, as soon as it is known; the how-to advice is kept for the end."""
         self.advice = self.advice or getattr(exc, "advice", None)
         served = [f.id for j in jobs() if j.role == role and j.embedded_ok for f in j.figures]
-        if self.embedded and served and not isinstance(exc, MissingHeadError):
+        if self.embedded and served:
             then = f"the embedded {EMBEDDED_NAME} stands in for {_id_ranges(served)}"
         else:
             then = f"{_id_ranges([f.id for j in jobs() if j.role == role for f in j.figures])} cannot be made"
@@ -547,7 +548,9 @@ def _heads_section(runner: Runner) -> dict:
 
     model = runner.context["results"]["induction_standard"]["config"]["model"]
     s = runner.settings
-    cfg = HeadsConfig(model=model, trials=4 if s.quick else 16, seq_len=50, dtype=s.dtype)
+    # the ablation scan is the cost here (144 heads x a pass over both versions of every trial on bert-base):
+    # 8 trials of n = 30 keep it near a minute on a 2-core CPU; `attnlab heads` defaults to 16 of n = 50
+    cfg = HeadsConfig(model=model, trials=2 if s.quick else 8, seq_len=20 if s.quick else 30, dtype=s.dtype)
     out = s.out / "runs" / "heads"
 
     def load():  # the masked LM when there is one (ablation, DLA), else the encoder (weights, patterns)
