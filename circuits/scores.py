@@ -40,11 +40,12 @@ def ov_copying_scores(w_v, w_o, w_e, w_u=None) -> torch.Tensor:
 
 
 def _fro2(left_a, left_b, right_a, right_b):
-    """||(A1 B1)(A2 B2)||_F^2 for factors A [.., d, k], B [.., k, d]: tr(M^T G_A1 M G_B2^T) with M = B1 A2."""
+    """||(A1 B1)(A2 B2)||_F^2 for factors A [.., d, k], B [.., k, d]: tr(M^T G1 M G2) = sum((G1 M) * (M G2))
+    with M = B1 A2, G1 = A1^T A1, G2 = B2 B2^T (both symmetric): k x k work only."""
     m = left_b @ right_a  # [.., k, k]
-    g1 = left_a.transpose(-1, -2) @ left_a  # A1^T A1
-    g2 = right_b @ right_b.transpose(-1, -2)  # B2 B2^T
-    return torch.einsum("...ij,...jk,...lk,...il->...", m, g2, m, g1).clamp_min(0)
+    g1 = left_a.transpose(-1, -2) @ left_a
+    g2 = right_b @ right_b.transpose(-1, -2)
+    return ((g1 @ m) * (m @ g2)).sum((-1, -2)).clamp_min(0)
 
 
 def factored_norm(a, b) -> torch.Tensor:

@@ -550,7 +550,8 @@ def _heads_section(runner: Runner) -> dict:
     s = runner.settings
     # the ablation scan is the cost here (144 heads x a pass over both versions of every trial on bert-base):
     # 8 trials of n = 30 keep it near a minute on a 2-core CPU; `attnlab heads` defaults to 16 of n = 50
-    cfg = HeadsConfig(model=model, trials=2 if s.quick else 8, seq_len=20 if s.quick else 30, dtype=s.dtype)
+    cfg = HeadsConfig(model=model, trials=2 if s.quick else 8, seq_len=20 if s.quick else 30, ablation=not s.quick,
+                      dtype=s.dtype)
     out = s.out / "runs" / "heads"
 
     def load():  # the masked LM when there is one (ablation, DLA), else the encoder (weights, patterns)
@@ -568,8 +569,10 @@ def _heads_section(runner: Runner) -> dict:
     return {"title": "Induction heads: copying and causal evidence (beyond the paper)", "job": "heads",
             "image": "runs/heads/story.png", "rows": rows, "header": ["head", "prefix matching at [MASK] (corrected)"],
             "text": f"{model_label(model)}: per head, prefix matching at a [MASK] (x) against the OV copying score "
-                    "(y)" + (f"; not coloured: {notes}" if notes else ", coloured by how much zeroing the head alone "
-                             "changes the in-context copying gain of the rrt task (blue: the model uses it)")
+                    "(y)" + (f"; not coloured: {notes}" if notes else
+                             ", coloured by direct logit attribution at the [MASK] (--quick skips the ablation scan)"
+                             if s.quick else ", coloured by how much zeroing the head alone changes the in-context "
+                             "copying gain of the rrt task (blue: the model uses it)")
                     + ". Full scores: runs/heads/heads.csv, composition.csv, heads.png."}
 
 
