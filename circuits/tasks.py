@@ -65,22 +65,34 @@ def _mask_loss(lm, hidden, pos, token):
     return ce.double().cpu(), (logits.argmax(-1) == target).double().cpu()
 
 
+class _Parts:
+    """Per-batch losses of the two masked versions, gathered into the per-trial metrics ``[T]``."""
+
+    def __init__(self):
+        self.ce = {"first": [], "second": []}
+        self.top1_second = []
+
+    def add(self, which: str, ce, top1) -> None:
+        self.ce[which].append(ce)
+        if which == "second":
+            self.top1_second.append(top1)
+
+    def metrics(self) -> dict:
+        first, second = torch.cat(self.ce["first"]), torch.cat(self.ce["second"])
+        return {"copying_gain": first - second, "ce_second": second, "top1_second": torch.cat(self.top1_second)}
+
+
 def rrt_metrics(lm, task: RRTTask, batch_size: int = 16) -> dict:
     """Per-trial ``{copying_gain, ce_second, top1_second}`` ``[T]`` under whatever ablation is active."""
-    out = {"ce_first": [], "ce_second": [], "top1_second": []}
+    parts = _Parts()
     with torch.inference_mode():
         for s in range(0, task.n_trials, batch_size):
             e = min(s + batch_size, task.n_trials)
             for which in ("first", "second"):
                 ids = getattr(task, f"ids_{which}")[s:e].to(lm.device)
                 hidden = lm.base(input_ids=ids).last_hidden_state
-                ce, top1 = _mask_loss(lm, hidden, getattr(task, f"pos_{which}")[s:e], task.token[s:e])
-                out[f"ce_{which}"].append(ce)
-                if which == "second":
-                    out["top1_second"].append(top1)
-    cat = {k: torch.cat(v) for k, v in out.items()}
-    return {"copying_gain": cat["ce_first"] - cat["ce_second"], "ce_second": cat["ce_second"],
-            "top1_second": cat["top1_second"]}
+                parts.add(which, *_mask_loss(lm, hidden, getattr(task, f"pos_{which}")[s:e], task.token[s:e]))
+    return parts.metrics()
 
 
 def _layers(lm):
@@ -98,7 +110,7 @@ def scan_rrt(lm, task: RRTTask, mode: str = "zero", reference=None, heads=None, 
     layer_of = layer_index(lm)
     layers = _layers(lm)
     heads = heads or [(layer, head) for layer in range(lm.n_layers) for head in range(lm.n_heads)]
-    parts: dict = {h: {"ce_first": [], "ce_second": [], "top1_second": []} for h in heads}
+    parts = {h: _Parts() for h in heads}
     starts = range(0, task.n_trials, batch_size)
     if progress:
         from attnlab.core.progress import bar
@@ -117,16 +129,8 @@ def scan_rrt(lm, task: RRTTask, mode: str = "zero", reference=None, heads=None, 
                         for block in layers[layer:]:
                             x = block(x, attention_mask=None)
                             x = x[0] if isinstance(x, tuple) else x
-                    ce, top1 = _mask_loss(lm, x, pos, token)
-                    parts[(layer, head)][f"ce_{which}"].append(ce)
-                    if which == "second":
-                        parts[(layer, head)]["top1_second"].append(top1)
-    out = {}
-    for h, p in parts.items():
-        cat = {k: torch.cat(v) for k, v in p.items()}
-        out[h] = {"copying_gain": cat["ce_first"] - cat["ce_second"], "ce_second": cat["ce_second"],
-                  "top1_second": cat["top1_second"]}
-    return out
+                    parts[(layer, head)].add(which, *_mask_loss(lm, x, pos, token))
+    return {h: p.metrics() for h, p in parts.items()}
 
 
 def _batch_values(values: dict, mode: str, s: int, e: int) -> dict:

@@ -109,8 +109,11 @@ class GeometryCache:
         self.samples: dict = {}
         self.metrics: dict = {}
 
-    def has_metrics(self, data_key: str, cfg) -> bool:
-        return any(k[:4] == (data_key, cfg.protocol, cfg.constants, cfg.translate_keys) for k in self.metrics)
+    def find_metrics(self, data_key: str, cfg, continuous: bool):
+        """Metrics computed for these data and settings, or None; a result with the continuous search also
+        serves a request without it."""
+        base = (data_key, cfg.protocol, cfg.constants, cfg.translate_keys)
+        return self.metrics.get((*base, continuous)) or (None if continuous else self.metrics.get((*base, True)))
 
 
 def _data_key(cfg: GeometryConfig, lm) -> str:
@@ -118,8 +121,8 @@ def _data_key(cfg: GeometryConfig, lm) -> str:
                    cfg.min_tokens, cfg.max_tokens, cfg.dtype])
 
 
-def _collect(cfg: GeometryConfig, lm, docs, batch_size, progress, cache: GeometryCache | None):
-    key = _data_key(cfg, lm)
+def _collect(cfg: GeometryConfig, lm, key: str, docs, batch_size, progress, cache: GeometryCache | None):
+    """(sentences, queries and keys) for ``key`` (:func:`_data_key`), collected once per cache."""
     if cache is not None and key in cache.samples:
         return cache.samples[key]
     if cfg.max_tokens > lm.max_positions:
@@ -148,16 +151,11 @@ def compute_metrics(qk, cfg: GeometryConfig, *, continuous: bool = False, index=
 
 
 def _cached_metrics(qk, cfg, cache, data_key, continuous):
-    key = (data_key, cfg.protocol, cfg.constants, cfg.translate_keys, continuous)
-    if cache is not None and key in cache.metrics:
-        return cache.metrics[key]
-    if cache is not None and not continuous:  # a run with the continuous search serves one without it too
-        hit = cache.metrics.get((data_key, cfg.protocol, cfg.constants, cfg.translate_keys, True))
-        if hit is not None:
-            return hit
+    if cache is not None and (hit := cache.find_metrics(data_key, cfg, continuous)) is not None:
+        return hit
     metrics = compute_metrics(qk, cfg, continuous=continuous)
     if cache is not None:
-        cache.metrics[key] = metrics
+        cache.metrics[(data_key, cfg.protocol, cfg.constants, cfg.translate_keys, continuous)] = metrics
     return metrics
 
 
@@ -235,10 +233,11 @@ def run_scaling(cfg: GeometryConfig, out_dir, *, lm=None, docs=None, device="aut
     t0 = time.perf_counter()
     lm = resolve_model(lm, cfg, device)
     identity["model"] = lm.fingerprint
-    sample, qk = _collect(cfg, lm, docs, batch_size, progress, cache)
+    data_key = _data_key(cfg, lm)
+    sample, qk = _collect(cfg, lm, data_key, docs, batch_size, progress, cache)
     t1 = time.perf_counter()
     continuous = cfg.continuous and cfg.protocol == "text"
-    metrics = _cached_metrics(qk, cfg, cache, _data_key(cfg, lm), continuous)
+    metrics = _cached_metrics(qk, cfg, cache, data_key, continuous)
     t2 = time.perf_counter()
     reported = {m: metrics.best(m) for m in METRICS}
     stability = bootstrap_stability(lambda idx: compute_metrics(qk, cfg, index=idx), len(qk.lengths), reported,
@@ -300,10 +299,10 @@ def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", bat
     lm = resolve_model(lm, cfg, device)
     identity["model"] = lm.fingerprint
     check_head(cfg.layer, cfg.head, lm.n_layers, lm.n_heads)  # before the forward pass
-    sample, qk = _collect(cfg, lm, docs, batch_size, progress, cache)
-    g = cfg.layer * qk.n_heads + cfg.head
     data_key = _data_key(cfg, lm)
-    if (cache is not None and cache.has_metrics(data_key, cfg)) or cfg.metric == "scaled_weighted_corr" or cfg.protocol == "notebook":
+    sample, qk = _collect(cfg, lm, data_key, docs, batch_size, progress, cache)
+    g = cfg.layer * qk.n_heads + cfg.head
+    if (cache is not None and cache.find_metrics(data_key, cfg, False) is not None) or cfg.metric == "scaled_weighted_corr" or cfg.protocol == "notebook":
         optimum = _cached_metrics(qk, cfg, cache, data_key, False).best(cfg.metric)[g].item()
     else:  # only this head is needed: its metric does not pool over heads
         sl = (slice(None), slice(None), slice(cfg.layer, cfg.layer + 1), slice(cfg.head, cfg.head + 1))

@@ -23,7 +23,6 @@ from attnlab.core.outputs import begin_run, atomic_path, write_csv
 from attnlab.core.provenance import source_fingerprint
 from attnlab.core.resources import check_fits
 from attnlab.experiments.common_args import add_output_args, add_runtime_args, print_wrote
-from attnlab.core.extractor import extract_attention
 from attnlab.figures.heatmap import induction_map
 from attnlab.induction.protocols import PROTOCOLS, make_protocol, token_spec_for
 from attnlab.induction.scores import induction_scores
@@ -109,11 +108,11 @@ def _rounded(x) -> list:
     return [[None if not np.isfinite(v) else float(f"{v:.6g}") for v in row] for row in x.tolist()]
 
 
-def view_arrays(lm, batch, n: int = VIEW_TRIALS) -> dict:
-    """The full attention row of [MASK] for the first ``n`` trials (``view_rows [n, L, H, S]`` float16) and
-    their tokens (``view_tokens [n, S]``): what the interactive view draws when a head is clicked."""
-    n = min(n, batch.input_ids.shape[0])
-    rows = extract_attention(lm, batch.input_ids[:n], None, batch.mask_index[:n, None]).attention[:, 0]
+def view_arrays(lm, batch, rows) -> dict:
+    """The full attention rows of [MASK] for the first trials (``rows [n, L, H, S]``, kept by
+    :func:`induction_scores`; stored as ``view_rows`` float16) and their tokens (``view_tokens [n, S]``,
+    ``view_masked [n]``): what the interactive view draws when a head is clicked."""
+    n = rows.shape[0]
     ids = batch.input_ids[:n]
     if lm.tokenizer is not None:
         tokens = [lm.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
@@ -150,21 +149,22 @@ def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batc
     check_trials_fit(cfg.trials, seq, lm.n_layers, lm.n_heads, len(variant.targets))
     batch = build_batch(variant, protocol, cfg.trials, n, cfg.seed, max_positions=lm.max_positions)
     t1 = time.perf_counter()
-    scores = induction_scores(lm, batch, batch_size=batch_size, progress=progress)
+    scores = induction_scores(lm, batch, batch_size=batch_size, progress=progress, keep_rows=VIEW_TRIALS)
     t_run = time.perf_counter() - t1
 
     quirk = batch.quirk
-    share_r0 = "" if quirk is None else f"{float(quirk.float().mean()):.6g}"
+    share_r0 = None if quirk is None else float(quirk.float().mean())
     stage = run.stage()
     outputs = ["scores.csv", "trials.npz"]
-    write_csv(stage / "scores.csv", SCORES_HEADER, score_rows(cfg.model, cfg.variant, cfg.protocol, scores, share_r0))
+    write_csv(stage / "scores.csv", SCORES_HEADER, score_rows(cfg.model, cfg.variant, cfg.protocol, scores,
+                                                              "" if share_r0 is None else f"{share_r0:.6g}"))
     arrays = {"input_ids": batch.input_ids.numpy(), "mask_index": batch.mask_index.numpy()}
     if quirk is not None:
         arrays["quirk"] = quirk.numpy()
     for target, pos in batch.targets.items():
         arrays[f"target_index_{target}"] = pos.numpy()
         arrays[f"attention_{target}"] = scores.per_trial[target].numpy()
-    arrays.update(view_arrays(lm, batch))
+    arrays.update(view_arrays(lm, batch, scores.rows))
     with atomic_path(stage / "trials.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     for target, mean in scores.mean.items():
@@ -175,7 +175,7 @@ def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batc
         outputs.append(name)
     return run.commit(key, config, outputs, identity, model=lm.meta, seq_len=n, sequence_tokens=seq,
                       protocol_note=PROTOCOL_NOTES.get(cfg.protocol, cfg.protocol),
-                      share_r0=None if quirk is None else float(quirk.float().mean()),
+                      share_r0=share_r0,
                       n_trials=scores.n_trials, top_heads=top_heads(scores),
                       maps={t: {"mean": _rounded(scores.mean[t]), "sem": _rounded(scores.sem[t])} for t in scores.mean},
                       timings={"load_s": round(t_load, 3), "extract_s": round(t_run, 3),

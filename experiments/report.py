@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from attnlab.core.models import model_label
+from attnlab.core.models import is_embedded, model_label
 from attnlab.core.outputs import atomic_path, write_text
 
 PAPER_MODELS = {"gpt2": "gpt2", "bert": "bert-base-uncased", "bert-tiny": "prajjwal1/bert-tiny",
@@ -69,7 +69,7 @@ def _model_rows(results) -> list[tuple]:
             shape = f"{m.get('layers', '?')} x {m.get('heads', '?')}"
             if m.get("masked_lm"):
                 head = "yes"
-            elif model_label(name) == "all-MiniLM-L6-v2":
+            elif is_embedded(name):
                 head = "no (a sentence encoder)"
             else:
                 head = "not loaded (not needed)"

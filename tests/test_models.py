@@ -57,3 +57,13 @@ def test_relative_position_bert_refused():
     model.config.position_embedding_type = "relative_key"
     with pytest.raises(UnsupportedModelError, match="relative"):
         wrap_model(model)
+
+
+def test_model_labels_are_short():
+    from attnlab.core.models import model_label
+
+    path = minilm_dir()
+    if path is not None:
+        assert model_label(str(path)) == "all-MiniLM-L6-v2"  # the embedded model, by its Hub name
+    assert model_label("prajjwal1/bert-tiny") == "prajjwal1/bert-tiny"
+    assert model_label("/some/where/my-bert") == "my-bert"  # never an absolute path
