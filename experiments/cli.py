@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _caused_by_interrupt(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a KeyboardInterrupt or was raised while handling / because of one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -111,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # one line, whatever the cause text held
         print(f"attnlab {args.command}: error: {message}" + (f" {advice}" if advice else ""), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if args.verbose:
+    except BaseException as exc:
+        # Ctrl-C can land inside a C extension's import (matplotlib's Agg backend), which turns the
+        # KeyboardInterrupt into an ImportError caused by it: treat any exception so caused as the interrupt.
+        if args.verbose or not _caused_by_interrupt(exc):
             raise
         print(f"attnlab {args.command}: interrupted; finished runs are intact, an unfinished one left no "
               "results behind", file=sys.stderr)

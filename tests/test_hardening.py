@@ -377,3 +377,31 @@ def test_sigint_prints_one_line_and_exits_130(inside):
     err = proc.stderr.read()
     assert rc == 130 and "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err
     assert not (inside / "sigint" / "meta.json").exists()
+
+
+def test_interrupt_inside_an_extension_import_is_still_an_interrupt(monkeypatch, capsys):
+    """Ctrl-C during a C extension's import (matplotlib's Agg) surfaces as an ImportError caused by
+    the KeyboardInterrupt; the CLI must still exit 130 with its one line, and real errors must still raise."""
+    import argparse
+
+    from attnlab.experiments import cli
+
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization failed") from exc
+
+    def plain_bug(args):
+        raise ImportError("a real bug")
+
+    for func, expected in [(interrupted_import, 130), (plain_bug, ImportError)]:
+        ns = argparse.Namespace(func=func, verbose=False, command="induction", plugin=[])
+        monkeypatch.setattr(cli, "build_parser", lambda ns=ns: type("P", (), {"parse_args": lambda self, a: ns})())
+        if expected == 130:
+            assert cli.main([]) == 130
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "interrupted" in err
+        else:
+            with pytest.raises(ImportError, match="a real bug"):
+                cli.main([])
