@@ -27,10 +27,11 @@ from attnlab.core.models import as_loaded
 MODES = ("zero", "mean", "resample")
 
 
-def layer_index(lm) -> dict:
-    from attnlab.core.extractor import _layer_index
+def layer_index(lm):
+    """A fresh :class:`~attnlab.core.extractor.LayerIndex` (one per forward pass sequence it follows)."""
+    from attnlab.core.extractor import LayerIndex
 
-    return _layer_index(lm)
+    return LayerIndex(lm)
 
 
 def parse_heads(spec, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
@@ -64,7 +65,7 @@ class HeadEdit:
         self.mode, self.values = mode, values or {}
 
     def edit(self, module, out):
-        layer = self.layer_of.get(id(module))
+        layer = self.layer_of.of(module)
         heads = self.heads.get(layer)
         if not heads:
             return out
@@ -89,7 +90,7 @@ class _Record:
         self.layer_of, self.outputs = layer_of, {}
 
     def edit(self, module, out):
-        self.outputs[self.layer_of[id(module)]] = out.detach()
+        self.outputs[self.layer_of.of(module)] = out.detach()
         return out
 
 

@@ -30,7 +30,7 @@ def layer_norm_scales(lm, ids) -> tuple[list, list, tuple, dict]:
         hidden = lm.base(input_ids=ids, output_hidden_states=True).hidden_states
         heads = head_outputs(lm, ids)
         sig_a, sig_m = [], []
-        for layer, block in enumerate(lm.base.encoder.layer):
+        for layer, block in enumerate(lm.arch.bert_layers(lm.base)):
             x = hidden[layer]
             z = heads[layer].reshape(*x.shape[:2], -1)
             r_a = x + block.attention.output.dense(z)
@@ -43,21 +43,22 @@ def layer_norm_scales(lm, ids) -> tuple[list, list, tuple, dict]:
 
 def direct_logit_attribution(lm, ids, pos, token) -> torch.Tensor:
     """DLA of every head to ``token``'s logit at ``pos`` (see module doc). ids ``[T, S]``, pos/token ``[T]``."""
-    if lm.model_type != "bert" or not hasattr(lm.model, "cls"):
-        raise InputError("direct logit attribution reads BERT's masked-LM head; load a BERT masked LM")
+    if lm.arch.bert_layers is None or lm.lm_head() is None:
+        raise InputError(f"direct logit attribution follows a BERT-style post-LN encoder into its masked-LM head; "
+                         f"model '{lm.name}' ({lm.model_type}) is not one - load a BERT, RoBERTa or ELECTRA masked LM")
     ids = torch.as_tensor(ids).to(lm.device)
     rows = torch.arange(ids.shape[0], device=ids.device)
     pos, token = torch.as_tensor(pos).to(ids.device), torch.as_tensor(token).to(ids.device)
     sig_a, sig_m, hidden, heads = layer_norm_scales(lm, ids)
     final = hidden[-1][rows, pos].detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        logit = lm.model.cls(final)[rows, token]
+        logit = lm.lm_head()(final)[rows, token]
         (grad,) = torch.autograd.grad(logit.sum(), final)
     grad = grad.double()
     n_heads, d_head = lm.n_heads, lm.d_head
     out = torch.zeros(ids.shape[0], lm.n_layers, n_heads, dtype=torch.float64)
     for layer in reversed(range(lm.n_layers)):
-        block = lm.base.encoder.layer[layer]
+        block = lm.arch.bert_layers(lm.base)[layer]
         for ln, sigma in ((block.output.LayerNorm, sig_m[layer]), (block.attention.output.LayerNorm, sig_a[layer])):
             v = grad * ln.weight.double() / sigma[rows, pos].double()[:, None]
             grad = v - v.mean(-1, keepdim=True)  # transpose of the frozen LN's linear part (centring is symmetric)

@@ -59,7 +59,7 @@ def rrt_task(lm, trials: int, n: int, seed: int) -> RRTTask:
 def _mask_loss(lm, hidden, pos, token):
     """Cross-entropy and top-1 correctness at the masked positions: ``([T], [T])``."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    logits = lm.model.cls(hidden[rows, pos.to(hidden.device)]).float()
+    logits = lm.lm_head()(hidden[rows, pos.to(hidden.device)]).float()
     target = token.to(hidden.device)
     ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     return ce.double().cpu(), (logits.argmax(-1) == target).double().cpu()
@@ -96,7 +96,7 @@ def rrt_metrics(lm, task: RRTTask, batch_size: int = 16) -> dict:
 
 
 def _layers(lm):
-    return list(lm.base.encoder.layer)
+    return lm.arch.bert_layers(lm.base)
 
 
 def scan_rrt(lm, task: RRTTask, mode: str = "zero", reference=None, heads=None, batch_size: int = 16,
@@ -104,8 +104,9 @@ def scan_rrt(lm, task: RRTTask, mode: str = "zero", reference=None, heads=None, 
     """Per-trial rrt metrics with each head ablated alone: ``{(layer, head): {metric: [T]}}``.
 
     Layer inputs are computed once per batch; ablating a head of layer l re-runs only layers l..L-1."""
-    if lm.model_type != "bert":
-        raise InputError("the head scan runs BERT's encoder layer by layer; other architectures are not supported yet")
+    if lm.arch.bert_layers is None:
+        raise InputError(f"the head scan reruns a BERT-style encoder layer by layer; model '{lm.name}' "
+                         f"({lm.model_type}) is not one - use attnlab.ablate() head by head for other families")
     values = ablation_values(lm, mode, reference)
     layer_of = layer_index(lm)
     layers = _layers(lm)

@@ -1,7 +1,7 @@
 """Residual-stream activations by name (TransformerLens style).
 
-``attn_input``: what layer l's attention reads, ``[L, S, d_model]`` for one sequence
-(BERT, post-LN: the layer's input hidden state; GPT-2, pre-LN: ``ln_1`` of it).
+``attn_input``: what layer l's attention reads, ``[L, S, d_model]`` for one sequence (post-LN families such
+as BERT: the layer's input hidden state; pre-LN ones such as GPT-2, Llama, ModernBERT: its attention norm of it).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ def attention_inputs(model, input_ids) -> torch.Tensor:
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(lm.device)
     with torch.inference_mode():
         hidden = lm.base(input_ids=ids, output_hidden_states=True).hidden_states
-        if lm.model_type == "gpt2":
-            return torch.stack([block.ln_1(hidden[i][0]) for i, block in enumerate(lm.base.h)]).float()
-        return torch.stack([h[0] for h in hidden[:-1]]).float()
+        out = []
+        for layer in range(lm.n_layers):
+            norm = lm.arch.attn_norm(lm.base, layer)
+            out.append(hidden[layer][0] if norm is None else norm(hidden[layer][0]))
+        return torch.stack(out).float()

@@ -49,6 +49,10 @@ def _capture_attention_forward(module, query, key, value, attention_mask, scalin
     return out, weights
 
 
+def head_edits_active() -> bool:
+    return bool(_ACTIVE_HEAD_EDITS.get())
+
+
 _installed = False
 
 

@@ -10,6 +10,8 @@ Shapes (B batch, S padded length, Q queries per sequence, L layers, H heads, d =
     AttentionRows.attention      [B, Q, L, H, S]   float32, each row sums to 1, padded keys get 0
     AttentionRows.scores         [B, Q, L, H, S]   float32 pre-softmax q.k * scaling, before masking
     AttentionRows.queries/keys   [B, S, L, H, d]   float32 per-head vectors as the model computed them
+                                                   (rotary families: after the rotation, the q/k the model
+                                                   dots; grouped-query keys repeated per query head)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from attnlab.core.attention_impl import recording
+from attnlab.core.attention_impl import head_edits_active, recording
 from attnlab.core.errors import InputError
 from attnlab.core.models import LoadedModel, as_loaded
 
@@ -73,9 +75,12 @@ class _RowRecorder:
         self.keys = [None] * n_layers
 
     def record(self, module, q, k, mask, scaling, causal):
-        layer = self.layer_of[id(module)]
+        layer = self.layer_of.of(module)
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads key head h // (H / KV)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         self._record(layer, q, k, mask, scaling, causal)
-        if layer == len(self.attention) - 1:
+        # (shared layers under a head edit: the editor counts calls too, so the pass must finish its last call)
+        if layer == len(self.attention) - 1 and not (self.layer_of.shared and head_edits_active()):
             raise _LastLayerRecorded
 
     def _record(self, layer, q, k, mask, scaling, causal):
@@ -121,14 +126,30 @@ class _RowRecorder:
         return torch.stack(parts, dim=2)  # layers go after [B, Q] (rows) or [B, S] (q/k vectors)
 
 
-def _layer_index(lm: LoadedModel) -> dict:
-    """Map each self-attention module (by id) to its layer number."""
-    base = lm.base
-    if lm.model_type == "gpt2":
-        modules = [block.attn for block in base.h]
-    else:
-        modules = [layer.attention.self for layer in base.encoder.layer]
-    return {id(m): i for i, m in enumerate(modules)}
+class LayerIndex:
+    """Which layer an attention call belongs to: by module where every layer has its own (a dict lookup), by
+    call order where layers share one module (ALBERT) - a forward pass calls the layers' attention in order,
+    so the i-th call of a pass is layer i mod L. ``of(module)`` returns None for a module that is not a layer's."""
+
+    def __init__(self, lm: LoadedModel):
+        modules = lm.arch.attention_modules(lm.base)
+        self.n_layers = len(modules)
+        self.shared = len({id(m) for m in modules}) < len(modules)
+        self._by_id = {id(m): i for i, m in enumerate(modules)}
+        self._calls = 0
+
+    def of(self, module) -> int | None:
+        if id(module) not in self._by_id:
+            return None
+        if not self.shared:
+            return self._by_id[id(module)]
+        layer = self._calls % self.n_layers
+        self._calls += 1
+        return layer
+
+
+def _layer_index(lm: LoadedModel) -> LayerIndex:
+    return LayerIndex(lm)
 
 
 def _as_index_tensor(values, what: str) -> torch.Tensor:

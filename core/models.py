@@ -1,6 +1,7 @@
 """Load a model the normal way (Hub id, HF cache or local folder), in one place.
 
-Supported architectures: the BERT family (``model_type == "bert"``: encoder or masked-LM) and GPT-2.
+Supported architectures: one record per family in ``core.architectures`` (BERT, RoBERTa/XLM-R, ELECTRA,
+DistilBERT, ALBERT, ModernBERT, GPT-2, GPT-NeoX/Pythia, Llama/Qwen2/Mistral); DeBERTa is refused with the reason.
 Loading never uses ``trust_remote_code`` and prefers safetensors. The masked-LM head is loaded only when
 asked for, and asking for it on a checkpoint that does not contain it is an error rather than the silent
 random initialisation transformers would otherwise do.
@@ -14,16 +15,10 @@ from pathlib import Path
 
 import torch
 
+from attnlab.core.architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture_of  # noqa: F401
 from attnlab.core.attention_impl import CAPTURE_IMPLEMENTATION, install_capture_attention
-from attnlab.core.errors import InputError, MissingHeadError, ModelNotAvailableError, UnsupportedModelError
+from attnlab.core.errors import InputError, MissingHeadError, ModelNotAvailableError
 from attnlab.core.provenance import model_fingerprint, parameters_fingerprint
-
-#: model_type -> (base class name, LM-head class name, prefix of the head's parameters)
-_ARCHITECTURES = {
-    "bert": ("BertModel", "BertForMaskedLM", "cls."),
-    "gpt2": ("GPT2Model", "GPT2LMHeadModel", "lm_head."),
-}
-SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -70,7 +65,8 @@ class LoadedModel:
     """A model ready for the extractor, with what experiments need to know about it.
 
     ``model`` is the module that was loaded (the LM-head model when ``masked_lm=True``); ``base`` is
-    its transformer body (BertModel / GPT2Model), which is what the extractor runs.
+    its transformer body (BertModel / GPT2Model / LlamaModel ...), which is what the extractor runs; ``arch``
+    is its family's record (``core.architectures``).
     """
 
     model: torch.nn.Module
@@ -87,6 +83,10 @@ class LoadedModel:
     @property
     def model_type(self) -> str:
         return self.config.model_type
+
+    @property
+    def arch(self) -> Architecture:
+        return architecture_of(self.config)
 
     @property
     def base(self) -> torch.nn.Module:
@@ -106,12 +106,22 @@ class LoadedModel:
         return self.config.hidden_size
 
     @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads (fewer than ``n_heads`` under grouped-query attention)."""
+        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+
+    @property
     def d_head(self) -> int:
-        return self.config.hidden_size // self.config.num_attention_heads
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
 
     @property
     def max_positions(self) -> int:
-        return self.config.max_position_embeddings
+        """Tokens a sequence may have (RoBERTa's positions start after the padding index)."""
+        return self.config.max_position_embeddings - self.arch.position_offset(self.config)
+
+    def lm_head(self):
+        """Callable final hidden state ``[..., d_model]`` -> logits ``[..., vocab]``, or None without a head."""
+        return self.arch.lm_head(self.model)
 
     @property
     def vocab_size(self) -> int:
@@ -119,7 +129,7 @@ class LoadedModel:
 
     @property
     def is_causal(self) -> bool:
-        return self.model_type == "gpt2"
+        return self.arch.causal
 
     @property
     def device(self) -> torch.device:
@@ -188,18 +198,9 @@ def model_identity(name: str, revision: str | None = None, lm: "LoadedModel | No
     return model_fingerprint(name, revision)
 
 
-def check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported; attnlab reads attention from "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} models (BERT family and GPT-2)"
-        )
-    if model_type == "bert" and getattr(config, "position_embedding_type", "absolute") != "absolute":
-        raise UnsupportedModelError(
-            f"BERT with position_embedding_type={config.position_embedding_type!r} adds a relative-position "
-            "term to the attention scores that attnlab does not reproduce; only 'absolute' is supported"
-        )
+def check_supported(config) -> Architecture:
+    """The config's architecture record; :class:`UnsupportedModelError` saying why when there is none."""
+    return architecture_of(config)
 
 
 def _offline() -> bool:
@@ -328,9 +329,11 @@ def load_model(
     import transformers
 
     config = load_config(name_or_path, revision)
-    check_supported(config)
-    base_name, head_name, head_prefix = _ARCHITECTURES[config.model_type]
-    cls = getattr(transformers, head_name if masked_lm else base_name)
+    arch = check_supported(config)
+    if masked_lm:
+        cls = transformers.AutoModelForCausalLM if arch.causal else transformers.AutoModelForMaskedLM
+    else:
+        cls = transformers.AutoModel
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     install_capture_attention()
     try:
@@ -352,12 +355,10 @@ def load_model(
             f"shapes, e.g. {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]}); save the "
             "model again with save_pretrained()")
     if masked_lm:
-        missing = [k for k in info.get("missing_keys", []) if k.startswith(head_prefix)]
-        # Tied decoder weights are legitimately absent from checkpoints; anything else in the head is not.
-        missing = [k for k in missing if not k.endswith(("decoder.weight", "lm_head.weight"))]
+        missing = _missing_head_keys(model, info.get("missing_keys", []))
         if missing:
             raise MissingHeadError(
-                f"model '{name_or_path}' has no {'masked-LM' if config.model_type == 'bert' else 'LM'} head "
+                f"model '{name_or_path}' has no {'LM' if arch.causal else 'masked-LM'} head "
                 f"(missing: {', '.join(sorted(missing)[:3])}...); this experiment needs one. Use a checkpoint "
                 "trained with its head, e.g. bert-base-uncased rather than a sentence-embedding encoder."
             )
@@ -377,6 +378,15 @@ def load_model(
         "heads": config.num_attention_heads,
     }
     return LoadedModel(model, tok, name_or_path, source, masked_lm, meta)
+
+
+def _missing_head_keys(model, missing_keys) -> list[str]:
+    """Missing parameters outside the transformer body, except output weights tied to the input embeddings
+    (legitimately absent from checkpoints): a head that would be initialised at random."""
+    prefix = getattr(model, "base_model_prefix", "")
+    embedding = model.get_input_embeddings().weight
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False) if p is embedding}
+    return [k for k in missing_keys if not (prefix and k.startswith(prefix + ".")) and k not in tied]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
@@ -406,11 +416,11 @@ def wrap_model(model: torch.nn.Module, tokenizer=None, name: str = "in-process")
 
     Switches the model to the capture attention implementation (SDPA underneath) and eval mode.
     """
-    check_supported(model.config)
+    arch = check_supported(model.config)
     install_capture_attention()
     model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
     model.eval()
-    has_head = type(model).__name__ in {"BertForMaskedLM", "GPT2LMHeadModel"}
+    has_head = arch.lm_head(model) is not None
     meta = {"name": name, "source": name, "model_type": model.config.model_type, "masked_lm": has_head,
             "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads}
     return LoadedModel(model, tokenizer, name, name, has_head, meta)

@@ -76,7 +76,7 @@ def _rows(layer, head, cfg, base: dict, ablated: dict):
 
 
 def _icl_metric(lm, docs, cfg) -> dict:
-    from attnlab.experiments.icl import icl_trials
+    from attnlab.icl import icl_trials
 
     _, short, long = icl_trials(lm, docs, "masked-token", cfg.trials, cfg.seed)
     return {"icl_score": torch.as_tensor(short - long)}
@@ -102,7 +102,7 @@ def compute_ablation(cfg: AblationConfig, lm, docs=None, progress=False) -> dict
         base = _icl_metric(lm, docs, cfg)
         reference = None
         if cfg.mode == "mean":
-            from attnlab.experiments.icl import LONG, draw_trials, tokenize_lengths
+            from attnlab.icl import LONG, draw_trials, tokenize_lengths
 
             enc = tokenize_lengths(lm.tokenizer, docs)
             reference = torch.tensor([enc[t.doc_index][:LONG] for t in draw_trials(enc, "masked-token", 8, cfg.seed + 1000)])

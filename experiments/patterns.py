@@ -37,9 +37,11 @@ def input_vectors(lm, words, layers, sentence=None, layernorm=False, strict=Fals
         if layernorm:
             with torch.inference_mode():
                 for j, layer in enumerate(layers):
-                    x[:, j] = layer_input_norm(lm, layer)(x[:, j].to(lm.device)).float().cpu()
+                    norm = layer_input_norm(lm, layer)
+                    if norm is not None:
+                        x[:, j] = norm(x[:, j].to(lm.device)).float().cpu()
         return x, used
-    ids = tok(sentence, add_special_tokens=lm.model_type == "bert")["input_ids"]
+    ids = tok(sentence)["input_ids"]  # with the model's own special tokens ([CLS]/[SEP], <s>, BOS, or none)
     if len(ids) > lm.max_positions:
         raise InputError(f"the sentence has {len(ids)} tokens, more than the model's {lm.max_positions} positions; "
                          "use a shorter sentence")
@@ -56,8 +58,11 @@ def vocabulary(lm, layer, layernorm):
     emb = lm.base.get_input_embeddings().weight.detach()
     if not layernorm:
         return emb.float().cpu()
+    norm = layer_input_norm(lm, layer)
+    if norm is None:
+        return emb.float().cpu()
     with torch.inference_mode():
-        return layer_input_norm(lm, layer)(emb).float().cpu()
+        return norm(emb).float().cpu()
 
 
 def compute(lm, words, layers, kinds=KINDS, top_k=15, sentence=None, layernorm=False, flt=None, strict=False,

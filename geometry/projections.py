@@ -63,12 +63,18 @@ def spectrum(w: HeadWeights, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def layer_input_norm(lm: LoadedModel, layer: int):
-    """The LayerNorm whose output a layer's attention reads (BERT post-LN: the previous sublayer's)."""
-    if lm.model_type == "gpt2":
-        return lm.base.h[layer].ln_1
+    """The norm whose output a layer's attention reads: the layer's own (pre-LN families) or, post-LN, the
+    previous sublayer's (BERT-style encoders: the embedding LayerNorm for layer 0). None when the family's
+    record does not name one (then inputs are compared as they are)."""
+    norm = lm.arch.attn_norm(lm.base, layer)
+    if norm is not None:
+        return norm
+    bert_layers = lm.arch.bert_layers
+    if bert_layers is None:
+        return None
     if layer == 0:
         return lm.base.embeddings.LayerNorm
-    return lm.base.encoder.layer[layer - 1].output.LayerNorm
+    return bert_layers(lm.base)[layer - 1].output.LayerNorm
 
 
 @dataclass
@@ -132,7 +138,7 @@ def top_k_vocab(vectors: torch.Tensor, vocab: torch.Tensor, k: int, allowed: tor
 
 def word_token(tokenizer, word: str, strict: bool = False) -> tuple[int, str]:
     """The single token id for ``word``; if it splits, the first piece (with a warning) or an error if strict."""
-    pieces = tokenizer.tokenize(word if not _is_gpt2(tokenizer) else " " + word)
+    pieces = tokenizer.tokenize(" " + word if _byte_level(tokenizer) else word)
     if not pieces:
         raise InputError(f"the tokenizer produces no token for {word!r}")
     unk = getattr(tokenizer, "unk_token", None)
@@ -149,8 +155,13 @@ def word_token(tokenizer, word: str, strict: bool = False) -> tuple[int, str]:
     return tokenizer.convert_tokens_to_ids(pieces[0]), pieces[0]
 
 
-def _is_gpt2(tokenizer) -> bool:
-    return "gpt2" in type(tokenizer).__name__.lower()
+def _byte_level(tokenizer) -> bool:
+    """Byte-level BPE (GPT-2, RoBERTa, Pythia): a word inside a sentence is its space-prefixed 'Ġword' token."""
+    try:
+        pieces = tokenizer.tokenize(" the")
+    except Exception:
+        return False
+    return bool(pieces) and pieces[0].startswith("\u0120")
 
 
 def parse_range(spec: str | None, upper: int, what: str) -> list[int]:

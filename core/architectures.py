@@ -1,0 +1,324 @@
+"""One record per architecture family: everything attnlab needs to know about a model's layout.
+
+Like pyvene's type-to-module tables and TransformerLens's weight conversions, the facts of a family live in
+one place. Nothing else in attnlab branches on ``model_type``; it asks the record:
+
+    attention_modules(base)   the module each layer's attention call is made with, in call order ``[L]``
+                              (ALBERT shares one module across layers: the list repeats it)
+    attn_norm(base, l)        what a layer's attention reads from the residual stream: its pre-LN norm, or
+                              None for post-LN families (the layer's input hidden state is read as it is)
+    qkvo(module, lm)          per-head W_Q, b_Q, W_K, b_K, W_V, b_V ``[H, d_model, d_head]`` / ``[H, d_head]``,
+                              W_O ``[H, d_head, d_model]``, b_O ``[d_model]`` and the score scaling
+    lm_head(model)            callable final hidden state -> logits, or None when the model has no LM head
+    causal / positions        decoder or encoder; "absolute", "rotary" (q and k are rotated before the dot
+                              product: what the extractor records is the rotated q/k) or "relative"
+    rotate(lm, l, q, k, pos)  rotary families: apply layer l's rotation to pre-rotary per-head q/k
+
+Grouped-query attention (Llama, Qwen2, Mistral): W_K and W_V are returned per *query* head (each key/value
+head repeated for the query heads that share it), so every head has its own slices, as in TransformerLens.
+
+Adding a family is adding a record here and a test in ``tests/test_architectures.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from attnlab.core.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    model_types: tuple[str, ...]
+    causal: bool
+    positions: str  # "absolute" | "rotary" | "relative"
+    attention_modules: Callable
+    attn_norm: Callable
+    qkvo: Callable
+    lm_head: Callable
+    rotate: Callable | None = None
+    #: position ids start here (RoBERTa counts from padding_idx + 1): usable positions shrink by it
+    position_offset: Callable = lambda config: 0
+    #: extra configuration checks (unsupported options of an otherwise supported family)
+    check: Callable = lambda config: None
+    #: the layer modules of a BERT-style post-LN encoder (``encoder.layer[l]``), for the layer-by-layer
+    #: circuits code (head scan, direct logit attribution); None where that code does not apply
+    bert_layers: Callable | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- weight helpers
+
+
+def _per_head_in(weight_out_in: torch.Tensor, bias: torch.Tensor | None, n_heads: int, d_head: int):
+    """nn.Linear ``[H*d, d_model]`` (+ bias ``[H*d]``) -> x @ W layout ``[H, d_model, d]`` and ``[H, d]``."""
+    d_model = weight_out_in.shape[1]
+    w = weight_out_in.reshape(n_heads, d_head, d_model).transpose(1, 2)
+    b = bias.reshape(n_heads, d_head) if bias is not None else weight_out_in.new_zeros(n_heads, d_head)
+    return w, b
+
+
+def _per_head_out(weight_out_in: torch.Tensor, bias: torch.Tensor | None, n_heads: int, d_head: int):
+    """Output projection nn.Linear ``[d_model, H*d]`` -> ``[H, d, d_model]`` and its bias ``[d_model]``."""
+    d_model = weight_out_in.shape[0]
+    w = weight_out_in.T.reshape(n_heads, d_head, d_model)
+    return w, bias if bias is not None else weight_out_in.new_zeros(d_model)
+
+
+def _expand_kv(w: torch.Tensor, b: torch.Tensor, n_heads: int):
+    """Key/value slices of grouped-query attention ``[KV, ...]`` -> one per query head ``[H, ...]``
+    (query head h reads key/value head h // (H / KV), as ``repeat_kv`` does)."""
+    rep = n_heads // w.shape[0]
+    return w.repeat_interleave(rep, dim=0), b.repeat_interleave(rep, dim=0)
+
+
+def _separate(q, k, v, o, n_heads, n_kv, d_head, scaling):
+    wq, bq = _per_head_in(q.weight, q.bias, n_heads, d_head)
+    wk, bk = _expand_kv(*_per_head_in(k.weight, k.bias, n_kv, d_head), n_heads)
+    wv, bv = _expand_kv(*_per_head_in(v.weight, v.bias, n_kv, d_head), n_heads)
+    wo, bo = _per_head_out(o.weight, o.bias, n_heads, d_head)
+    return wq, bq, wk, bk, wv, bv, wo, bo, scaling
+
+
+def _scaling(module, d_head):
+    return float(getattr(module, "scaling", d_head**-0.5))
+
+
+# ----------------------------------------------------------------------------------------- the families
+
+
+def _bert_like_check(config):
+    kind = getattr(config, "position_embedding_type", "absolute")
+    if kind not in (None, "absolute"):
+        raise UnsupportedModelError(
+            f"{config.model_type} with position_embedding_type={kind!r} adds a relative-position term to the "
+            "attention scores that attnlab does not reproduce; only 'absolute' is supported")
+
+
+BERT_LIKE = Architecture(
+    family="bert",
+    model_types=("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+    causal=False,
+    positions="absolute",
+    attention_modules=lambda base: [layer.attention.self for layer in base.encoder.layer],
+    attn_norm=lambda base, layer: None,  # post-LN: the attention reads the layer's input as it is
+    qkvo=lambda module, lm: _separate(module.query, module.key, module.value,
+                                      _owner(lm, module).attention.output.dense, lm.n_heads, lm.n_heads, lm.d_head,
+                                      _scaling(module, lm.d_head)),
+    lm_head=lambda model: (getattr(model, "cls", None) or getattr(model, "lm_head", None)
+                           or _electra_generator_head(model)),
+    position_offset=lambda config: (config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert")
+                                    else 0),
+    check=_bert_like_check,
+    bert_layers=lambda base: list(base.encoder.layer),
+    notes="BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA (discriminator: no LM head; generator: masked LM)",
+)
+
+
+def _owner(lm, module):
+    """The encoder layer that holds a BERT-style self-attention module (for its output projection)."""
+    for layer in lm.base.encoder.layer:
+        if layer.attention.self is module:
+            return layer
+    raise LookupError("attention module not found in the encoder")
+
+
+def _electra_generator_head(model):
+    if hasattr(model, "generator_lm_head"):
+        return lambda hidden: model.generator_lm_head(model.generator_predictions(hidden))
+    return None
+
+
+DISTILBERT = Architecture(
+    family="distilbert",
+    model_types=("distilbert",),
+    causal=False,
+    positions="absolute",
+    attention_modules=lambda base: [layer.attention for layer in base.transformer.layer],
+    attn_norm=lambda base, layer: None,
+    qkvo=lambda m, lm: _separate(m.q_lin, m.k_lin, m.v_lin, m.out_lin, lm.n_heads, lm.n_heads, lm.d_head,
+                                 _scaling(m, lm.d_head)),
+    lm_head=lambda model: ((lambda h: model.vocab_projector(model.vocab_layer_norm(model.activation(
+        model.vocab_transform(h))))) if hasattr(model, "vocab_projector") else None),
+)
+
+
+def _albert_modules(base):
+    cfg = base.config
+    groups = base.encoder.albert_layer_groups
+    per_group = cfg.num_hidden_layers / cfg.num_hidden_groups
+    return [groups[int(i / per_group)].albert_layers[0].attention for i in range(cfg.num_hidden_layers)]
+
+
+def _albert_check(config):
+    if getattr(config, "inner_group_num", 1) != 1:
+        raise UnsupportedModelError(
+            f"ALBERT with inner_group_num={config.inner_group_num} runs several attention calls per layer; attnlab "
+            "reads ALBERT with inner_group_num=1 (every released ALBERT checkpoint)")
+
+
+ALBERT = Architecture(
+    family="albert",
+    model_types=("albert",),
+    causal=False,
+    positions="absolute",
+    attention_modules=_albert_modules,  # shared parameters: the same module repeats across layers
+    attn_norm=lambda base, layer: None,
+    qkvo=lambda m, lm: _separate(m.query, m.key, m.value, m.dense, lm.n_heads, lm.n_heads, lm.d_head,
+                                 _scaling(m, lm.d_head)),
+    lm_head=lambda model: getattr(model, "predictions", None),
+    check=_albert_check,
+    notes="layers share parameters (num_hidden_groups groups); layer l's attention is its group's module",
+)
+
+
+def _rotate_with(apply_rotary, needs_layer_type=False):
+    """rotate(lm, layer, q, k, positions): q/k ``[B, H, S, d]`` pre-rotary -> rotated, as the model does it."""
+
+    def rotate(lm, layer, q, k, positions):
+        base = lm.base
+        positions = positions.to(q.device)
+        if needs_layer_type:
+            cos, sin = base.rotary_emb(q, positions, base.config.layer_types[layer])
+        else:
+            cos, sin = base.rotary_emb(q, positions)
+        return apply_rotary(q, k, cos, sin)
+
+    return rotate
+
+
+def _modernbert_qkvo(m, lm):
+    H, d = lm.n_heads, lm.d_head
+    w, b = m.Wqkv.weight, m.Wqkv.bias  # [3*H*d, D]: (q | k | v), each head-major
+    parts = []
+    for i in range(3):
+        parts.extend(_per_head_in(w[i * H * d:(i + 1) * H * d], None if b is None else b[i * H * d:(i + 1) * H * d],
+                                  H, d))
+    return (*parts, *_per_head_out(m.Wo.weight, m.Wo.bias, H, d), d**-0.5)
+
+
+def _modernbert_rotate(q, k, cos, sin):
+    from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+
+
+MODERNBERT = Architecture(
+    family="modernbert",
+    model_types=("modernbert",),
+    causal=False,
+    positions="rotary",
+    attention_modules=lambda base: [layer.attn for layer in base.layers],
+    attn_norm=lambda base, layer: base.layers[layer].attn_norm,  # pre-LN (Identity in layer 0)
+    qkvo=_modernbert_qkvo,
+    lm_head=lambda model: (lambda h: model.decoder(model.head(h))) if hasattr(model, "decoder") else None,
+    rotate=_rotate_with(_modernbert_rotate, needs_layer_type=True),
+    notes="rotary positions; local (sliding-window) layers alternate with global ones",
+)
+
+
+def _gpt2_qkvo(m, lm):
+    H, d, D = lm.n_heads, lm.d_head, lm.d_model
+    w, b = m.c_attn.weight, m.c_attn.bias  # Conv1D stores [in, out]: fused [D, 3*D]
+    parts = []
+    for i in range(3):
+        parts.extend(_per_head_in(w[:, i * D:(i + 1) * D].T, b[i * D:(i + 1) * D], H, d))
+    w_o = m.c_proj.weight.reshape(H, d, D)  # Conv1D [in = H*d, out = D]
+    return (*parts, w_o, m.c_proj.bias, float(m.scaling))
+
+
+GPT2 = Architecture(
+    family="gpt2",
+    model_types=("gpt2",),
+    causal=True,
+    positions="absolute",
+    attention_modules=lambda base: [block.attn for block in base.h],
+    attn_norm=lambda base, layer: base.h[layer].ln_1,
+    qkvo=_gpt2_qkvo,
+    lm_head=lambda model: getattr(model, "lm_head", None),
+)
+
+
+def _neox_qkvo(m, lm):
+    H, d, D = lm.n_heads, lm.d_head, lm.d_model
+    # fused [H * 3d, D], interleaved per head: head h's rows are q (d), k (d), v (d)
+    w = m.query_key_value.weight.reshape(H, 3, d, D)
+    b = m.query_key_value.bias.reshape(H, 3, d) if m.query_key_value.bias is not None else w.new_zeros(H, 3, d)
+    parts = []
+    for i in range(3):
+        parts.extend((w[:, i].transpose(1, 2), b[:, i]))
+    return (*parts, *_per_head_out(m.dense.weight, m.dense.bias, H, d), float(m.scaling))
+
+
+def _neox_rotate(q, k, cos, sin):
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+GPT_NEOX = Architecture(
+    family="gpt_neox",
+    model_types=("gpt_neox",),
+    causal=True,
+    positions="rotary",
+    attention_modules=lambda base: [layer.attention for layer in base.layers],
+    attn_norm=lambda base, layer: base.layers[layer].input_layernorm,
+    qkvo=_neox_qkvo,
+    lm_head=lambda model: getattr(model, "lm_head", None) or getattr(model, "embed_out", None),
+    rotate=_rotate_with(_neox_rotate),
+    notes="the Pythia suite; partial rotary (rotary_pct of each head's dimensions); training checkpoints as revisions",
+)
+
+
+def _llama_rotate(q, k, cos, sin):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+LLAMA_LIKE = Architecture(
+    family="llama",
+    model_types=("llama", "qwen2", "mistral"),
+    causal=True,
+    positions="rotary",
+    attention_modules=lambda base: [layer.self_attn for layer in base.layers],
+    attn_norm=lambda base, layer: base.layers[layer].input_layernorm,
+    qkvo=lambda m, lm: _separate(m.q_proj, m.k_proj, m.v_proj, m.o_proj, lm.n_heads, lm.n_kv_heads, lm.d_head,
+                                 _scaling(m, lm.d_head)),
+    lm_head=lambda model: getattr(model, "lm_head", None),
+    rotate=_rotate_with(_llama_rotate),
+    notes="rotary positions, grouped-query attention (W_K / W_V repeated per query head), RMSNorm",
+)
+
+FAMILIES = (BERT_LIKE, DISTILBERT, ALBERT, MODERNBERT, GPT2, GPT_NEOX, LLAMA_LIKE)
+_BY_TYPE = {t: arch for arch in FAMILIES for t in arch.model_types}
+
+#: families that are refused, with the reason
+REFUSED = {
+    "deberta": "DeBERTa computes disentangled (content x relative-position) attention inside its own modules, outside "
+               "the attention-function registry that attnlab reads, so its attention rows cannot be recorded faithfully",
+    "deberta-v2": "DeBERTa-v2/v3 computes disentangled (content x relative-position) attention inside its own modules, "
+                  "outside the attention-function registry that attnlab reads, so its attention rows cannot be "
+                  "recorded faithfully",
+}
+
+SUPPORTED_MODEL_TYPES = tuple(_BY_TYPE)
+
+
+def architecture_of(config) -> Architecture:
+    """The record for a config's ``model_type``; :class:`UnsupportedModelError` (saying why) otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"model type {model_type!r} is not supported: {REFUSED[model_type]}")
+    arch = _BY_TYPE.get(model_type)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported; attnlab reads attention from: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    arch.check(config)
+    return arch

@@ -1,0 +1,190 @@
+"""Every architecture family against Hugging Face eager attention, and its weights against its own scores.
+
+One tiny random model per family, built from its config class (no download): the extractor's rows equal
+eager ``output_attentions`` within 1e-5 on a right-padded batch, and the family record's per-head weights
+rebuild the pre-softmax scores the model computed (through the rotation on rotary families) and, with the
+attention rows, the heads' outputs.
+"""
+
+import pytest
+import torch
+from conftest import eager_attention, eager_copy
+from families import FAMILIES, VOCAB, tiny_family
+
+from attnlab import extract_attention
+from attnlab.circuits.ablation import head_outputs
+from attnlab.core.activations import attention_inputs
+from attnlab.core.errors import UnsupportedModelError
+from attnlab.core.extractor import pad_sequences
+from attnlab.core.models import check_supported, wrap_model
+from attnlab.core.weights import head_weights
+
+
+def _batch(lengths, n_queries, seed):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]  # no pad/special ids
+    ids, mask = pad_sequences(seqs)
+    qpos = torch.stack([torch.randint(0, n, (n_queries,), generator=g) for n in lengths])
+    return seqs, ids, mask, qpos
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_equal_eager_with_padding(family):
+    model = tiny_family(family)
+    ref = eager_copy(model)
+    lm = wrap_model(model)
+    seqs, ids, mask, qpos = _batch([30, 12, 25, 30, 7], 4, seed=1)
+    rows = extract_attention(lm, ids, mask, qpos, batch_size=2)
+    assert rows.attention.shape == (5, 4, lm.n_layers, lm.n_heads, 30)
+    for b, seq in enumerate(seqs):
+        full = eager_attention(ref, seq)  # [L, H, S, S]
+        for j, q in enumerate(qpos[b].tolist()):
+            got = rows.attention[b, j]
+            torch.testing.assert_close(got[..., : len(seq)], full[:, :, q, :], atol=1e-5, rtol=0)
+            assert (got[..., len(seq):] == 0).all()
+            if lm.is_causal:
+                assert (got[..., q + 1:] == 0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_weights_rebuild_scores_and_head_outputs(family):
+    lm = wrap_model(tiny_family(family, seed=3))
+    seq = torch.randint(3, VOCAB, (21,), generator=torch.Generator().manual_seed(4))
+    rows = extract_attention(lm, seq, return_scores=True, return_qk=True)
+    w = head_weights(lm)
+    assert w.W_Q.shape == (lm.n_layers, lm.n_heads, lm.d_model, lm.d_head)
+    assert w.W_K.shape == w.W_V.shape == w.W_Q.shape and w.W_O.shape == (lm.n_layers, lm.n_heads, lm.d_head, lm.d_model)
+    x = attention_inputs(lm, seq)  # [L, S, D]
+    q = torch.einsum("lsm,lhmd->lhsd", x, w.W_Q) + w.b_Q[:, :, None]  # [L, H, S, d], pre-rotary
+    k = torch.einsum("lsm,lhmd->lhsd", x, w.W_K) + w.b_K[:, :, None]
+    v = torch.einsum("lsm,lhmd->lhsd", x, w.W_V) + w.b_V[:, :, None]
+    if lm.arch.positions == "rotary":
+        positions = torch.arange(len(seq))[None]
+        rotated = [lm.arch.rotate(lm, layer, q[layer][None], k[layer][None], positions) for layer in range(lm.n_layers)]
+        q = torch.stack([r[0][0] for r in rotated])
+        k = torch.stack([r[1][0] for r in rotated])
+    torch.testing.assert_close(q, rows.queries[0].permute(1, 2, 0, 3), atol=1e-5, rtol=0)  # the q/k the model dots
+    torch.testing.assert_close(k, rows.keys[0].permute(1, 2, 0, 3), atol=1e-5, rtol=0)
+    scores = torch.einsum("lhqd,lhkd->qlhk", q, k) * w.scaling[None, :, None, None]
+    torch.testing.assert_close(scores, rows.scores[0], atol=1e-5, rtol=0)
+    z = head_outputs(lm, seq[None])  # {layer: [1, S, H, d]}
+    for layer in range(lm.n_layers):
+        want = torch.einsum("qhk,hkd->qhd", rows.attention[0, :, layer], v[layer])
+        torch.testing.assert_close(z[layer][0], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt_neox", "modernbert", "distilbert"])
+def test_output_projection_rebuilds_the_attention_output(family):
+    """W_O and b_O: the sum over heads of z_h W_O[h], plus b_O, is what the output projection makes of the
+    heads' outputs; zeroing every head of a layer zeroes its outputs."""
+    from attnlab import ablate
+
+    lm = wrap_model(tiny_family(family, seed=5))
+    seq = torch.randint(3, VOCAB, (1, 15), generator=torch.Generator().manual_seed(6))
+    w = head_weights(lm)
+    z = head_outputs(lm, seq)
+    proj = {"bert": lambda m, i: m.encoder.layer[i].attention.output.dense,
+            "llama": lambda m, i: m.layers[i].self_attn.o_proj, "gpt_neox": lambda m, i: m.layers[i].attention.dense,
+            "modernbert": lambda m, i: m.layers[i].attn.Wo,
+            "distilbert": lambda m, i: m.transformer.layer[i].attention.out_lin}[family]
+    for layer in range(lm.n_layers):
+        with torch.no_grad():
+            got = proj(lm.base, layer)(z[layer].clone().reshape(1, 15, -1))
+        want = torch.einsum("bshd,hdm->bsm", z[layer], w.W_O[layer]) + w.b_O[layer]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with ablate(lm, [(0, h) for h in range(lm.n_heads)]):
+        assert (head_outputs(lm, seq)[0] == 0).all()
+
+
+def test_modernbert_local_layers_put_no_weight_outside_the_window():
+    model = tiny_family("modernbert")
+    lm = wrap_model(model)
+    half = model.config.local_attention // 2
+    seq = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(7))
+    att = extract_attention(lm, seq).attention[0]  # [S, L, H, S]
+    dist = (torch.arange(40)[:, None] - torch.arange(40)[None, :]).abs()  # [q, k]
+    outside = dist > half
+    for layer, kind in enumerate(model.config.layer_types):
+        a = att[:, layer].permute(1, 0, 2)  # [H, q, k]
+        if kind == "sliding_attention":
+            assert (a[:, outside] == 0).all()
+            assert (a[:, ~outside] > 0).all()
+        else:
+            assert (a[:, outside] > 0).all()  # a global layer reaches every key
+    assert "sliding_attention" in model.config.layer_types and "full_attention" in model.config.layer_types
+
+
+def test_albert_shared_layers_give_identical_weights_and_distinct_rows():
+    model = tiny_family("albert")
+    lm = wrap_model(model)
+    w = head_weights(lm)
+    for layer in range(1, lm.n_layers):
+        for name in ("W_Q", "b_Q", "W_K", "W_V", "W_O", "b_O"):
+            assert torch.equal(getattr(w, name)[layer], getattr(w, name)[0])
+    seq = torch.randint(3, VOCAB, (12,), generator=torch.Generator().manual_seed(8))
+    att = extract_attention(lm, seq, torch.ones(12, dtype=torch.long)[None].long()).attention[0]
+    # same weights, different inputs per layer: the rows differ, and each layer is the eager one
+    assert not torch.allclose(att[:, 0], att[:, 1])
+    torch.testing.assert_close(att.permute(1, 2, 0, 3), eager_attention(eager_copy(model), seq.tolist()), atol=1e-5,
+                               rtol=0)
+
+
+def test_albert_ablation_and_recording_follow_the_shared_module():
+    """Shared modules are told apart by call order: ablating layer 1 only changes layers after it."""
+    from attnlab import ablate
+
+    lm = wrap_model(tiny_family("albert"))
+    seq = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(9))
+    clean = extract_attention(lm, seq, query_positions=torch.tensor([[5]])).attention
+    with ablate(lm, [(1, 0)]):
+        ablated = extract_attention(lm, seq, query_positions=torch.tensor([[5]])).attention
+        again = extract_attention(lm, seq, query_positions=torch.tensor([[5]])).attention  # counters stay in step
+    assert torch.equal(ablated[:, :, :2], clean[:, :, :2])
+    assert not torch.allclose(ablated[:, :, 2], clean[:, :, 2])
+    assert torch.equal(again, ablated)
+
+
+@pytest.mark.parametrize("model_type, cls", [("deberta", "DebertaConfig"), ("deberta-v2", "DebertaV2Config")])
+def test_deberta_is_refused_with_the_reason(model_type, cls):
+    import transformers
+
+    with pytest.raises(UnsupportedModelError, match="disentangled"):
+        check_supported(getattr(transformers, cls)())
+
+
+def test_unknown_family_lists_the_supported_ones():
+    from transformers import T5Config
+
+    with pytest.raises(UnsupportedModelError, match="t5.*llama"):
+        check_supported(T5Config())
+
+
+def test_roberta_positions_start_after_the_padding_index():
+    lm = wrap_model(tiny_family("roberta"))
+    assert lm.max_positions == 66 - 2  # position ids count from pad_token_id + 1
+    extract_attention(lm, torch.randint(3, VOCAB, (64,)))
+    with pytest.raises(Exception, match="64 positions"):
+        extract_attention(lm, torch.randint(3, VOCAB, (65,)))
+
+
+def test_grouped_query_keys_are_repeated_per_query_head():
+    lm = wrap_model(tiny_family("mistral"))  # 4 query heads share 1 key/value head
+    assert lm.n_kv_heads == 1
+    seq = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(10))
+    keys = extract_attention(lm, seq, return_qk=True, return_attention=False).keys[0]  # [S, L, H, d]
+    for h in range(1, lm.n_heads):
+        assert torch.equal(keys[:, :, h], keys[:, :, 0])
+    w = head_weights(lm)
+    assert torch.equal(w.W_K[:, 1], w.W_K[:, 0]) and torch.equal(w.W_V[:, 3], w.W_V[:, 0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lm_head_is_found(family):
+    model = tiny_family(family)
+    lm = wrap_model(model)
+    head = lm.lm_head()
+    assert head is not None and lm.has_lm_head
+    seq = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        hidden = lm.base(input_ids=seq).last_hidden_state
+        torch.testing.assert_close(head(hidden), model(input_ids=seq).logits, atol=1e-5, rtol=0)
