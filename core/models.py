@@ -376,8 +376,14 @@ def load_model(
         "fingerprint": model_fingerprint(name_or_path, revision),
         "layers": config.num_hidden_layers,
         "heads": config.num_attention_heads,
+        "parameters": parameter_count(model),
     }
     return LoadedModel(model, tok, name_or_path, source, masked_lm, meta)
+
+
+def parameter_count(model) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def _missing_head_keys(model, missing_keys) -> list[str]:
@@ -422,7 +428,8 @@ def wrap_model(model: torch.nn.Module, tokenizer=None, name: str = "in-process")
     model.eval()
     has_head = arch.lm_head(model) is not None
     meta = {"name": name, "source": name, "model_type": model.config.model_type, "masked_lm": has_head,
-            "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads}
+            "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
+            "parameters": parameter_count(model)}
     return LoadedModel(model, tokenizer, name, name, has_head, meta)
 
 

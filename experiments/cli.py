@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "attnlab.experiments.reproduce",
     "attnlab.experiments.view",
     "attnlab.experiments.ablate",
+    "attnlab.experiments.mosaic",
     "attnlab.experiments.heads",
 ]
 
@@ -96,6 +97,8 @@ def _caused_by_interrupt(exc: BaseException | None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # figures are files: the headless backend, unless the user chose one (set before pyplot is imported)
+    os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for provenance in reports

@@ -25,8 +25,8 @@ from attnlab.core.resources import check_fits
 from attnlab.experiments.common_args import add_output_args, add_runtime_args, print_wrote
 from attnlab.figures.heatmap import induction_map
 from attnlab.induction.protocols import PROTOCOLS, make_protocol, token_spec_for
-from attnlab.induction.scores import induction_scores
-from attnlab.induction.variants import build_batch, check_length, get_variant, list_variants
+from attnlab.induction.scores import InductionScores, induction_scores
+from attnlab.induction.variants import RRTBatch, build_batch, check_length, get_variant, list_variants
 
 FIGURE9_MODELS = ["prajjwal1/bert-tiny", "prajjwal1/bert-small", "prajjwal1/bert-medium", "bert-large-uncased"]
 VIEW_TRIALS = 3  # trials whose full [MASK] attention rows are kept for the interactive view
@@ -35,6 +35,8 @@ PROTOCOL_NOTES = {
     "paper": "paper protocol: the paper's code, quirks included (leading [SEP], ids in [100, 20000) with "
              "replacement, r = 0 masks the last token of the first copy)",
 }
+CAUSAL_NOTE = ("causal model: BOS X X (no [MASK]); the query is a token of the second copy, read left to right; "
+               "'after' is the prefix-matching target (the token that followed the previous instance)")
 TARGET_WORDS = {
     "prev": "previous instance of the masked token",
     "before": "token before the previous instance",
@@ -73,7 +75,11 @@ def figure_name(variant: str, target: str) -> str:
     return f"induction_{variant}_{target}.png"
 
 
-def target_words(target: str) -> str:
+def target_words(target: str, causal: bool = False) -> str:
+    if causal and target == "after":
+        return "token after the previous instance (prefix matching)"
+    if causal and target == "prev":
+        return "previous instance of the token"
     return TARGET_WORDS.get(target, f"target '{target}'")
 
 
@@ -130,6 +136,73 @@ def check_trials_fit(trials: int, seq: int, n_layers: int, n_heads: int, n_targe
     check_fits(trials * per_trial, f"{trials} trials of {seq} tokens", per_trial, "trials")
 
 
+@dataclass
+class InductionResult:
+    """What :func:`compute_induction` found: the trials it built and the scores they gave, plus what a
+    writer needs to describe them."""
+
+    config: InductionConfig
+    batch: RRTBatch
+    scores: InductionScores
+    seq_len: int  # n, the random block's length
+    sequence_tokens: int  # tokens per sequence, special tokens included
+    causal: bool
+    model_meta: dict
+    timings: dict
+
+    @property
+    def share_r0(self) -> float | None:
+        quirk = self.batch.quirk
+        return None if quirk is None else float(quirk.float().mean())
+
+
+def compute_induction(cfg: InductionConfig, lm, *, batch_size=None, progress=False, keep_rows: int = VIEW_TRIALS
+                      ) -> InductionResult:
+    """Build the variant's trials for the loaded model ``lm`` and score them (nothing is written)."""
+    variant = get_variant(cfg.variant)
+    variant.check_model(lm)
+    protocol = make_protocol(cfg.protocol, token_spec_for(lm))
+    n = variant.n_for(cfg.protocol, cfg.seq_len)
+    seq = check_length(variant, protocol, n, lm.max_positions)  # before anything big is built
+    check_trials_fit(cfg.trials, seq, lm.n_layers, lm.n_heads, len(variant.targets))
+    batch = build_batch(variant, protocol, cfg.trials, n, cfg.seed, max_positions=lm.max_positions)
+    t1 = time.perf_counter()
+    scores = induction_scores(lm, batch, batch_size=batch_size, progress=progress, keep_rows=keep_rows)
+    return InductionResult(cfg, batch, scores, n, seq, lm.is_causal, lm.meta,
+                           {"extract_s": round(time.perf_counter() - t1, 3)})
+
+
+def query_words(causal: bool) -> str:
+    return "the repeated token" if causal else "[MASK]"
+
+
+def write_induction(folder: Path, result: InductionResult, lm=None) -> list[str]:
+    """scores.csv, trials.npz and one heatmap per target of ``result`` into ``folder``; the output names."""
+    cfg, batch, scores = result.config, result.batch, result.scores
+    share_r0 = result.share_r0
+    outputs = ["scores.csv", "trials.npz"]
+    write_csv(folder / "scores.csv", SCORES_HEADER, score_rows(cfg.model, cfg.variant, cfg.protocol, scores,
+                                                               "" if share_r0 is None else f"{share_r0:.6g}"))
+    arrays = {"input_ids": batch.input_ids.numpy(), "mask_index": batch.mask_index.numpy()}
+    if batch.quirk is not None:
+        arrays["quirk"] = batch.quirk.numpy()
+    for target, pos in batch.targets.items():
+        arrays[f"target_index_{target}"] = pos.numpy()
+        arrays[f"attention_{target}"] = scores.per_trial[target].numpy()
+    if scores.rows is not None and lm is not None:
+        arrays.update(view_arrays(lm, batch, scores.rows))
+    with atomic_path(folder / "trials.npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+    for target, mean in scores.mean.items():
+        name = figure_name(cfg.variant, target)
+        induction_map(mean.numpy(), scores.sem[target].numpy(),
+                      f"Induction map: {model_label(cfg.model)}, {cfg.variant} RRT ({cfg.protocol} protocol)\n"
+                      f"attention from {query_words(result.causal)} to the {target_words(target, result.causal)}, "
+                      f"{scores.n_trials} trials", folder / name)
+        outputs.append(name)
+    return outputs
+
+
 def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batch_size=None,
                   progress=False, reuse=True) -> dict:
     """Run one induction experiment into ``out_dir``; reuse it if already finished with the same reuse key
@@ -143,42 +216,18 @@ def run_induction(cfg: InductionConfig, out_dir, *, lm=None, device="auto", batc
     lm = resolve_model(lm, cfg, device)
     identity["model"] = lm.fingerprint
     t_load = time.perf_counter() - t0
-    protocol = make_protocol(cfg.protocol, token_spec_for(lm))
-    n = variant.n_for(cfg.protocol, cfg.seq_len)
-    seq = check_length(variant, protocol, n, lm.max_positions)  # before anything big is built
-    check_trials_fit(cfg.trials, seq, lm.n_layers, lm.n_heads, len(variant.targets))
-    batch = build_batch(variant, protocol, cfg.trials, n, cfg.seed, max_positions=lm.max_positions)
-    t1 = time.perf_counter()
-    scores = induction_scores(lm, batch, batch_size=batch_size, progress=progress, keep_rows=VIEW_TRIALS)
-    t_run = time.perf_counter() - t1
-
-    quirk = batch.quirk
-    share_r0 = None if quirk is None else float(quirk.float().mean())
-    stage = run.stage()
-    outputs = ["scores.csv", "trials.npz"]
-    write_csv(stage / "scores.csv", SCORES_HEADER, score_rows(cfg.model, cfg.variant, cfg.protocol, scores,
-                                                              "" if share_r0 is None else f"{share_r0:.6g}"))
-    arrays = {"input_ids": batch.input_ids.numpy(), "mask_index": batch.mask_index.numpy()}
-    if quirk is not None:
-        arrays["quirk"] = quirk.numpy()
-    for target, pos in batch.targets.items():
-        arrays[f"target_index_{target}"] = pos.numpy()
-        arrays[f"attention_{target}"] = scores.per_trial[target].numpy()
-    arrays.update(view_arrays(lm, batch, scores.rows))
-    with atomic_path(stage / "trials.npz") as tmp:
-        np.savez_compressed(tmp, **arrays)
-    for target, mean in scores.mean.items():
-        name = figure_name(cfg.variant, target)
-        induction_map(mean.numpy(), scores.sem[target].numpy(),
-                      f"Induction map: {model_label(cfg.model)}, {cfg.variant} RRT ({cfg.protocol} protocol)\n"
-                      f"attention from [MASK] to the {target_words(target)}, {scores.n_trials} trials", stage / name)
-        outputs.append(name)
-    return run.commit(key, config, outputs, identity, model=lm.meta, seq_len=n, sequence_tokens=seq,
-                      protocol_note=PROTOCOL_NOTES.get(cfg.protocol, cfg.protocol),
-                      share_r0=share_r0,
+    result = compute_induction(cfg, lm, batch_size=batch_size, progress=progress)
+    outputs = write_induction(run.stage(), result, lm)
+    scores = result.scores
+    note = PROTOCOL_NOTES.get(cfg.protocol, cfg.protocol)
+    if result.causal:
+        note = CAUSAL_NOTE
+    return run.commit(key, config, outputs, identity, model=lm.meta, seq_len=result.seq_len,
+                      sequence_tokens=result.sequence_tokens, protocol_note=note, causal=result.causal,
+                      share_r0=result.share_r0,
                       n_trials=scores.n_trials, top_heads=top_heads(scores),
                       maps={t: {"mean": _rounded(scores.mean[t]), "sem": _rounded(scores.sem[t])} for t in scores.mean},
-                      timings={"load_s": round(t_load, 3), "extract_s": round(t_run, 3),
+                      timings={"load_s": round(t_load, 3), **result.timings,
                                "total_s": round(time.perf_counter() - t0, 3)})
 
 

@@ -111,32 +111,41 @@ def induction_map(mean, sem, title: str, path=None, *, top_k: int = 3, cbar_labe
     return None
 
 
-def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean attention"):
+def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean attention", ncols: int = 5,
+                    subtitles=None):
     """One panel per model (``panels``: ``[(label, values [layers, heads])]``), layers drawn at their relative
     depth (0 = first layer, 1 = last) so models of different depth line up, one colour scale shared by all
-    (0 to the largest value of any panel). Saves to ``path`` when given, else returns the Figure."""
+    (0 to the largest value of any panel), ``ncols`` panels a row. ``subtitles``: an extra line per panel.
+    Saves to ``path`` when given, else returns the Figure."""
     from matplotlib.colors import Normalize
     from matplotlib.patches import Rectangle
 
     vmax = max((float(np.nanmax(v)) for _, v in panels if np.isfinite(v).any()), default=1.0) or 1.0
     norm = Normalize(0.0, vmax)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.2, 4.2), squeeze=False)
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1.2, 4.2 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
     mesh = None
-    for ax, (label, values) in zip(axes[0], panels):
+    for i, (ax, (label, values)) in enumerate(zip(flat, panels)):
         values = np.asarray(values, dtype=float)
         layers, heads = values.shape
         mesh = ax.pcolormesh(np.arange(heads + 1), np.linspace(0, 1, layers + 1), values, cmap="Blues", norm=norm,
-                             edgecolors="white", linewidth=0.3)
+                             edgecolors="white", linewidth=0.3 if heads * layers <= 1200 else 0)
         ax.set_ylim(1, 0)
-        ax.set_title(f"{label}\n{layers} layers x {heads} heads", fontsize=10)
+        extra = f"\n{subtitles[i]}" if subtitles else ""
+        ax.set_title(f"{label}\n{layers} layers x {heads} heads{extra}", fontsize=9)
         ax.set_xlabel("head")
         best = np.unravel_index(np.nanargmax(values), values.shape) if np.isfinite(values).any() else None
         if best is not None:
             ax.add_patch(Rectangle((best[1], best[0] / layers), 1, 1 / layers, fill=False, edgecolor="#d95f02", lw=1.5))
-    axes[0][0].set_ylabel("relative depth (layer / layers)")
-    fig.subplots_adjust(top=0.78, wspace=0.35, right=0.86)
-    fig.colorbar(mesh, ax=axes[0].tolist(), label=cbar_label, shrink=0.9)
-    fig.suptitle(title + "\noutlined: each model's strongest head; one colour scale for all", fontsize=11, y=0.99)
+        if i % ncols == 0:
+            ax.set_ylabel("relative depth (layer / layers)")
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    fig.subplots_adjust(top=1 - 0.22 / nrows, hspace=0.55, wspace=0.35, right=0.86)
+    fig.colorbar(mesh, ax=flat, label=cbar_label, shrink=0.9)
+    fig.suptitle(title + "\noutlined: each model's strongest head; one colour scale for all", fontsize=11, y=0.995)
     if path is None:
         return fig
     save(fig, path)

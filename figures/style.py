@@ -1,14 +1,15 @@
-"""Shared figure plumbing: a headless backend and atomic PNG saving."""
+"""Shared figure plumbing: atomic PNG saving.
+
+No backend is chosen at import (a library must not override its user's): figures are drawn with pyplot and
+saved to files. The command line selects the headless Agg backend (``MPLBACKEND``) before anything imports
+pyplot; headless machines without a display fall back to Agg by themselves.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # figures are files for reports; never open a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from attnlab.core.outputs import atomic_path  # noqa: E402
+from attnlab.core.outputs import atomic_path
 
 
 def save(fig, path, dpi: int = 150) -> None:

@@ -10,6 +10,8 @@
 
 ``clean``: ``[CLS] ... [SEP]``; tokens drawn without replacement from ordinary vocabulary entries (no special
 and no ``[unused]`` tokens), so each token occurs once per copy and "the previous instance" is unique.
+For causal models (decoders: no [MASK], no [SEP]) ``clean`` frames ``BOS ...`` when the tokenizer has a
+beginning-of-sequence token (GPT-2's ``<|endoftext|>``, Llama's ``<s>``), else the bare tokens.
 """
 
 from __future__ import annotations
@@ -35,15 +37,25 @@ class TokenSpec:
     mask_id: int | None
     ordinary_ids: torch.Tensor  # 1-D, sorted
     vocab_size: int
+    causal: bool = False  # a decoder: sequences are read left to right, nothing is masked
+    bos_id: int | None = None
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, vocab_size: int) -> "TokenSpec":
+    def from_tokenizer(cls, tokenizer, vocab_size: int, causal: bool = False) -> "TokenSpec":
         special = set(tokenizer.all_special_ids)
         unused = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")
         vocab = tokenizer.get_vocab()
         ordinary = sorted(i for tok, i in vocab.items() if i < vocab_size and i not in special and not unused.match(tok))
         return cls(tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
-                   torch.tensor(ordinary, dtype=torch.long), vocab_size)
+                   torch.tensor(ordinary, dtype=torch.long), vocab_size, causal, tokenizer.bos_token_id)
+
+    @classmethod
+    def causal_from_config(cls, config, vocab_size: int) -> "TokenSpec":
+        """A decoder without tokenizer files: every id but the config's BOS / EOS / PAD is ordinary."""
+        special = {getattr(config, f"{k}_token_id", None) for k in ("bos", "eos", "pad")} - {None}
+        ordinary = [i for i in range(vocab_size) if i not in special]
+        return cls(None, None, None, torch.tensor(ordinary, dtype=torch.long), vocab_size, True,
+                   getattr(config, "bos_token_id", None))
 
     @classmethod
     def bert_uncased_layout(cls, vocab_size: int) -> "TokenSpec":
@@ -52,12 +64,17 @@ class TokenSpec:
 
 
 class Protocol:
-    """Frames random token sequences; variants call ``draw`` and ``frame`` and read ``name``."""
+    """Frames random token sequences; variants call ``draw`` and ``frame`` and read ``name`` and ``causal``."""
 
     name: str
 
     def __init__(self, spec: TokenSpec):
         self.spec = spec
+
+    @property
+    def causal(self) -> bool:
+        """True for decoders: no [MASK]; the query is a token of the second copy, read left to right."""
+        return self.spec.causal
 
     @property
     def mask_id(self) -> int:
@@ -77,6 +94,9 @@ class PaperProtocol(Protocol):
 
     def __init__(self, spec: TokenSpec):
         super().__init__(spec)
+        if spec.causal:
+            raise InputError("protocol 'paper' replicates the paper's BERT code ([SEP] and [MASK] ids); a causal model "
+                             "has neither - use protocol 'clean'")
         if spec.vocab_size < PAPER_HIGH:
             raise InputError(
                 f"protocol 'paper' draws token ids in [{PAPER_LOW}, {PAPER_HIGH}) but the model's vocabulary has "
@@ -105,6 +125,8 @@ class CleanProtocol(Protocol):
 
     def __init__(self, spec: TokenSpec):
         super().__init__(spec)
+        if spec.causal:
+            return
         missing = [n for n, v in (("[CLS]", spec.cls_id), ("[SEP]", spec.sep_id), ("[MASK]", spec.mask_id)) if v is None]
         if missing:
             raise InputError(f"protocol 'clean' needs {', '.join(missing)} token(s), which this model's tokenizer lacks")
@@ -121,6 +143,10 @@ class CleanProtocol(Protocol):
 
     def frame(self, body):
         t = body.shape[0]
+        if self.causal:  # BOS X X, or X X when the tokenizer has no BOS
+            if self.spec.bos_id is None:
+                return body, 0
+            return torch.cat([torch.full((t, 1), self.spec.bos_id, dtype=torch.long), body], dim=1), 1
         cls = torch.full((t, 1), self.spec.cls_id, dtype=torch.long)
         sep = torch.full((t, 1), self.spec.sep_id, dtype=torch.long)
         return torch.cat([cls, body, sep], dim=1), 1
@@ -135,9 +161,12 @@ def make_protocol(name: str, spec: TokenSpec) -> Protocol:
 
 
 def token_spec_for(lm) -> TokenSpec:
-    """The model's TokenSpec: from its tokenizer, else bert-base-uncased's id layout."""
+    """The model's TokenSpec: from its tokenizer, else (decoders) the config's special ids, else
+    bert-base-uncased's id layout."""
     if lm.tokenizer is not None:
-        return TokenSpec.from_tokenizer(lm.tokenizer, lm.vocab_size)
+        return TokenSpec.from_tokenizer(lm.tokenizer, lm.vocab_size, causal=lm.is_causal)
+    if lm.is_causal:
+        return TokenSpec.causal_from_config(lm.config, lm.vocab_size)
     if lm.vocab_size <= PAPER_HIGH:
         raise InputError(f"model '{lm.name}' has no tokenizer files and its {lm.vocab_size}-entry vocabulary is not "
                          "bert-base-uncased's id layout, so special and ordinary ids are unknown; save the tokenizer "

@@ -1,8 +1,11 @@
 """Repeated-random-token (RRT) variants, registered by name.
 
 A variant is one small definition: given a protocol, a number of trials, the length n of the random
-block and a generator, it returns an :class:`RRTBatch` - token ids, the [MASK] position of each trial and
-its named target positions. Register your own with :func:`register_variant` (see README); nothing in the
+block and a generator, it returns an :class:`RRTBatch` - token ids, the query position of each trial (the
+[MASK] for masked LMs) and its named target positions. Variants declare the models they serve
+(``modes``): ``"masked"`` (a [MASK] query, context on both sides) and/or ``"causal"`` (decoders: the query
+is an unmasked token of a later copy, and only earlier keys exist - Olsson et al.'s prefix matching). A
+builder that serves both reads ``protocol.causal``. Register your own with :func:`register_variant` (see README); nothing in the
 core needs editing.
 
 All index arithmetic uses 0-based positions in the framed sequence (protocol tokens included).
@@ -23,9 +26,9 @@ from attnlab.induction.protocols import Protocol
 class RRTBatch:
     """One variant's trials.
 
-    input_ids     [T, S]  with the [MASK] already in place
-    mask_index    [T]     position of [MASK] (the query)
-    masked_token  [T]     the id that was replaced by [MASK]
+    input_ids     [T, S]  with the [MASK] already in place (causal: unchanged)
+    mask_index    [T]     position of the query ([MASK]; causal: a token of a later copy)
+    masked_token  [T]     the id that was replaced by [MASK] (causal: the query's own token)
     targets       name -> [T] key positions whose attention from the query is scored
     """
 
@@ -46,6 +49,9 @@ class RRTBatch:
         in the paper's code, whose quirks the ``paper`` protocol keeps), anything else outside the sequence
         is an error (:func:`check_batch`).
         """
+        if mask_id is None:
+            raise InputError("this protocol has no [MASK] token (a causal model); a builder for causal models "
+                             "returns RRTBatch.causal(...) when protocol.causal is true")
         ids = ids.clone()
         rows = torch.arange(ids.shape[0])
         mask_index = _integer_positions(mask_index, "mask_index")
@@ -58,6 +64,23 @@ class RRTBatch:
         targets = {name: _integer_positions(pos, f"target {name!r}") for name, pos in targets.items()}
         targets = {name: torch.where((pos < 0) & (pos >= -seq), pos + seq, pos) for name, pos in targets.items()}
         return cls(ids, mask_index, masked_token, targets, quirk)
+
+
+    @classmethod
+    def causal(cls, ids: torch.Tensor, query_index, targets: dict, quirk: torch.Tensor | None = None) -> "RRTBatch":
+        """For decoders: nothing is masked; ``query_index`` is the token whose attention row is read.
+        Targets must lie at or before the query (a causal model cannot attend to later keys)."""
+        query_index = _integer_positions(query_index, "query_index")
+        rows = torch.arange(ids.shape[0])
+        if query_index.shape != rows.shape or ((query_index < 0) | (query_index >= ids.shape[1])).any():
+            raise InputError(f"query_index must hold one position per trial inside the {ids.shape[1]}-token "
+                             f"sequences, got {query_index.tolist()[:5]}...; fix the builder's index arithmetic")
+        targets = {name: _integer_positions(pos, f"target {name!r}") for name, pos in targets.items()}
+        for name, pos in targets.items():
+            if pos.shape == query_index.shape and (pos > query_index).any():
+                raise InputError(f"target {name!r} lies after the query in a causal model, which cannot attend "
+                                 "to later tokens; fix the builder's index arithmetic")
+        return cls(ids.clone(), query_index, ids[rows, query_index].clone(), targets, quirk)
 
 
 def _integer_positions(pos, what: str) -> torch.Tensor:
@@ -101,6 +124,18 @@ class Variant:
     build: Callable[[Protocol, int, int, torch.Generator], RRTBatch]
     description: str = ""
     default_n: dict = field(default_factory=dict)  # protocol name -> default n (e.g. triple uses 150 in paper)
+    modes: tuple[str, ...] = ("masked",)  # "masked" (a [MASK] query) and/or "causal" (decoders)
+
+    def check_model(self, lm) -> None:
+        """A clear error when this variant cannot serve ``lm`` (e.g. it needs a [MASK] and ``lm`` is causal)."""
+        mode = "causal" if lm.is_causal else "masked"
+        if mode not in self.modes:
+            need = ("a [MASK] token and context on both sides (a masked LM)" if mode == "causal"
+                    else "a causal (decoder) model")
+            serving = [v.name for v in list_variants() if mode in v.modes]
+            raise InputError(f"variant {self.name!r} needs {need}, but model '{lm.name}' is "
+                             f"{'causal' if mode == 'causal' else 'a masked LM'}; variants for it: "
+                             f"{', '.join(serving) or 'none'}")
 
     def n_for(self, protocol: str, n: int | None) -> int:
         return n if n is not None else self.default_n.get(protocol, 200)
@@ -109,8 +144,12 @@ class Variant:
 _REGISTRY: dict[str, Variant] = {}
 
 
-def register_variant(name: str, targets, description: str = "", default_n: dict | None = None):
+def register_variant(name: str, targets, description: str = "", default_n: dict | None = None,
+                     modes=("masked",)):
     """Decorator: register ``build(protocol, n_trials, n, generator) -> RRTBatch`` as variant ``name``.
+
+    ``modes``: the models it serves, ``("masked",)`` by default; add ``"causal"`` when the builder handles
+    ``protocol.causal`` (returning :meth:`RRTBatch.causal`).
 
     Registering the same builder again (a plugin imported twice) replaces it; another builder under a
     taken name is an error.
@@ -123,8 +162,11 @@ def register_variant(name: str, targets, description: str = "", default_n: dict 
         if old is not None and _origin(old.build) != _origin(build):
             raise InputError(f"variant {name!r} is already registered by {_origin(old.build)[0]}; give the variant "
                              f"in {_origin(build)[0]} another name")
+        bad = set(modes) - {"masked", "causal"}
+        if not modes or bad:
+            raise InputError(f"variant {name!r}: modes must be 'masked' and/or 'causal', got {tuple(modes)!r}")
         _REGISTRY[name] = Variant(name, tuple(targets), build, description or (build.__doc__ or "").strip(),
-                                  dict(default_n or {}))
+                                  dict(default_n or {}), tuple(modes))
         return build
 
     return wrap
@@ -168,11 +210,19 @@ def _first_occurrence(ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 @register_variant(
     "standard", ["prev", "before", "after"],
-    "X then X; mask one token of the second copy. prev = its position in the first copy; before/after = prev -/+ 1.",
+    "X then X; mask one token of the second copy (causal models: read one token of the second copy). "
+    "prev = its position in the first copy; before/after = prev -/+ 1 (causal: after is Olsson et al.'s "
+    "prefix-matching target, the token that followed the previous instance).",
+    modes=("masked", "causal"),
 )
 def build_standard(protocol: Protocol, n_trials: int, n: int, g: torch.Generator) -> RRTBatch:
     x = protocol.draw(n_trials, n, g)
     ids, off = protocol.frame(torch.cat([x, x], dim=1))
+    if protocol.causal:
+        j = _randint(g, 1, n - 2, n_trials)  # as for masked models: never a copy's first or last token
+        query, prev = off + n + j, off + j
+        return RRTBatch.causal(ids, query, {"prev": prev, "before": prev - 1, "after": prev + 1},
+                               torch.zeros(n_trials, dtype=torch.bool))
     if protocol.name == "paper":
         # Paper: masked index n + r, r in [0, n-1]. With the single leading [SEP] this is token r-1 of the second
         # copy, so prev = r. Quirk: r = 0 masks the LAST token of the FIRST copy, and then prev = 0 ([SEP]) and

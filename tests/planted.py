@@ -53,6 +53,45 @@ def planted_lag_bert(lag: int, positions: int = 256, vocab_size: int = 30522, sh
     return model
 
 
+
+def planted_lag_gpt2(lag: int, positions: int = 256, vocab_size: int = 1000, sharpness: float = 4.0,
+                     layers: int = 2, heads: int = 2):
+    """The same planted lag head in a causal model (GPT-2, pre-LN): layer 0 head 0 attends from p to p - lag.
+
+    ln_1 sees the mirrored position code (word embeddings zero), which it only rescales; Conv1D stores
+    [in, out], so the query block is (sharpness * rot / scale)^T and the key block I / scale."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_freq = 32
+    d_head = 2 * n_freq
+    hidden = heads * d_head
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=positions,
+                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    freqs = torch.rand(n_freq, generator=g) * (math.pi - 0.3) + 0.15
+    p = torch.arange(positions, dtype=torch.float32)[:, None]
+    code = torch.cat([torch.cos(freqs * p), torch.sin(freqs * p)], dim=1)
+    emb = torch.zeros(positions, hidden)
+    emb[:, :d_head], emb[:, d_head:2 * d_head] = code, -code
+    scale = math.sqrt(hidden / (2 * n_freq))
+    c, s = torch.cos(freqs * lag), torch.sin(freqs * lag)
+    rot = torch.zeros(d_head, d_head)
+    idx = torch.arange(n_freq)
+    rot[idx, idx], rot[idx, idx + n_freq] = c, s
+    rot[idx + n_freq, idx], rot[idx + n_freq, idx + n_freq] = -s, c
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+        model.transformer.wpe.weight.copy_(emb)
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:, :2 * hidden].zero_()  # every query and key weight
+            block.attn.c_attn.bias[:2 * hidden].zero_()
+        w = model.transformer.h[0].attn.c_attn.weight  # [in, 3 * hidden]: q | k | v
+        w[:d_head, :d_head] = (sharpness * rot / scale).T
+        w[:d_head, hidden:hidden + d_head] = torch.eye(d_head) / scale
+    return model
+
+
 RECENCY = 7.0
 
 

@@ -124,7 +124,7 @@ def test_sentence_mode_inputs_are_what_attention_reads(arch):
     words = ["dog", "couch", "cat"]
     layers = [0, 2]
     x, used = input_vectors(lm, words, layers, sentence=sentence)  # [3, 2, d_model]
-    ids = tok(sentence, add_special_tokens=arch == "bert")["input_ids"]
+    ids = tok(sentence)["input_ids"]  # the tokenizer's own special tokens, as input_vectors uses them
     q = extract_attention(lm, torch.tensor([ids]), return_attention=False, return_qk=True,
                           query_positions=torch.zeros(1, 0, dtype=torch.long)).queries[0]  # [S, L, H, d]
     w = head_weights(lm)

@@ -1,0 +1,83 @@
+"""`attnlab mosaic`: many models' induction maps side by side; in-process and on a local Ray instance."""
+
+import csv
+import json
+
+import pytest
+from conftest import save_tiny_mlm
+from families import tiny_family
+
+from attnlab.experiments.cli import main
+from attnlab.experiments.mosaic import MosaicConfig, compute_mosaic, write_mosaic
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, bert_tokenizer):
+    root = tmp_path_factory.mktemp("zoo")
+    save_tiny_mlm(root / "bert-mlm", bert_tokenizer)  # masked LM with a tokenizer
+    tiny_family("llama").save_pretrained(root / "llama-tiny")  # causal, no tokenizer: config's special ids
+    tiny_family("gpt_neox", seed=1).save_pretrained(root / "neox-tiny")
+    return root
+
+
+def _models(zoo):
+    return [str(zoo / "bert-mlm"), str(zoo / "llama-tiny"), str(zoo / "neox-tiny"), str(zoo / "missing-model")]
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_mosaic_draws_every_model_that_runs_and_lists_the_failures(zoo, tmp_path, capsys):
+    out = tmp_path / "m"
+    rc = main(["mosaic", "--models", ",".join(_models(zoo)), "--out", str(out), "--trials", "3", "--seq-len", "10",
+               "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "missing-model: failed: model folder" in text and "3 of 4 models drawn" in text
+    rows = {r["model"].rsplit("/", 1)[-1]: r for r in _read(out / "mosaic.csv")}
+    assert rows["missing-model"]["status"] == "failed" and "does not exist" in rows["missing-model"]["reason"]
+    assert rows["bert-mlm"]["target"] == "prev" and rows["bert-mlm"]["causal"] == "0"
+    assert rows["llama-tiny"]["target"] == "after" and rows["llama-tiny"]["causal"] == "1"
+    for name in ("bert-mlm", "llama-tiny", "neox-tiny"):
+        r = rows[name]
+        assert r["status"] == "ok" and int(r["parameters"]) > 0 and r["layers"] == "3"
+        assert 0 <= float(r["best_score"]) <= 1 and 0 <= float(r["best_relative_depth"]) <= 1
+    # each score is the per-model run's own map: the best cell of its scores.csv
+    per_model = _read(out / "models" / [p.name for p in (out / "models").iterdir() if "llama" in p.name][0] / "scores.csv")
+    after = [float(r["mean"]) for r in per_model if r["target"] == "after"]
+    assert float(rows["llama-tiny"]["best_score"]) == pytest.approx(max(after), rel=1e-5)
+    for png in ("mosaic.png", "mosaic_summary.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun reuses every finished model run and draws the same maps
+    first = json.loads((out / "mosaic.json").read_text())
+    capsys.readouterr()
+    assert main(["mosaic", "--models", ",".join(_models(zoo)), "--out", str(out), "--trials", "3", "--seq-len", "10",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("(reused finished run)") == 3
+    again = json.loads((out / "mosaic.json").read_text())
+    assert [e["map"] for e in again["entries"]] == [e["map"] for e in first["entries"]]
+    assert all(e["reused"] for e in again["entries"] if e["status"] == "ok")
+
+
+def test_mosaic_with_no_model_that_runs_fails_with_the_reasons(tmp_path, capsys):
+    rc = main(["mosaic", "--models", str(tmp_path / "nope"), "--out", str(tmp_path / "m"), "--device", "cpu",
+               "--no-progress"])
+    assert rc == 1 and "0 of 1 models drawn" in capsys.readouterr().out
+
+
+def test_mosaic_on_local_ray_equals_the_in_process_run(zoo, tmp_path):
+    ray = pytest.importorskip("ray")
+    cfg = MosaicConfig(models=_models(zoo)[:3], trials=3, seq_len=10)
+    here = compute_mosaic(cfg, tmp_path / "here", device="cpu")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = compute_mosaic(cfg, tmp_path / "ray", ray_address="auto")
+    finally:
+        ray.shutdown()
+    assert [e.status for e in remote.entries] == ["ok"] * 3
+    assert [e.map for e in remote.entries] == [e.map for e in here.entries]  # bit for bit (same seed, CPU)
+    assert [(e.model, e.target, e.parameters) for e in remote.entries] == [
+        (e.model, e.target, e.parameters) for e in here.entries]
+    assert "mosaic.png" in write_mosaic(tmp_path / "ray", remote)
