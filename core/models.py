@@ -20,6 +20,8 @@ from attnlab.core.attention_impl import CAPTURE_IMPLEMENTATION, install_capture_
 from attnlab.core.errors import InputError, MissingHeadError, ModelNotAvailableError
 from attnlab.core.provenance import model_fingerprint, parameters_fingerprint
 
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -34,6 +36,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` (or None) means CUDA when available, else CPU; anything else must exist here."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str) and device.startswith("map:"):
+        raise InputError(f"device {device!r} is a device map: pass it to load_model (or --device-map), which lets "
+                         "accelerate place the model; it cannot hold a single tensor")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -323,7 +328,9 @@ def load_model(
             folder. The HF cache is used and ``HF_HUB_OFFLINE=1`` is honoured.
         masked_lm: load the masked-LM head (BERT) / LM head (GPT-2). Raises :class:`MissingHeadError` when
             the checkpoint has no such head instead of initialising one at random.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``..., or ``"map:auto"`` (also ``map:balanced``,
+            ``map:sequential``): accelerate's ``device_map``, for models larger than one GPU; the extractor
+            feeds the inputs to the embeddings' device and gathers the rows on ``out_device`` as usual.
         dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``.
     """
     import transformers
@@ -334,13 +341,27 @@ def load_model(
         cls = transformers.AutoModelForCausalLM if arch.causal else transformers.AutoModelForMaskedLM
     else:
         cls = transformers.AutoModel
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    device_map = None
+    if isinstance(device, str) and device.startswith("map:"):
+        device_map = device.split(":", 1)[1] or "auto"
+        if device_map not in DEVICE_MAPS:
+            raise InputError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise InputError("a device map (device_map / --device-map) spreads a model over several devices with "
+                             "accelerate, which is not installed; pip install 'attnlab[scale]'") from None
+        torch_device = None
+    else:
+        torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
     install_capture_attention()
     try:
         model, info = cls.from_pretrained(
             name_or_path,
             revision=revision,
             dtype=torch_dtype,
+            **({"device_map": device_map} if device_map else {}),
             attn_implementation=CAPTURE_IMPLEMENTATION,
             trust_remote_code=False,
             output_loading_info=True,
@@ -362,7 +383,9 @@ def load_model(
                 f"(missing: {', '.join(sorted(missing)[:3])}...); this experiment needs one. Use a checkpoint "
                 "trained with its head, e.g. bert-base-uncased rather than a sentence-embedding encoder."
             )
-    model.to(torch_device).eval()
+    if device_map is None:
+        model.to(torch_device)
+    model.eval()
     tok = load_tokenizer(name_or_path, revision) if tokenizer else None
     source = str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
     meta = {
@@ -372,7 +395,7 @@ def load_model(
         "model_type": config.model_type,
         "masked_lm": masked_lm,
         "dtype": str(torch_dtype).replace("torch.", ""),
-        "device": str(torch_device),
+        "device": str(torch_device) if device_map is None else f"map:{device_map}",
         "fingerprint": model_fingerprint(name_or_path, revision),
         "layers": config.num_hidden_layers,
         "heads": config.num_attention_heads,

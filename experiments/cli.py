@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars: our own bars say where a run is
+    if getattr(args, "device_map", None):
+        args.device = f"map:{args.device_map}"  # the loader's spelling of accelerate's device_map
     try:
         load_plugins([p for p in os.environ.get("ATTNLAB_PLUGINS", "").split(",") if p] + args.plugin)
         return int(args.func(args) or 0)

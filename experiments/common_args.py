@@ -30,6 +30,9 @@ def add_runtime_args(parser) -> None:
                         help="model dtype (default: float32)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="sequences per forward pass (default: chosen from a 1 GB memory budget)")
+    parser.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                        help="spread a model larger than one GPU over the devices with accelerate (replaces --device; "
+                             "pip install 'attnlab[scale]')")
 
 
 def add_output_args(parser, help_out: str = "output directory") -> None:

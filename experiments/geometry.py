@@ -263,12 +263,23 @@ def run_scaling(cfg: GeometryConfig, out_dir, *, lm=None, docs=None, device="aut
         optimum_heatmap(best.numpy(), cfg.constants,
                         f"Optimal scaling constant: {METRIC_TITLES[metric]} (protocol {cfg.protocol})\n"
                         f"{model_label(cfg.model)}, {cfg.sentences} sentences, {metrics.n_pairs} query-key pairs "
-                        f"per head{note}", stage / name, stability=stab, unstable_below=UNSTABLE)
+                        f"per head{qk_note(lm, short=True)}{note}", stage / name, stability=stab,
+                        unstable_below=UNSTABLE)
         outputs.append(name)
-    return run.commit(key, config, outputs, identity, model=lm.meta, n_pairs=metrics.n_pairs,
+    return run.commit(key, config, outputs, identity, model=lm.meta, n_pairs=metrics.n_pairs, qk=qk_note(lm),
                       heads_missing=missing, optima=optima_summary(metrics, stability, qk.n_heads),
                       timings={"collect_s": round(t1 - t0, 3), "metrics_s": round(t2 - t1, 3),
                                "stability_s": round(t3 - t2, 3), "total_s": round(time.perf_counter() - t0, 3)})
+
+
+def qk_note(lm, short: bool = False) -> str:
+    """What the queries and keys are: on rotary families the post-rotary vectors the model dots."""
+    if lm.arch.positions != "rotary":
+        return "" if short else "queries and keys as the model computed them (absolute positions)"
+    if short:
+        return "; post-rotary q/k (what the model dots)"
+    return ("post-rotary queries and keys: the vectors the model actually dots, position rotation included "
+            f"({lm.model_type} uses rotary position embeddings)")
 
 
 def displayed_constants(constants, optimum: float | None) -> list[float]:
@@ -342,8 +353,8 @@ def run_umap(cfg: UMAPConfig, out_dir, *, lm=None, docs=None, device="auto", bat
     umap_grid(panels, optimum if math.isfinite(optimum) else None,
               f"{model_label(cfg.model)} layer {cfg.layer} head {cfg.head}: queries and keys, joint UMAP (cosine)\n"
               f"queries x c, keys / c{' + t' if translate else ''}; optimal c by {METRIC_TITLES[cfg.metric]} "
-              f"(protocol {cfg.protocol}) = {opt_text}", stage / f"{name}.png")
-    return run.commit(key, config, [f"{name}.png", f"{name}.npz"], identity, model=lm.meta,
+              f"(protocol {cfg.protocol}) = {opt_text}{qk_note(lm, short=True)}", stage / f"{name}.png")
+    return run.commit(key, config, [f"{name}.png", f"{name}.npz"], identity, model=lm.meta, qk=qk_note(lm),
                       optimum=optimum if math.isfinite(optimum) else None,
                       shown_constants=shown, n_queries=len(q_idx), n_keys=len(k_idx),
                       timings={"total_s": round(time.perf_counter() - t0, 3)})

@@ -244,6 +244,8 @@ def add_parser(sub) -> None:
                        description="Run the same induction experiment on several models, one folder each.")
     s.add_argument("--models", default=",".join(FIGURE9_MODELS),
                    help=f"comma-separated ids or folders (default: {','.join(FIGURE9_MODELS)})")
+    s.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
+                   help="one Ray task per model on this cluster (pip install 'attnlab[ray]')")
     _add_experiment_args(s)
     s.set_defaults(func=_run_sweep)
 
@@ -300,6 +302,8 @@ def _run_sweep(args) -> int:
     models = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
     if not models:
         raise InputError(f"models lists no model ({args.models!r}); give comma-separated ids or folders")
+    if getattr(args, "ray", None):
+        return _run_sweep_on_ray(args, models)
     failures = 0
     for model, out in sweep_folders(models, args.out).items():
         try:
@@ -312,7 +316,26 @@ def _run_sweep(args) -> int:
     return 1 if failures else 0
 
 
+def _run_sweep_on_ray(args, models) -> int:
+    """The sweep's per-model runs as Ray tasks (the same content-addressed jobs as ``mosaic --ray``)."""
+    from dataclasses import asdict
+
+    from attnlab.experiments.mosaic import MosaicConfig, _ray_jobs
+
+    cfg = MosaicConfig(models=models, variant=args.variant, protocol=args.protocol, trials=args.trials,
+                       seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
+    folders = sweep_folders(cfg.models, args.out)
+    entries = _ray_jobs(cfg.models, asdict(cfg), folders, args.ray, args.batch_size, not args.force)
+    for entry in entries:
+        if entry["status"] == "ok":
+            print(f"{entry['model']}: {'reused finished run in' if entry['reused'] else 'wrote'} {folders[entry['model']]}")
+        else:
+            print(f"{entry['model']}: skipped: {entry['reason']}")
+    return 1 if any(e["status"] != "ok" for e in entries) else 0
+
+
 def _list_variants(args) -> int:
     for v in list_variants():
-        print(f"{v.name:12s} targets: {', '.join(v.targets)}\n{'':12s} {v.description}")
+        print(f"{v.name:12s} targets: {', '.join(v.targets)}   models: {' and '.join(v.modes)}\n"
+              f"{'':12s} {v.description}")
     return 0

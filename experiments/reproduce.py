@@ -682,7 +682,8 @@ def _run(args) -> int:
                         paper_figures=args.paper_figures)
     from attnlab.core.models import resolve_device
 
-    resolve_device(args.device)  # a bad device fails now, not once per experiment
+    if not str(args.device).startswith("map:"):
+        resolve_device(args.device)  # a bad device fails now, not once per experiment
     if args.paper_figures and not Path(args.paper_figures).is_dir():
         raise InputError(f"paper figures folder {args.paper_figures} does not exist; pass the folder of the paper's "
                          "images (e.g. ../shared/reference/paper-figures)")

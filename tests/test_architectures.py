@@ -188,3 +188,21 @@ def test_lm_head_is_found(family):
     with torch.no_grad():
         hidden = lm.base(input_ids=seq).last_hidden_state
         torch.testing.assert_close(head(hidden), model(input_ids=seq).logits, atol=1e-5, rtol=0)
+
+
+def test_device_map_loads_and_extracts_the_same_rows(tmp_path):
+    """--device-map auto (accelerate): on this machine everything lands on the CPU; the rows are those of a
+    plain load (on a multi-GPU machine the layers spread out and the extractor gathers the rows the same way)."""
+    pytest.importorskip("accelerate")
+    from attnlab.core.models import load_model
+
+    tiny_family("llama").save_pretrained(tmp_path / "llama")
+    plain = load_model(str(tmp_path / "llama"), device="cpu")
+    mapped = load_model(str(tmp_path / "llama"), device="map:auto")
+    assert mapped.meta["device"] == "map:auto"
+    seqs, ids, mask, qpos = _batch([20, 9], 3, seed=11)
+    a = extract_attention(plain, ids, mask, qpos).attention
+    b = extract_attention(mapped, ids, mask, qpos).attention
+    assert torch.equal(a, b)
+    with pytest.raises(Exception, match="unknown device map"):
+        load_model(str(tmp_path / "llama"), device="map:everywhere")

@@ -246,3 +246,22 @@ def test_geometry_jobs_sharing_a_cache_collect_queries_and_keys_once(tmp_path, t
     assert len(calls) == 1  # one q/k collection for both jobs
     best = {(layer, head): opt for layer, head, opt, _ in scaling["optima"]["scaled_weighted_corr"]}
     assert umap["optimum"] == best[(1, 2)]  # the UMAP framed the optimum the scaling run found
+
+
+def test_rotary_geometry_reads_the_post_rotary_vectors_and_says_so(tmp_path, bert_tokenizer):
+    """On a rotary model (Llama) the scaling metrics run on the q/k the model dots - the extractor's post-rotary
+    vectors - and meta.json and the figure title say so; absolute-position models say nothing of rotation."""
+    import transformers
+
+    from attnlab.core.models import wrap_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=bert_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                   max_position_embeddings=128)
+    lm = wrap_model(transformers.LlamaModel(cfg), tokenizer=bert_tokenizer, name="tiny-llama")
+    meta = run_scaling(GeometryConfig(model="tiny-llama", sentences=8, bootstrap=0), tmp_path, lm=lm, docs=DOCS)
+    assert meta["qk"].startswith("post-rotary")
+    gpt2 = wrap_model(tiny_gpt2(vocab_size=bert_tokenizer.vocab_size), tokenizer=bert_tokenizer)
+    meta = run_scaling(GeometryConfig(model="tiny-gpt2", sentences=8, bootstrap=0), tmp_path / "g", lm=gpt2, docs=DOCS)
+    assert "rotary" not in meta["qk"]

@@ -74,8 +74,16 @@ def test_mosaic_on_local_ray_equals_the_in_process_run(zoo, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         remote = compute_mosaic(cfg, tmp_path / "ray", ray_address="auto")
+        # induction-sweep runs the same jobs: on a shared file system its folders are the mosaic's runs' twins
+        assert main(["induction-sweep", "--ray", "auto", "--models", ",".join(_models(zoo)[1:3]), "--trials", "3",
+                     "--seq-len", "10", "--out", str(tmp_path / "sweep")]) == 0
     finally:
         ray.shutdown()
+    sweep = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert len(sweep) == 2
+    for name in sweep:
+        assert (tmp_path / "sweep" / name / "scores.csv").read_bytes() == (
+            tmp_path / "here" / "models" / name / "scores.csv").read_bytes()
     assert [e.status for e in remote.entries] == ["ok"] * 3
     assert [e.map for e in remote.entries] == [e.map for e in here.entries]  # bit for bit (same seed, CPU)
     assert [(e.model, e.target, e.parameters) for e in remote.entries] == [
