@@ -43,7 +43,10 @@ class RRTTask:
 
 def rrt_task(lm, trials: int, n: int, seed: int) -> RRTTask:
     """Standard RRT, clean protocol: every masked token occurs exactly once per copy."""
-    if not lm.has_lm_head or not hasattr(lm.model, "cls"):
+    if lm.is_causal:
+        raise InputError(f"model '{lm.name}' is causal; the rrt task masks a token of the second copy, which needs a "
+                         "masked LM - for decoders use attnlab.ablate() with the causal induction variant")
+    if not lm.has_lm_head or lm.lm_head() is None:
         raise MissingHeadError(f"model '{lm.name}' has no masked-LM head; the rrt task reads the masked token's "
                                "prediction (load it with masked_lm=True, e.g. bert-base-uncased)")
     protocol = make_protocol("clean", token_spec_for(lm))

@@ -82,8 +82,17 @@ def _icl_metric(lm, docs, cfg) -> dict:
     return {"icl_score": torch.as_tensor(short - long)}
 
 
-def compute_ablation(cfg: AblationConfig, lm, docs=None, progress=False) -> dict:
-    """{"rows": ablation.csv rows, "delta": {metric: [L, H]} (scan only)} for the configured ablation."""
+@dataclass
+class AblationResult:
+    """``rows``: ablation.csv's rows (one per head or head set and metric: base, ablated, effect, 95% CI);
+    ``delta``: {metric: [L, H] mean effect} for a scan, else None."""
+
+    rows: list
+    delta: dict | None
+
+
+def compute_ablation(cfg: AblationConfig, lm, docs=None, progress=False) -> AblationResult:
+    """The configured ablation's effects on its task (nothing is written)."""
     if cfg.task == "rrt":
         task = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed)
         reference = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed + 1000).ids_second if cfg.mode == "mean" else None
@@ -95,7 +104,7 @@ def compute_ablation(cfg: AblationConfig, lm, docs=None, progress=False) -> dict
                 rows += list(_rows(layer, head, cfg, base, metrics))
                 for m in RRT_METRICS:
                     delta[m][layer, head] = float((metrics[m] - base[m]).mean())
-            return {"rows": rows, "delta": delta}
+            return AblationResult(rows, delta)
         with ablate(lm, cfg.heads, mode=cfg.mode, reference=reference):
             ablated = rrt_metrics(lm, task)
     else:
@@ -110,7 +119,7 @@ def compute_ablation(cfg: AblationConfig, lm, docs=None, progress=False) -> dict
             ablated = _icl_metric(lm, docs, cfg)
     heads = parse_heads(cfg.heads, lm.n_layers, lm.n_heads)
     layers, hs = ";".join(str(layer) for layer, _ in heads), ";".join(str(h) for _, h in heads)
-    return {"rows": list(_rows(layers, hs, cfg, base, ablated)), "delta": None}
+    return AblationResult(list(_rows(layers, hs, cfg, base, ablated)), None)
 
 
 def run_ablation(cfg: AblationConfig, out_dir, *, lm=None, docs=None, device="auto", reuse=True, progress=False) -> dict:
@@ -127,12 +136,12 @@ def run_ablation(cfg: AblationConfig, out_dir, *, lm=None, docs=None, device="au
         docs = load_corpus(cfg.corpus)
     result = compute_ablation(cfg, lm, docs, progress)
     stage = run.stage()
-    write_csv(stage / "ablation.csv", HEADER, result["rows"])
+    write_csv(stage / "ablation.csv", HEADER, result.rows)
     outputs = ["ablation.csv"]
-    if result["delta"] is not None:
+    if result.delta is not None:
         from attnlab.figures.heatmap import head_heatmap
 
-        for metric, delta in result["delta"].items():
+        for metric, delta in result.delta.items():
             extent = float(np.nanmax(np.abs(delta))) or 1e-9
             name = f"ablation_{metric}.png"
             head_heatmap(delta, f"{model_label(cfg.model)}: change in {metric.replace('_', ' ')} when each head is "
@@ -141,7 +150,7 @@ def run_ablation(cfg: AblationConfig, out_dir, *, lm=None, docs=None, device="au
                          vmax=extent, cbar_label=f"delta {metric}", annot=True)
             outputs.append(name)
     return run.commit(key, config, outputs, identity, model=lm.meta,
-                      effects=None if cfg.scan else [dict(zip(HEADER, row)) for row in result["rows"]],
+                      effects=None if cfg.scan else [dict(zip(HEADER, row)) for row in result.rows],
                       timings={"total_s": round(time.perf_counter() - t0, 3)})
 
 

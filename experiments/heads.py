@@ -49,8 +49,18 @@ class HeadsConfig:
             raise InputError("heads needs trials >= 2, detector_trials >= 1 and seq_len >= 3")
 
 
-def compute_heads(cfg: HeadsConfig, lm, progress: bool = False) -> dict:
-    """{"scores": {name: [L, H] numpy}, "composition": rows, "notes": [...]} for every head."""
+@dataclass
+class HeadsResult:
+    """``scores``: {name: [L, H] numpy} for every head; ``composition``: (layer1, head1, layer2, head2, kind,
+    score, baseline, corrected) rows; ``notes``: what was skipped and why."""
+
+    scores: dict
+    composition: list
+    notes: list
+
+
+def compute_heads(cfg: HeadsConfig, lm, progress: bool = False) -> HeadsResult:
+    """Weight-based, pattern-based and (BERT-style masked LMs) causal scores of every head; nothing is written."""
     w = head_weights(lm, device="cpu")
     emb = lm.base.get_input_embeddings().weight.detach().float().cpu()
     scores = {"ov_copying": ov_copying_scores(w.W_V, w.W_O, emb).numpy()}
@@ -63,7 +73,8 @@ def compute_heads(cfg: HeadsConfig, lm, progress: bool = False) -> dict:
     for name in DETECTORS:
         scores[name] = detected[name][2].numpy()
     notes = []
-    if lm.has_lm_head and hasattr(lm.model, "cls"):
+    bert_style = lm.arch.bert_layers is not None  # DLA and the scan follow a post-LN BERT-style encoder
+    if lm.has_lm_head and lm.lm_head() is not None and bert_style and not lm.is_causal:
         from attnlab.circuits.attribution import direct_logit_attribution
         from attnlab.circuits.tasks import rrt_metrics, rrt_task, scan_rrt
 
@@ -76,9 +87,12 @@ def compute_heads(cfg: HeadsConfig, lm, progress: bool = False) -> dict:
             for (layer, head), m in scanned.items():
                 delta[layer, head] = float((m["copying_gain"] - base).mean())
             scores["ablation_copying_gain"] = delta
-    else:
+    elif not lm.has_lm_head or lm.lm_head() is None:
         notes.append("no masked-LM head: dla and ablation_copying_gain need one and were skipped")
-    return {"scores": scores, "composition": composition_scores(w), "notes": notes}
+    else:
+        notes.append(f"dla and ablation_copying_gain follow a BERT-style masked-LM encoder layer by layer; "
+                     f"{lm.model_type} is not one, so they were skipped (the weight and pattern scores are complete)")
+    return HeadsResult(scores, composition_scores(w), notes)
 
 
 def run_heads(cfg: HeadsConfig, out_dir, *, lm=None, device="auto", reuse=True, progress=False) -> dict:
@@ -98,21 +112,21 @@ def run_heads(cfg: HeadsConfig, out_dir, *, lm=None, device="auto", reuse=True, 
     identity["model"] = lm.fingerprint
     result = compute_heads(cfg, lm, progress)
     stage = run.stage()
-    rows = [[layer, head, name, f"{values[layer, head]:.6g}"] for name, values in result["scores"].items()
+    rows = [[layer, head, name, f"{values[layer, head]:.6g}"] for name, values in result.scores.items()
             for layer in range(lm.n_layers) for head in range(lm.n_heads)]
     write_csv(stage / "heads.csv", ["layer", "head", "score", "value"], rows)
     write_csv(stage / "composition.csv", ["layer1", "head1", "layer2", "head2", "kind", "score", "baseline", "corrected"],
-              ([*r[:5], f"{r[5]:.6g}", f"{r[6]:.6g}", f"{r[7]:.6g}"] for r in result["composition"]))
+              ([*r[:5], f"{r[5]:.6g}", f"{r[6]:.6g}", f"{r[7]:.6g}"] for r in result.composition))
     from attnlab.figures.heads import score_maps, story_figure
 
     label = model_label(cfg.model)
-    score_maps(result["scores"], f"Head scores: {label}", stage / "heads.png")
-    story_figure(result["scores"], f"{label}: does an induction-like head also copy, and is it used?",
+    score_maps(result.scores, f"Head scores: {label}", stage / "heads.png")
+    story_figure(result.scores, f"{label}: does an induction-like head also copy, and is it used?",
                  stage / "story.png")
-    top = {name: _top(values) for name, values in result["scores"].items()}
-    comp = sorted(result["composition"], key=lambda r: -r[7])[:10]
+    top = {name: _top(values) for name, values in result.scores.items()}
+    comp = sorted(result.composition, key=lambda r: -r[7])[:10]
     return run.commit(key, config, ["heads.csv", "composition.csv", "heads.png", "story.png"], identity,
-                      model=lm.meta, notes=result["notes"], top_heads=top,
+                      model=lm.meta, notes=result.notes, top_heads=top,
                       top_composition=[{"from": f"L{r[0]}H{r[1]}", "to": f"L{r[2]}H{r[3]}", "kind": r[4],
                                         "corrected": round(r[7], 4)} for r in comp],
                       timings={"total_s": round(time.perf_counter() - t0, 3)})

@@ -35,7 +35,7 @@ PROTOCOL_NOTES = {
     "paper": "paper protocol: the paper's code, quirks included (leading [SEP], ids in [100, 20000) with "
              "replacement, r = 0 masks the last token of the first copy)",
 }
-CAUSAL_NOTE = ("causal model: BOS X X (no [MASK]); the query is a token of the second copy, read left to right; "
+CAUSAL_NOTE = ("causal model: BOS X X (X X when the tokenizer has no BOS; no [MASK]); the query is a token of the second copy, read left to right; "
                "'after' is the prefix-matching target (the token that followed the previous instance)")
 TARGET_WORDS = {
     "prev": "previous instance of the masked token",
@@ -275,10 +275,12 @@ def _config(args, model) -> InductionConfig:
 
 def _run_one(args) -> int:
     cfg = _config(args, args.model)
-    print(f"induction: {PROTOCOL_NOTES[cfg.protocol]}" + ("" if cfg.protocol == "paper" else
-          "; `reproduce` uses the paper protocol"))
     meta = run_induction(cfg, args.out, device=args.device, batch_size=args.batch_size,
                          progress=not args.no_progress, reuse=not args.force)
+    # the protocol as it was applied to this model (a causal model is framed without [CLS]/[SEP]/[MASK])
+    note = meta.get("protocol_note") or PROTOCOL_NOTES[cfg.protocol]
+    print(f"induction: {note}" + ("" if cfg.protocol == "paper" or meta.get("causal") else
+                                  "; `reproduce` uses the paper protocol"))
     print_wrote(meta, args.out)
     return 0
 

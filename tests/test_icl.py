@@ -124,3 +124,44 @@ def test_corpus_sources(tmp_path, simplewiki_path):
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as fh:
         fh.write(json.dumps({"id": 7, "title": "T", "text": "some text"}) + "\n")
     assert load_corpus(str(tmp_path / "c.jsonl.gz")) == [Document("7", "T", "some text")]
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "modernbert"])
+def test_icl_reads_any_masked_lm_through_its_family_head(family, tokenizer):
+    """compute_icl on other masked-LM families (through the family record's LM head) equals the model's own
+    logits by hand; a causal model is refused with the reason."""
+    import transformers
+
+    from attnlab.core.errors import InputError
+    from attnlab.core.models import wrap_model
+    from attnlab.icl import compute_icl
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=520)
+    cfg, cls = {
+        "roberta": (transformers.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=48, pad_token_id=0, **{**common,
+                                               "max_position_embeddings": 522}), transformers.RobertaForMaskedLM),
+        "distilbert": (transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=48, **common),
+                       transformers.DistilBertForMaskedLM),
+        "modernbert": (transformers.ModernBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=48, pad_token_id=0, bos_token_id=101,
+                                                     eos_token_id=102, cls_token_id=101, sep_token_id=102,
+                                                     mask_token_id=103, **common), transformers.ModernBertForMaskedLM),
+    }[family]
+    model = cls(cfg).eval()
+    lm = wrap_model(model, tokenizer=tokenizer, name=family)
+    docs = synthetic_corpus(tokenizer)
+    result = compute_icl(lm, docs, "masked-token", 3, seed=1)
+    enc = tokenize_lengths(tokenizer, docs)
+    t = result.trials[0]
+    ids = torch.tensor([enc[t.doc_index][:500]])
+    ids[0, t.pos_long] = tokenizer.mask_token_id
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, t.pos_long]
+    by_hand = -torch.log_softmax(logits.double(), -1)[enc[t.doc_index][t.pos_long]].item()
+    assert result.loss_long[0] == pytest.approx(by_hand, abs=1e-4)
+    assert result.summary()["n"] == 3
+    with pytest.raises(InputError, match="causal"):
+        compute_icl(wrap_model(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2)), tokenizer=tokenizer), docs, n_trials=2)
