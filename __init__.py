@@ -1,8 +1,9 @@
-"""attnlab: induction heads, in-context learning and query/key geometry in BERT-style transformers.
+"""attnlab: induction heads, in-context learning and query/key geometry in transformers (BERT-style first).
 
 The small public API (the rest is machinery):
 
-- :func:`attnlab.load_model` - load a BERT-family or GPT-2 model + tokenizer (Hub id, cache or folder).
+- :func:`attnlab.load_model` - load a model of a supported family + tokenizer (Hub id, cache or folder);
+  the families are the records of ``attnlab.core.architectures``.
 - :func:`attnlab.extract_attention` - attention rows of chosen queries, every layer and head, batched.
 - :func:`attnlab.head_weights` - per-head W_Q, W_K, W_V, W_O slices and biases.
 - :func:`attnlab.ablate` - a context in which chosen heads are zeroed, mean-ablated or patched.

@@ -35,8 +35,9 @@ PROTOCOL_NOTES = {
     "paper": "paper protocol: the paper's code, quirks included (leading [SEP], ids in [100, 20000) with "
              "replacement, r = 0 masks the last token of the first copy)",
 }
-CAUSAL_NOTE = ("causal model: BOS X X (X X when the tokenizer has no BOS; no [MASK]); the query is a token of the second copy, read left to right; "
-               "'after' is the prefix-matching target (the token that followed the previous instance)")
+CAUSAL_NOTE = ("causal model: BOS X X (X X when the tokenizer has no BOS; no [MASK]); the query is a token of the "
+               "second copy, read left to right; 'after' is the prefix-matching target (the token that followed the "
+               "previous instance)")
 TARGET_WORDS = {
     "prev": "previous instance of the masked token",
     "before": "token before the previous instance",
