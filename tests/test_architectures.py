@@ -226,3 +226,23 @@ def test_heads_runs_on_other_families_and_says_what_it_skipped(tmp_path, bert_to
                      lm=wrap_model(tiny_family("llama")))
     assert "llama is not one" in meta["notes"][0] and "dla" not in meta["top_heads"]
     assert {"ov_copying", "induction", "previous_token"} <= set(meta["top_heads"])
+
+
+def test_electra_discriminator_loads_as_encoder_and_has_no_masked_lm_head(tmp_path):
+    """An ELECTRA discriminator checkpoint reads as an encoder; asking it for the masked-LM head (the
+    generator's) is a MissingHeadError, not a randomly initialised head. The generator loads with its head."""
+    import transformers
+
+    from attnlab.core.errors import MissingHeadError
+    from attnlab.core.models import load_model
+
+    cfg = transformers.ElectraConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    transformers.ElectraForPreTraining(cfg).save_pretrained(tmp_path / "disc")
+    tiny_family("electra").save_pretrained(tmp_path / "gen")
+    disc = load_model(str(tmp_path / "disc"), device="cpu")
+    assert disc.n_layers == 2 and disc.lm_head() is None
+    with pytest.raises(MissingHeadError, match="masked-LM head"):
+        load_model(str(tmp_path / "disc"), masked_lm=True, device="cpu")
+    gen = load_model(str(tmp_path / "gen"), masked_lm=True, device="cpu")
+    assert gen.lm_head() is not None and gen.has_lm_head

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 from conftest import save_tiny_mlm
 from families import tiny_family
@@ -82,10 +83,14 @@ def test_mosaic_on_local_ray_equals_the_in_process_run(zoo, tmp_path):
     sweep = sorted(p.name for p in (tmp_path / "sweep").iterdir())
     assert len(sweep) == 2
     for name in sweep:
-        assert (tmp_path / "sweep" / name / "scores.csv").read_bytes() == (
-            tmp_path / "here" / "models" / name / "scores.csv").read_bytes()
+        got, want = _read(tmp_path / "sweep" / name / "scores.csv"), _read(tmp_path / "here" / "models" / name / "scores.csv")
+        assert [(r["target"], r["layer"], r["head"]) for r in got] == [(r["target"], r["layer"], r["head"]) for r in want]
+        np.testing.assert_allclose([float(r["mean"]) for r in got], [float(r["mean"]) for r in want], atol=1e-5, rtol=0)
     assert [e.status for e in remote.entries] == ["ok"] * 3
-    assert [e.map for e in remote.entries] == [e.map for e in here.entries]  # bit for bit (same seed, CPU)
+    # the same trials and the same arithmetic; Ray runs each task's torch with one thread and this process uses
+    # more, so float32 sums may be taken in another order: equal to within float32 rounding, not bit for bit
+    for a, b in zip(remote.entries, here.entries):
+        np.testing.assert_allclose(np.array(a.map), np.array(b.map), atol=1e-5, rtol=0)
     assert [(e.model, e.target, e.parameters) for e in remote.entries] == [
         (e.model, e.target, e.parameters) for e in here.entries]
     assert "mosaic.png" in write_mosaic(tmp_path / "ray", remote)
