@@ -136,6 +136,32 @@ class PatternsConfig:
 PATTERNS_HEADER = ["input", "layer", "head", "kind", "rank", "token", "similarity"]
 
 
+@dataclass
+class PatternsResult:
+    """``rows``: (input, layer, head, kind, rank, token, similarity) for the chosen heads; ``used``: the token
+    each word became, as (id, piece); ``spectra``: (layer, head, kind, effective rank, singular values)."""
+
+    rows: list
+    used: list
+    spectra: list
+
+
+def compute_patterns(cfg: PatternsConfig, lm, layers: list[int], heads: set[int]) -> PatternsResult:
+    """Pattern/message projections of ``cfg.words`` and every chosen head's W^P / W^M spectrum (nothing written)."""
+    flt = VocabFilter(special=not cfg.keep_special, subwords=cfg.no_subwords,
+                      bpe_fragments=cfg.no_bpe_fragments, high_bias=cfg.no_high_bias)
+    w = head_weights(lm, device="cpu")  # shared by the projections and the spectra
+    rows, used = compute(lm, list(cfg.words), layers, cfg.kinds, cfg.top_k, cfg.sentence, cfg.layernorm, flt,
+                         cfg.strict, w)
+    spectra = []
+    for kind in KINDS:
+        s, eff = spectrum(w, kind)
+        for layer in layers:
+            for h in sorted(heads):
+                spectra.append((layer, h, kind, eff[layer, h].item(), s[layer, h].tolist()))
+    return PatternsResult([r for r in rows if r[2] in heads], used, spectra)
+
+
 def run_patterns(cfg: PatternsConfig, out_dir, *, lm=None, device="auto", reuse=True, warn=print) -> dict:
     """Projections of ``cfg.words`` into ``out_dir`` (patterns.csv, patterns.md, spectrum.csv). ``lm``: a loaded
     model, a loader callable, or None (load ``cfg.model``)."""
@@ -153,23 +179,14 @@ def run_patterns(cfg: PatternsConfig, out_dir, *, lm=None, device="auto", reuse=
     if "message" in cfg.kinds and not getattr(lm.config, "tie_word_embeddings", True):
         warn("note: input and output embeddings are not tied in this model; messages are compared with the "
              "INPUT embeddings, which is not what the model's output head reads")
-    flt = VocabFilter(special=not cfg.keep_special, subwords=cfg.no_subwords,
-                      bpe_fragments=cfg.no_bpe_fragments, high_bias=cfg.no_high_bias)
-    w = head_weights(lm, device="cpu")  # shared by the projections and the spectra
-    rows, used = compute(lm, list(cfg.words), layers, cfg.kinds, cfg.top_k, cfg.sentence, cfg.layernorm, flt,
-                         cfg.strict, w)
-    rows = [r for r in rows if r[2] in heads]
+    result = compute_patterns(cfg, lm, layers, heads)
+    rows, used = result.rows, result.used
     stage = run.stage()
     write_csv(stage / "patterns.csv", PATTERNS_HEADER, ([*r[:6], f"{r[6]:.6f}"] for r in rows))
     write_text(stage / "patterns.md", patterns_markdown(cfg, rows, used))
-    spectrum_rows = []
-    for kind in KINDS:
-        s, eff = spectrum(w, kind)
-        for layer in layers:
-            for h in sorted(heads):
-                spectrum_rows.append([layer, h, kind, f"{eff[layer, h].item():.4f}",
-                                      " ".join(f"{v:.5g}" for v in s[layer, h].tolist())])
-    write_csv(stage / "spectrum.csv", ["layer", "head", "kind", "effective_rank", "singular_values"], spectrum_rows)
+    write_csv(stage / "spectrum.csv", ["layer", "head", "kind", "effective_rank", "singular_values"],
+              ([layer, h, kind, f"{eff:.4f}", " ".join(f"{v:.5g}" for v in sv)]
+               for layer, h, kind, eff, sv in result.spectra))
     from attnlab.figures.patterns import patterns_figure
 
     patterns_figure(rows, list(cfg.words), list(cfg.kinds), f"Pattern and message projections: {model_label(cfg.model)}",
