@@ -1,10 +1,11 @@
 """The one hook point: an attention implementation that is SDPA plus an optional recorder.
 
-transformers routes every attention call of BERT and GPT-2 through a registry of attention functions
-(``AttentionInterface``). We register ``"attnlab_sdpa"``: it runs the model's own
+transformers routes the attention call of every supported family (``core.architectures``) through a registry of
+attention functions (``AttentionInterface``). We register ``"attnlab_sdpa"``: it runs the model's own
 ``scaled_dot_product_attention`` unchanged, and, when a :class:`Recorder` is active, hands it the
 per-head queries and keys *as the model computed them* (after any scaling the architecture does in
-its projection) together with the mask and scaling the model used. The recorder then computes only the
+its projection, and after the rotation on rotary families; grouped-query keys have fewer heads) together with the
+mask and scaling the model used. The recorder then computes only the
 attention rows it was asked for, so the forward pass never materialises ``[layers, heads, seq, seq]``.
 
 The same function is where heads are ablated or patched (``circuits/ablation.py``): while an editor is active

@@ -47,7 +47,7 @@ function attnlabTokenView(detailId, run, layer, head, target, title) {
                      fillcolor: '#fdd0a2', opacity: 0.6, line: {width: 0}, layer: 'below'});
       }
     }
-    const marks = [[run.mask[t], '[MASK] (query)', '#d95f02']].concat(
+    const marks = [[run.mask[t], (run.query || '[MASK]') + ' (query)', '#d95f02']].concat(
       Object.keys(run.targets).map(k => [run.targets[k][t], k, k === target ? '#1b9e77' : '#999999']));
     for (const [pos, name, color] of marks) {
       shapes.push({type: 'line', xref: 'x' + axis, yref: 'y' + axis + ' domain', x0: pos, x1: pos, y0: 0, y1: 1,
@@ -57,8 +57,9 @@ function attnlabTokenView(detailId, run, layer, head, target, title) {
     }
   }
   document.getElementById(detailId).innerHTML = '';
-  const layout = {title: {text: title + ' - L' + layer + 'H' + head + ': attention from [MASK] over the tokens of ' + n +
-                          ' trials' + (run.masked ? ' (shaded: the instances of the masked token)' : ''), font: {size: 12}},
+  const layout = {title: {text: title + ' - L' + layer + 'H' + head + ': attention from ' + (run.query || '[MASK]') +
+                          ' over the tokens of ' + n + ' trials' +
+                          (run.masked ? ' (shaded: the instances of the query token)' : ''), font: {size: 12}},
                   height: 170 * n + 60, margin: {l: 50, r: 10, t: 50, b: 30}, shapes: shapes, annotations: annotations,
                   grid: {rows: n, columns: 1, pattern: 'independent', ygap: 0.35}, bargap: 0};
   Plotly.newPlot(detailId, traces, layout, {displayModeBar: false, responsive: true});
@@ -101,7 +102,9 @@ def induction_run_data(run_dir) -> dict | None:
     return {"meta": meta, "run": {"rows": _encode_rows(rows), "shape": list(rows.shape),
                                   "tokens": z["view_tokens"].tolist(), "mask": z["mask_index"][:n].tolist(),
                                   "targets": targets,
-                                  "masked": z["view_masked"].tolist() if "view_masked" in z.files else None}}
+                                  "masked": z["view_masked"].tolist() if "view_masked" in z.files else None,
+                                  # decoders have no [MASK]: the query is a token of the second copy
+                                  "query": "the repeated token" if meta.get("causal") else "[MASK]"}}
 
 
 def heatmap_spec(meta: dict, target: str) -> dict:

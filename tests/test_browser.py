@@ -118,3 +118,27 @@ def test_report_page_loads_clean_with_interactive_maps_and_umap(browser, tmp_pat
     assert "query:" in hover or "key:" in hover
     assert errors == []
     page.close()
+
+
+def test_view_of_a_causal_run_names_its_query(browser, tmp_path):
+    """A decoder's run: the query is a repeated token (no [MASK]); the view says so and marks prefix matching."""
+    from planted import planted_lag_gpt2
+
+    folder = tmp_path / "planted-gpt2"
+    planted_lag_gpt2(lag=19, positions=64).save_pretrained(folder)  # prefix matching: n - 1 back
+    out = tmp_path / "run"
+    assert main(["induction", "--model", str(folder), "--seq-len", "20", "--trials", "4", "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["view", str(out)]) == 0
+    page, errors = _open(browser, out / "view.html")
+    assert errors == []
+    at = _cell(page, "attnlab-map-0", 0, 0)
+    page.mouse.click(at["x"], at["y"])
+    page.wait_for_function("document.getElementById('attnlab-detail-0').classList.contains('js-plotly-plot')",
+                           timeout=5000)
+    drawn = page.evaluate("""() => { const gd = document.getElementById('attnlab-detail-0');
+        return {title: gd.layout.title.text, marks: gd.layout.annotations.map(a => a.text), y: gd.data[0].y}; }""")
+    assert "attention from the repeated token" in drawn["title"] and "[MASK]" not in drawn["title"]
+    assert {"the repeated token (query)", "prev", "after"} <= set(drawn["marks"])
+    assert errors == []
+    page.close()
