@@ -48,12 +48,25 @@ class MosaicConfig:
         self.models = list(dict.fromkeys(str(m).strip() for m in self.models if str(m).strip()))
         if not self.models:
             raise InputError("models lists no model; give one or more Hub ids or folders, comma-separated")
-        # the per-model config validates the rest before any model is loaded
-        self.induction_config(self.models[0])
+        # the per-model configs validate the rest (and every MODEL@REVISION) before any model is loaded
+        for model in self.models:
+            self.induction_config(model)
 
     def induction_config(self, model: str) -> InductionConfig:
-        return InductionConfig(model=model, variant=self.variant, protocol=self.protocol, trials=self.trials,
-                               seq_len=self.seq_len, seed=self.seed, dtype=self.dtype)
+        name, revision = split_revision(model)
+        return InductionConfig(model=name, variant=self.variant, protocol=self.protocol, trials=self.trials,
+                               seq_len=self.seq_len, seed=self.seed, revision=revision, dtype=self.dtype)
+
+
+def split_revision(model: str) -> tuple[str, str | None]:
+    """``"EleutherAI/pythia-160m@step1000"`` -> (``"EleutherAI/pythia-160m"``, ``"step1000"``): one Hub model at
+    several training checkpoints in one mosaic. A local path that itself contains '@' is taken whole."""
+    if "@" not in model or Path(model).expanduser().exists():
+        return model, None
+    name, revision = model.rsplit("@", 1)
+    if not name or not revision:
+        raise InputError(f"cannot read {model!r} as MODEL@REVISION; write e.g. EleutherAI/pythia-160m@step1000")
+    return name, revision
 
 
 @dataclass
@@ -197,7 +210,9 @@ def write_mosaic(folder: Path, result: MosaicResult) -> list[str]:
 def add_parser(sub) -> None:
     p = sub.add_parser("mosaic", help="one induction map per model, side by side, at relative depth",
                        description=__doc__.split("Which map")[0])
-    p.add_argument("--models", required=True, help="comma-separated Hub ids or local folders")
+    p.add_argument("--models", required=True,
+                   help="comma-separated Hub ids or local folders; MODEL@REVISION picks a Hub revision, e.g. the "
+                        "Pythia training checkpoints EleutherAI/pythia-160m@step1000,EleutherAI/pythia-160m@step143000")
     p.add_argument("--variant", default="standard", help="RRT variant (default: standard)")
     p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
     p.add_argument("--trials", type=positive_int, default=50)

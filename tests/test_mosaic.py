@@ -94,3 +94,18 @@ def test_mosaic_on_local_ray_equals_the_in_process_run(zoo, tmp_path):
     assert [(e.model, e.target, e.parameters) for e in remote.entries] == [
         (e.model, e.target, e.parameters) for e in here.entries]
     assert "mosaic.png" in write_mosaic(tmp_path / "ray", remote)
+
+
+def test_model_at_revision_names_a_hub_checkpoint(tmp_path):
+    from attnlab.core.errors import InputError
+    from attnlab.experiments.mosaic import split_revision
+
+    assert split_revision("EleutherAI/pythia-160m@step1000") == ("EleutherAI/pythia-160m", "step1000")
+    assert split_revision("gpt2") == ("gpt2", None)
+    odd = tmp_path / "model@v2"
+    odd.mkdir()
+    assert split_revision(str(odd)) == (str(odd), None)  # an existing folder is taken whole
+    with pytest.raises(InputError, match="MODEL@REVISION"):
+        split_revision("pythia@")
+    cfg = MosaicConfig(models=["EleutherAI/pythia-160m@step1000"])
+    assert cfg.induction_config(cfg.models[0]).revision == "step1000"
