@@ -22,7 +22,7 @@ Adding a family is adding a record here and a test in ``tests/test_architectures
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -49,7 +49,6 @@ class Architecture:
     #: circuits code (head scan, direct logit attribution); None where that code does not apply
     bert_layers: Callable | None = None
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- weight helpers

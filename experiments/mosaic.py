@@ -137,7 +137,11 @@ def _ray_jobs(models, cfg: dict, folders: dict, address: str, batch_size, reuse:
         raise InputError("ray_address needs Ray, which is not installed; pip install 'attnlab[ray]'") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+        try:
+            ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise InputError(f"could not reach a Ray cluster at {address!r} ({' '.join(str(exc).split())[:160]}); "
+                             "start one with `ray start --head`, give its address, or use --ray local") from None
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         remote = ray.remote(num_gpus=gpus, max_retries=0)(induction_job)

@@ -109,3 +109,12 @@ def test_model_at_revision_names_a_hub_checkpoint(tmp_path):
         split_revision("pythia@")
     cfg = MosaicConfig(models=["EleutherAI/pythia-160m@step1000"])
     assert cfg.induction_config(cfg.models[0]).revision == "step1000"
+
+
+def test_ray_without_a_cluster_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = main(["mosaic", "--models", str(tmp_path / "x"), "--ray", "auto", "--out", str(tmp_path / "m"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "could not reach a Ray cluster at 'auto'" in err and err.count("\n") == 1
