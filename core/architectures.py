@@ -7,17 +7,18 @@ one place. Nothing else in attnlab branches on ``model_type``; it asks the recor
                               (ALBERT shares one module across layers: the list repeats it)
     attn_norm(base, l)        what a layer's attention reads from the residual stream: its pre-LN norm, or
                               None for post-LN families (the layer's input hidden state is read as it is)
-    qkvo(module, lm)          per-head W_Q, b_Q, W_K, b_K, W_V, b_V ``[H, d_model, d_head]`` / ``[H, d_head]``,
-                              W_O ``[H, d_head, d_model]``, b_O ``[d_model]`` and the score scaling
+    qkvo(lm, l)               layer l's per-head W_Q, b_Q, W_K, b_K, W_V, b_V (``[H, d_model, d_head]`` and
+                              ``[H, d_head]``), W_O ``[H, d_head, d_model]``, b_O ``[d_model]`` and the scaling
     lm_head(model)            callable final hidden state -> logits, or None when the model has no LM head
-    causal / positions        decoder or encoder; "absolute", "rotary" (q and k are rotated before the dot
-                              product: what the extractor records is the rotated q/k) or "relative"
+    causal / positions        decoder or encoder; "absolute" or "rotary" (q and k are rotated before the dot
+                              product: what the extractor records is the rotated q/k)
     rotate(lm, l, q, k, pos)  rotary families: apply layer l's rotation to pre-rotary per-head q/k
 
 Grouped-query attention (Llama, Qwen2, Mistral): W_K and W_V are returned per *query* head (each key/value
 head repeated for the query heads that share it), so every head has its own slices, as in TransformerLens.
 
-Adding a family is adding a record here and a test in ``tests/test_architectures.py``.
+Adding a family is adding a record here and its tiny config to ``tests/families.py``, which every test of
+``tests/test_architectures.py`` runs on.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Architecture:
     family: str
     model_types: tuple[str, ...]
     causal: bool
-    positions: str  # "absolute" | "rotary" | "relative"
+    positions: str  # "absolute" | "rotary"
     attention_modules: Callable
     attn_norm: Callable
     qkvo: Callable
@@ -88,6 +89,39 @@ def _scaling(module, d_head):
     return float(getattr(module, "scaling", d_head**-0.5))
 
 
+def _fused_qkv(weight_out_in: torch.Tensor, bias: torch.Tensor | None, n_heads: int, d_head: int) -> list:
+    """One fused projection ``[3*H*d, d_model]`` laid out (q | k | v), each head-major -> the six per-head
+    slices of :func:`_per_head_in` (GPT-2's c_attn, transposed from Conv1D; ModernBERT's Wqkv)."""
+    width = n_heads * d_head
+    parts = []
+    for i in range(3):
+        part = slice(i * width, (i + 1) * width)
+        parts.extend(_per_head_in(weight_out_in[part], None if bias is None else bias[part], n_heads, d_head))
+    return parts
+
+
+def _attention_module(lm, layer: int):
+    return lm.arch.attention_modules(lm.base)[layer]
+
+
+def _linears(q: str, k: str, v: str, o: str):
+    """qkvo of a family whose attention module holds four nn.Linear projections with these names."""
+
+    def qkvo(lm, layer):
+        m = _attention_module(lm, layer)
+        return _separate(getattr(m, q), getattr(m, k), getattr(m, v), getattr(m, o), lm.n_heads, lm.n_kv_heads,
+                         lm.d_head, _scaling(m, lm.d_head))
+
+    return qkvo
+
+
+def _bert_qkvo(lm, layer):
+    attention = lm.base.encoder.layer[layer].attention  # .self projects q/k/v, .output.dense is W_O
+    own = attention.self
+    return _separate(own.query, own.key, own.value, attention.output.dense, lm.n_heads, lm.n_heads, lm.d_head,
+                     _scaling(own, lm.d_head))
+
+
 # ----------------------------------------------------------------------------------------- the families
 
 
@@ -106,9 +140,7 @@ BERT_LIKE = Architecture(
     positions="absolute",
     attention_modules=lambda base: [layer.attention.self for layer in base.encoder.layer],
     attn_norm=lambda base, layer: None,  # post-LN: the attention reads the layer's input as it is
-    qkvo=lambda module, lm: _separate(module.query, module.key, module.value,
-                                      _owner(lm, module).attention.output.dense, lm.n_heads, lm.n_heads, lm.d_head,
-                                      _scaling(module, lm.d_head)),
+    qkvo=_bert_qkvo,
     lm_head=lambda model: (getattr(model, "cls", None) or getattr(model, "lm_head", None)
                            or _electra_generator_head(model)),
     position_offset=lambda config: (config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert")
@@ -117,14 +149,6 @@ BERT_LIKE = Architecture(
     bert_layers=lambda base: list(base.encoder.layer),
     notes="BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA (discriminator: no LM head; generator: masked LM)",
 )
-
-
-def _owner(lm, module):
-    """The encoder layer that holds a BERT-style self-attention module (for its output projection)."""
-    for layer in lm.base.encoder.layer:
-        if layer.attention.self is module:
-            return layer
-    raise LookupError("attention module not found in the encoder")
 
 
 def _electra_generator_head(model):
@@ -140,8 +164,7 @@ DISTILBERT = Architecture(
     positions="absolute",
     attention_modules=lambda base: [layer.attention for layer in base.transformer.layer],
     attn_norm=lambda base, layer: None,
-    qkvo=lambda m, lm: _separate(m.q_lin, m.k_lin, m.v_lin, m.out_lin, lm.n_heads, lm.n_heads, lm.d_head,
-                                 _scaling(m, lm.d_head)),
+    qkvo=_linears("q_lin", "k_lin", "v_lin", "out_lin"),
     lm_head=lambda model: ((lambda h: model.vocab_projector(model.vocab_layer_norm(model.activation(
         model.vocab_transform(h))))) if hasattr(model, "vocab_projector") else None),
 )
@@ -168,8 +191,7 @@ ALBERT = Architecture(
     positions="absolute",
     attention_modules=_albert_modules,  # shared parameters: the same module repeats across layers
     attn_norm=lambda base, layer: None,
-    qkvo=lambda m, lm: _separate(m.query, m.key, m.value, m.dense, lm.n_heads, lm.n_heads, lm.d_head,
-                                 _scaling(m, lm.d_head)),
+    qkvo=_linears("query", "key", "value", "dense"),
     lm_head=lambda model: getattr(model, "predictions", None),
     check=_albert_check,
     notes="layers share parameters (num_hidden_groups groups); layer l's attention is its group's module",
@@ -191,14 +213,9 @@ def _rotate_with(apply_rotary, needs_layer_type=False):
     return rotate
 
 
-def _modernbert_qkvo(m, lm):
-    H, d = lm.n_heads, lm.d_head
-    w, b = m.Wqkv.weight, m.Wqkv.bias  # [3*H*d, D]: (q | k | v), each head-major
-    parts = []
-    for i in range(3):
-        parts.extend(_per_head_in(w[i * H * d:(i + 1) * H * d], None if b is None else b[i * H * d:(i + 1) * H * d],
-                                  H, d))
-    return (*parts, *_per_head_out(m.Wo.weight, m.Wo.bias, H, d), d**-0.5)
+def _modernbert_qkvo(lm, layer):
+    m, H, d = _attention_module(lm, layer), lm.n_heads, lm.d_head
+    return (*_fused_qkv(m.Wqkv.weight, m.Wqkv.bias, H, d), *_per_head_out(m.Wo.weight, m.Wo.bias, H, d), d**-0.5)
 
 
 def _modernbert_rotate(q, k, cos, sin):
@@ -221,14 +238,11 @@ MODERNBERT = Architecture(
 )
 
 
-def _gpt2_qkvo(m, lm):
-    H, d, D = lm.n_heads, lm.d_head, lm.d_model
-    w, b = m.c_attn.weight, m.c_attn.bias  # Conv1D stores [in, out]: fused [D, 3*D]
-    parts = []
-    for i in range(3):
-        parts.extend(_per_head_in(w[:, i * D:(i + 1) * D].T, b[i * D:(i + 1) * D], H, d))
-    w_o = m.c_proj.weight.reshape(H, d, D)  # Conv1D [in = H*d, out = D]
-    return (*parts, w_o, m.c_proj.bias, float(m.scaling))
+def _gpt2_qkvo(lm, layer):
+    m, H, d = _attention_module(lm, layer), lm.n_heads, lm.d_head
+    # Conv1D stores [in, out]: transposed, c_attn is nn.Linear's fused [3*D, D] and c_proj its [D, H*d]
+    return (*_fused_qkv(m.c_attn.weight.T, m.c_attn.bias, H, d),
+            *_per_head_out(m.c_proj.weight.T, m.c_proj.bias, H, d), float(m.scaling))
 
 
 GPT2 = Architecture(
@@ -243,8 +257,8 @@ GPT2 = Architecture(
 )
 
 
-def _neox_qkvo(m, lm):
-    H, d, D = lm.n_heads, lm.d_head, lm.d_model
+def _neox_qkvo(lm, layer):
+    m, H, d, D = _attention_module(lm, layer), lm.n_heads, lm.d_head, lm.d_model
     # fused [H * 3d, D], interleaved per head: head h's rows are q (d), k (d), v (d)
     w = m.query_key_value.weight.reshape(H, 3, d, D)
     b = m.query_key_value.bias.reshape(H, 3, d) if m.query_key_value.bias is not None else w.new_zeros(H, 3, d)
@@ -287,8 +301,7 @@ LLAMA_LIKE = Architecture(
     positions="rotary",
     attention_modules=lambda base: [layer.self_attn for layer in base.layers],
     attn_norm=lambda base, layer: base.layers[layer].input_layernorm,
-    qkvo=lambda m, lm: _separate(m.q_proj, m.k_proj, m.v_proj, m.o_proj, lm.n_heads, lm.n_kv_heads, lm.d_head,
-                                 _scaling(m, lm.d_head)),
+    qkvo=_linears("q_proj", "k_proj", "v_proj", "o_proj"),
     lm_head=lambda model: getattr(model, "lm_head", None),
     rotate=_rotate_with(_llama_rotate),
     notes="rotary positions, grouped-query attention (W_K / W_V repeated per query head), RMSNorm",

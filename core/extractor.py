@@ -148,10 +148,6 @@ class LayerIndex:
         return layer
 
 
-def _layer_index(lm: LoadedModel) -> LayerIndex:
-    return LayerIndex(lm)
-
-
 def _as_index_tensor(values, what: str) -> torch.Tensor:
     """Integer tensor from user input; floats are refused (truncating them would silently change the input)."""
     t = torch.as_tensor(values)
@@ -273,7 +269,7 @@ def extract_attention(
         batch_size = max(1, int(memory_budget_mb * 2**20 // per_seq))
     batch_size = max(1, min(int(batch_size), batch))
     device = lm.device
-    layer_of = _layer_index(lm)
+    layer_of = LayerIndex(lm)
     wanted = {"attention": return_attention, "scores": return_scores, "queries": return_qk, "keys": return_qk}
     pieces: dict[str, list] = {name: [] for name, want in wanted.items() if want}
 

@@ -22,6 +22,13 @@ from attnlab.core.provenance import model_fingerprint, parameters_fingerprint
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 
+
+def device_map_of(device) -> str | None:
+    """``"map:auto"`` -> ``"auto"`` (accelerate's device_map, spelled as a device); None for a plain device."""
+    if isinstance(device, str) and device.startswith("map:"):
+        return device.split(":", 1)[1] or "auto"
+    return None
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -36,7 +43,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` (or None) means CUDA when available, else CPU; anything else must exist here."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, str) and device.startswith("map:"):
+    if device_map_of(device):
         raise InputError(f"device {device!r} is a device map: pass it to load_model (or --device-map), which lets "
                          "accelerate place the model; it cannot hold a single tensor")
     try:
@@ -341,9 +348,8 @@ def load_model(
         cls = transformers.AutoModelForCausalLM if arch.causal else transformers.AutoModelForMaskedLM
     else:
         cls = transformers.AutoModel
-    device_map = None
-    if isinstance(device, str) and device.startswith("map:"):
-        device_map = device.split(":", 1)[1] or "auto"
+    device_map = device_map_of(device)
+    if device_map:
         if device_map not in DEVICE_MAPS:
             raise InputError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
         try:

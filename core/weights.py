@@ -46,7 +46,7 @@ def head_weights(model, dtype: torch.dtype = torch.float32, device=None) -> Head
     repeated per query head. Rotary families: these weights give the *pre-rotary* q and k
     (``architectures.rotate`` applies the rotation), so W_Q W_K^T compares token content, not position."""
     lm: LoadedModel = as_loaded(model)
-    layers = [lm.arch.qkvo(module, lm) for module in lm.arch.attention_modules(lm.base)]
+    layers = [lm.arch.qkvo(lm, layer) for layer in range(lm.n_layers)]
     with torch.no_grad():
         cols = list(zip(*layers))
         stacked = [torch.stack([t.detach().to(device=device, dtype=dtype) for t in col]) for col in cols[:-1]]

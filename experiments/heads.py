@@ -73,8 +73,9 @@ def compute_heads(cfg: HeadsConfig, lm, progress: bool = False) -> HeadsResult:
     for name in DETECTORS:
         scores[name] = detected[name][2].numpy()
     notes = []
-    bert_style = lm.arch.bert_layers is not None  # DLA and the scan follow a post-LN BERT-style encoder
-    if lm.has_lm_head and lm.lm_head() is not None and bert_style and not lm.is_causal:
+    has_head = lm.has_lm_head and lm.lm_head() is not None
+    bert_style = lm.arch.bert_layers is not None  # DLA and the scan follow a post-LN BERT-style (masked LM) encoder
+    if has_head and bert_style:
         from attnlab.circuits.attribution import direct_logit_attribution
         from attnlab.circuits.tasks import rrt_metrics, rrt_task, scan_rrt
 
@@ -87,7 +88,7 @@ def compute_heads(cfg: HeadsConfig, lm, progress: bool = False) -> HeadsResult:
             for (layer, head), m in scanned.items():
                 delta[layer, head] = float((m["copying_gain"] - base).mean())
             scores["ablation_copying_gain"] = delta
-    elif not lm.has_lm_head or lm.lm_head() is None:
+    elif not has_head:
         notes.append("no masked-LM head: dla and ablation_copying_gain need one and were skipped")
     else:
         notes.append(f"dla and ablation_copying_gain follow a BERT-style masked-LM encoder layer by layer; "

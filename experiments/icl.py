@@ -1,16 +1,6 @@
-"""In-context learning score for masked LMs (the paper's Figure 5): ``attnlab icl``.
+"""``attnlab icl``: the in-context learning score of a masked LM (the paper's Figure 5), written to a run folder.
 
-score = loss with 50 tokens of context - loss with 500 tokens of context (positive: more context helps).
-
-Protocols:
-  paper         replicates the paper's notebook: draw random articles until one has >= 500 tokens (with
-                [CLS]/[SEP]); keep its first 500 tokens, mask one position uniform in [0, 499] and take the
-                model's loss with labels = the *unmasked* ids, i.e. the mean cross-entropy over ALL 500
-                positions (499 of which the model can see: mostly a copy task); then keep the first 50 tokens,
-                mask an independently drawn position in [0, 49], same loss. Reported mean 0.23 (notebook 0.256).
-  masked-token  (default) the cross-entropy of the masked token only, at one target position inside the first
-                50 tokens, seen with 50 and with 500 tokens of context: what the extra 450 tokens buy. Paired
-                bootstrap 95% CI and the share of trials that improve.
+The score and its protocols live in :mod:`attnlab.icl.score` (its docstring is this command's help).
 
 Outputs: icl.csv (one row a trial), summary.json, icl_histogram.png, meta.json.
 """
@@ -93,7 +83,7 @@ def run_icl(cfg: ICLConfig, out_dir, *, lm=None, docs=None, device="auto", batch
 
 def add_parser(sub) -> None:
     p = sub.add_parser("icl", help="in-context learning score of a masked LM (Figure 5)",
-                       description=__doc__.split("Outputs:")[0], formatter_class=_raw())
+                       description=_description(), formatter_class=_raw())
     p.add_argument("--model", default="bert-base-uncased", help="masked LM: Hub id or folder (default: bert-base-uncased)")
     p.add_argument("--revision", default=None)
     p.add_argument("--corpus", default=DEFAULT_CORPUS,
@@ -105,6 +95,13 @@ def add_parser(sub) -> None:
     add_output_args(p)
     add_runtime_args(p)
     p.set_defaults(func=_run)
+
+
+def _description() -> str:
+    """The command's help: the science module's account of the score and its protocols."""
+    from attnlab.icl import score
+
+    return "In-context learning score for masked LMs (the paper's Figure 5).\n" + score.__doc__.split("\n", 1)[1]
 
 
 def _raw():

@@ -148,7 +148,6 @@ class InductionResult:
     seq_len: int  # n, the random block's length
     sequence_tokens: int  # tokens per sequence, special tokens included
     causal: bool
-    model_meta: dict
     timings: dict
 
     @property
@@ -169,16 +168,16 @@ def compute_induction(cfg: InductionConfig, lm, *, batch_size=None, progress=Fal
     batch = build_batch(variant, protocol, cfg.trials, n, cfg.seed, max_positions=lm.max_positions)
     t1 = time.perf_counter()
     scores = induction_scores(lm, batch, batch_size=batch_size, progress=progress, keep_rows=keep_rows)
-    return InductionResult(cfg, batch, scores, n, seq, lm.is_causal, lm.meta,
-                           {"extract_s": round(time.perf_counter() - t1, 3)})
+    return InductionResult(cfg, batch, scores, n, seq, lm.is_causal, {"extract_s": round(time.perf_counter() - t1, 3)})
 
 
 def query_words(causal: bool) -> str:
     return "the repeated token" if causal else "[MASK]"
 
 
-def write_induction(folder: Path, result: InductionResult, lm=None) -> list[str]:
-    """scores.csv, trials.npz and one heatmap per target of ``result`` into ``folder``; the output names."""
+def write_induction(folder: Path, result: InductionResult, lm) -> list[str]:
+    """scores.csv, trials.npz and one heatmap per target of ``result`` into ``folder``; the output names.
+    ``lm``'s tokenizer names the tokens of the interactive view's rows."""
     cfg, batch, scores = result.config, result.batch, result.scores
     share_r0 = result.share_r0
     outputs = ["scores.csv", "trials.npz"]
@@ -190,7 +189,7 @@ def write_induction(folder: Path, result: InductionResult, lm=None) -> list[str]
     for target, pos in batch.targets.items():
         arrays[f"target_index_{target}"] = pos.numpy()
         arrays[f"attention_{target}"] = scores.per_trial[target].numpy()
-    if scores.rows is not None and lm is not None:
+    if scores.rows is not None:
         arrays.update(view_arrays(lm, batch, scores.rows))
     with atomic_path(folder / "trials.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
@@ -323,12 +322,12 @@ def _run_sweep_on_ray(args, models) -> int:
     """The sweep's per-model runs as Ray tasks (the same content-addressed jobs as ``mosaic --ray``)."""
     from dataclasses import asdict
 
-    from attnlab.experiments.mosaic import MosaicConfig, _ray_jobs
+    from attnlab.experiments.mosaic import MosaicConfig, run_jobs_on_ray
 
     cfg = MosaicConfig(models=models, variant=args.variant, protocol=args.protocol, trials=args.trials,
                        seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
     folders = sweep_folders(cfg.models, args.out)
-    entries = _ray_jobs(cfg.models, asdict(cfg), folders, args.ray, args.batch_size, not args.force)
+    entries = run_jobs_on_ray(cfg.models, asdict(cfg), folders, args.ray, args.batch_size, not args.force)
     for entry in entries:
         if entry["status"] == "ok":
             print(f"{entry['model']}: {'reused finished run in' if entry['reused'] else 'wrote'} {folders[entry['model']]}")

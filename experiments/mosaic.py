@@ -130,7 +130,9 @@ def induction_job(model: str, cfg: dict, out_dir: str, device: str = "auto", bat
                              map=meta["maps"][target]["mean"], reused=bool(meta.get("reused"))))
 
 
-def _ray_jobs(models, cfg: dict, folders: dict, address: str, batch_size, reuse: bool) -> list[dict]:
+def run_jobs_on_ray(models, cfg: dict, folders: dict, address: str, batch_size, reuse: bool) -> list[dict]:
+    """:func:`induction_job` of every model as one Ray task (``mosaic`` and ``induction-sweep``); the entries in
+    the models' order. Connects to ``address`` ("auto", an address, or "local": start one) unless Ray is up."""
     try:
         import ray
     except ImportError:
@@ -167,7 +169,7 @@ def compute_mosaic(cfg: MosaicConfig, out_dir, *, device="auto", batch_size=None
     folders = sweep_folders(cfg.models, Path(out_dir) / "models")
     job_cfg = asdict(cfg)
     if ray_address:
-        entries = _ray_jobs(cfg.models, job_cfg, folders, ray_address, batch_size, reuse)
+        entries = run_jobs_on_ray(cfg.models, job_cfg, folders, ray_address, batch_size, reuse)
     else:
         models = cfg.models
         if progress:

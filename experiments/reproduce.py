@@ -680,9 +680,9 @@ def _run(args) -> int:
                         progress=not args.no_progress, command="attnlab " + shlex.join(args.argv),
                         fallback=not args.no_fallback, force=args.force, geometry_protocol=args.geometry_protocol,
                         paper_figures=args.paper_figures)
-    from attnlab.core.models import resolve_device
+    from attnlab.core.models import device_map_of, resolve_device
 
-    if not str(args.device).startswith("map:"):
+    if device_map_of(args.device) is None:
         resolve_device(args.device)  # a bad device fails now, not once per experiment
     if args.paper_figures and not Path(args.paper_figures).is_dir():
         raise InputError(f"paper figures folder {args.paper_figures} does not exist; pass the folder of the paper's "

