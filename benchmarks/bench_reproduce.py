@@ -31,12 +31,12 @@ SIZES = {  # the configs of the paper's checkpoints (hidden, layers, heads, inte
 }
 
 
-def write_models(root: Path) -> dict:
+def write_models(root: Path, tokenizer: str | None = None) -> dict:
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2Model
 
     from attnlab.core.models import embedded_model_path, load_tokenizer
 
-    tok = load_tokenizer(embedded_model_path())  # bert-base-uncased's vocabulary
+    tok = load_tokenizer(tokenizer or embedded_model_path())  # bert-base-uncased's vocabulary
     paths = {}
     for role, size in SIZES.items():
         paths[role] = folder = root / role
@@ -61,10 +61,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--offline", action="store_true", help="the main job with no Hub and no --model (embedded model)")
+    ap.add_argument("--tokenizer", default=None, help="folder with bert-base-uncased's tokenizer files (default: the "
+                    "embedded model's; the GPU machine gets them carried, see gpu_session.sh)")
     args = ap.parse_args()
     if args.offline:
         return offline(args)
-    paths = write_models(Path(args.models_dir))
+    paths = write_models(Path(args.models_dir), args.tokenizer)
     from attnlab.experiments.cli import main as cli
 
     argv = ["reproduce", "--out", args.out, "--corpus", args.corpus, "--device", args.device, "--no-progress"]

@@ -50,6 +50,10 @@ class Architecture:
     #: circuits code (head scan, direct logit attribution); None where that code does not apply
     bert_layers: Callable | None = None
     notes: str = ""
+    #: the first transformers release whose implementation of this family routes attention through the
+    #: attention-function registry that attnlab hooks, with the attributes the record reads (found by running
+    #: tests/test_architectures.py against each release; the package itself requires the highest of them)
+    min_transformers: str = "5.0.0"
 
 
 # ------------------------------------------------------------------------------------------- weight helpers
@@ -235,6 +239,7 @@ MODERNBERT = Architecture(
     lm_head=lambda model: (lambda h: model.decoder(model.head(h))) if hasattr(model, "decoder") else None,
     rotate=_rotate_with(_modernbert_rotate, needs_layer_type=True),
     notes="rotary positions; local (sliding-window) layers alternate with global ones",
+    min_transformers="5.7.0",  # before it ModernBERT calls its own attention functions
 )
 
 
@@ -254,6 +259,7 @@ GPT2 = Architecture(
     attn_norm=lambda base, layer: base.h[layer].ln_1,
     qkvo=_gpt2_qkvo,
     lm_head=lambda model: getattr(model, "lm_head", None),
+    min_transformers="5.4.0",  # GPT2Attention.scaling (read by qkvo) arrives in 5.4
 )
 
 
@@ -332,5 +338,23 @@ def architecture_of(config) -> Architecture:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported; attnlab reads attention from: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    _check_transformers(arch)
     arch.check(config)
     return arch
+
+
+def installed_transformers() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _check_transformers(arch: Architecture) -> None:
+    from packaging.version import Version
+
+    found = Version(installed_transformers())
+    if found < Version(arch.min_transformers):
+        raise UnsupportedModelError(
+            f"the {arch.family} family needs transformers >= {arch.min_transformers} (found {found}): earlier releases "
+            f"do not route its attention through the attention-function registry that attnlab reads; "
+            f"pip install -U 'transformers>={arch.min_transformers}'")

@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 
 from attnlab.core.attention_impl import head_edits_active, recording
-from attnlab.core.errors import InputError
+from attnlab.core.architectures import SUPPORTED_MODEL_TYPES, installed_transformers
+from attnlab.core.errors import InputError, UnsupportedModelError
 from attnlab.core.models import LoadedModel, as_loaded
 
 DEFAULT_MEMORY_BUDGET_MB = 1024
@@ -61,7 +62,9 @@ class _RowRecorder:
     """Receives (q, k, mask) per layer and keeps only what was asked for.
 
     After the last layer it aborts the forward pass: that layer's value/output projections, its MLP and
-    the pooler cannot change any attention row, so computing them would be wasted work.
+    the pooler cannot change any attention row, so computing them would be wasted work. What it keeps stays on
+    the model's device until :meth:`stacked` (one transfer per chunk, not a blocking copy per layer: on a GPU
+    each device-to-host copy would stall the queue of kernels behind it).
     """
 
     def __init__(self, layer_of, n_layers, query_positions, want_attention, want_scores, want_qk, out_device):
@@ -73,11 +76,13 @@ class _RowRecorder:
         self.scores = [None] * n_layers
         self.queries = [None] * n_layers
         self.keys = [None] * n_layers
+        self.recorded: set[int] = set()
 
     def record(self, module, q, k, mask, scaling, causal):
         layer = self.layer_of.of(module)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads key head h // (H / KV)
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        self.recorded.add(layer)
         self._record(layer, q, k, mask, scaling, causal)
         # (shared layers under a head edit: the editor counts calls too, so the pass must finish its last call)
         if layer == len(self.attention) - 1 and not (self.layer_of.shared and head_edits_active()):
@@ -86,12 +91,12 @@ class _RowRecorder:
     def _record(self, layer, q, k, mask, scaling, causal):
         batch, _, seq, _ = q.shape
         if self.want_qk:
-            self.queries[layer] = q.transpose(1, 2).float().to(self.out_device)  # [B, S, H, d]
-            self.keys[layer] = k.transpose(1, 2).float().to(self.out_device)
+            self.queries[layer] = q.transpose(1, 2).float()  # [B, S, H, d]
+            self.keys[layer] = k.transpose(1, 2).float()
         if not (self.want_attention or self.want_scores):
             return
         if self.qpos.shape[1] == 0:  # no rows asked for: empty [B, 0, H, S] results, not missing ones
-            empty = torch.zeros(batch, 0, q.shape[1], k.shape[2], device=self.out_device)
+            empty = torch.zeros(batch, 0, q.shape[1], k.shape[2], device=q.device)
             self.attention[layer] = empty if self.want_attention else None
             self.scores[layer] = empty if self.want_scores else None
             return
@@ -100,11 +105,11 @@ class _RowRecorder:
         # the product in the model's dtype (no fp32 copy of every layer's keys), the softmax in fp32
         scores = torch.einsum("bqhd,bhkd->bqhk", q_rows, k).float() * scaling  # [B, Q, H, S]
         if self.want_scores:
-            self.scores[layer] = scores.to(self.out_device)
+            self.scores[layer] = scores
         if not self.want_attention:
             return
         masked = self._apply_mask(scores, mask, causal, rows, k.shape[2])
-        self.attention[layer] = torch.softmax(masked, dim=-1).to(self.out_device)
+        self.attention[layer] = torch.softmax(masked, dim=-1)
 
     def _apply_mask(self, scores, mask, causal, rows, n_keys):
         """Apply exactly the mask SDPA applied to these rows (bool: True attends; float: additive)."""
@@ -123,7 +128,7 @@ class _RowRecorder:
         parts = getattr(self, name)
         if any(p is None for p in parts):
             return None
-        return torch.stack(parts, dim=2)  # layers go after [B, Q] (rows) or [B, S] (q/k vectors)
+        return torch.stack(parts, dim=2).to(self.out_device)  # layers go after [B, Q] (rows) or [B, S] (q/k)
 
 
 class LayerIndex:
@@ -227,6 +232,15 @@ def bytes_per_sequence(lm: LoadedModel, seq: int, n_queries: int, want_qk: bool)
     return activations + attention + kept
 
 
+def _never_recorded(lm: LoadedModel, layers: list[int]):
+    """A forward pass whose attention skipped the hook point: refuse (rows would be missing), saying why."""
+    raise UnsupportedModelError(
+        f"the attention of layer(s) {', '.join(map(str, layers[:8]))} of {lm.name} did not pass through attnlab's "
+        f"attention function: this model's implementation (transformers {installed_transformers()}) computes "
+        f"attention itself instead of through transformers' attention-function registry; "
+        f"upgrade transformers or use a supported family ({', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
 def extract_attention(
     model,
     input_ids,
@@ -293,6 +307,8 @@ def extract_attention(
                     lm.base(input_ids=ids, attention_mask=mask)
             except _LastLayerRecorded:
                 pass
+            if len(recorder.recorded) < lm.n_layers:
+                _never_recorded(lm, sorted(set(range(lm.n_layers)) - recorder.recorded))
             for name in pieces:
                 part = recorder.stacked(name)
                 pad = seq - width  # restore the caller's width: keys (or positions) beyond the chunk are padding

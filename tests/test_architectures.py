@@ -152,6 +152,30 @@ def test_deberta_is_refused_with_the_reason(model_type, cls):
         check_supported(getattr(transformers, cls)())
 
 
+def test_a_transformers_release_older_than_the_familys_floor_is_refused_up_front(monkeypatch):
+    """Floors found by running this file against each release: ModernBERT routes its attention through the
+    registry from 5.7, GPT-2 has ``scaling`` from 5.4, the others work from 5.0."""
+    from attnlab.core import architectures
+
+    monkeypatch.setattr(architectures, "installed_transformers", lambda: "5.5.0")
+    with pytest.raises(UnsupportedModelError, match=r"modernbert family needs transformers >= 5\.7\.0 \(found 5\.5\.0\)"):
+        check_supported(tiny_family("modernbert").config)
+    check_supported(tiny_family("gpt2").config)
+    monkeypatch.setattr(architectures, "installed_transformers", lambda: "5.3.0")
+    with pytest.raises(UnsupportedModelError, match=r"gpt2 family needs transformers >= 5\.4\.0"):
+        check_supported(tiny_family("gpt2").config)
+    check_supported(tiny_family("bert").config)
+
+
+def test_attention_that_bypasses_the_hook_point_is_refused_not_half_read():
+    """A model whose attention does not pass through attnlab_sdpa (here: switched back to eager after wrapping)
+    would leave layers unrecorded; the extractor says so instead of failing deep inside."""
+    lm = wrap_model(tiny_family("bert"))
+    lm.model.set_attn_implementation("eager")
+    with pytest.raises(UnsupportedModelError, match=r"layer\(s\) 0, 1, 2 .* did not pass through"):
+        extract_attention(lm, torch.tensor([[5, 6, 7, 8]]), query_positions=torch.tensor([[1]]))
+
+
 def test_unknown_family_lists_the_supported_ones():
     from transformers import T5Config
 

@@ -1,5 +1,7 @@
 """The extractor equals Hugging Face eager attention, one sequence at a time, within 1e-5 (fp32)."""
 
+import copy
+
 import pytest
 import torch
 from conftest import eager_attention, eager_copy, tiny_bert, tiny_gpt2
@@ -110,11 +112,18 @@ def test_cuda_path_matches_cpu_eager(make):
     ref = eager_copy(model)
     lm = wrap_model(model.cuda())
     seqs, ids, mask, qpos = _random_batch(120, [40, 17, 33, 5], 3, seed=7)
-    rows = extract_attention(lm, ids, mask, qpos, batch_size=3)
+    rows = extract_attention(lm, ids, mask, qpos, batch_size=3, return_scores=True, return_qk=True)
+    cpu_rows = extract_attention(wrap_model(copy.deepcopy(model).cpu()), ids, mask, qpos, batch_size=3,
+                                 return_scores=True, return_qk=True)
     for b, seq in enumerate(seqs):
         full = eager_attention(ref, seq)
         for j, q in enumerate(qpos[b].tolist()):
             torch.testing.assert_close(rows.attention[b, j, ..., : len(seq)], full[:, :, q, :], atol=1e-5, rtol=0)
+    # every part is kept on the GPU during the pass and arrives on out_device (the CPU) in one transfer per chunk
+    for name in ("attention", "scores", "queries", "keys"):
+        part = getattr(rows, name)
+        assert part.device.type == "cpu"
+        torch.testing.assert_close(part, getattr(cpu_rows, name), atol=1e-4, rtol=1e-4)
 
 
 def _bf16_matches_eager(make, device):
