@@ -101,25 +101,26 @@ class _RowRecorder:
             self.scores[layer] = empty if self.want_scores else None
             return
         rows = torch.arange(batch, device=q.device)[:, None]
-        q_rows = q.transpose(1, 2)[rows, self.qpos]  # [B, Q, H, d]
+        qpos = self.qpos.to(q.device)  # a device-mapped model's layers live on several devices (no-op otherwise)
+        q_rows = q.transpose(1, 2)[rows, qpos]  # [B, Q, H, d]
         # the product in the model's dtype (no fp32 copy of every layer's keys), the softmax in fp32
         scores = torch.einsum("bqhd,bhkd->bqhk", q_rows, k).float() * scaling  # [B, Q, H, S]
         if self.want_scores:
             self.scores[layer] = scores
         if not self.want_attention:
             return
-        masked = self._apply_mask(scores, mask, causal, rows, k.shape[2])
+        masked = self._apply_mask(scores, mask, causal, rows, qpos, k.shape[2])
         self.attention[layer] = torch.softmax(masked, dim=-1)
 
-    def _apply_mask(self, scores, mask, causal, rows, n_keys):
+    def _apply_mask(self, scores, mask, causal, rows, qpos, n_keys):
         """Apply exactly the mask SDPA applied to these rows (bool: True attends; float: additive)."""
         if mask is None:
             if not causal:
                 return scores
             key_idx = torch.arange(n_keys, device=scores.device)
-            allowed = key_idx[None, None, :] <= self.qpos[:, :, None]  # [B, Q, S]
+            allowed = key_idx[None, None, :] <= qpos[:, :, None]  # [B, Q, S]
             return scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
-        m = mask[:, 0].expand(scores.shape[0], -1, -1)[rows, self.qpos]  # [B, Q, S]
+        m = mask[:, 0].expand(scores.shape[0], -1, -1)[rows, qpos]  # [B, Q, S]
         if m.dtype == torch.bool:
             return scores.masked_fill(~m[:, :, None, :], float("-inf"))
         return scores + m[:, :, None, :].float()
@@ -128,6 +129,8 @@ class _RowRecorder:
         parts = getattr(self, name)
         if any(p is None for p in parts):
             return None
+        if len({p.device for p in parts}) > 1:  # a device-mapped model: gather the layers on out_device first
+            parts = [p.to(self.out_device) for p in parts]
         return torch.stack(parts, dim=2).to(self.out_device)  # layers go after [B, Q] (rows) or [B, S] (q/k)
 
 
@@ -307,8 +310,9 @@ def extract_attention(
                     lm.base(input_ids=ids, attention_mask=mask)
             except _LastLayerRecorded:
                 pass
-            if len(recorder.recorded) < lm.n_layers:
-                _never_recorded(lm, sorted(set(range(lm.n_layers)) - recorder.recorded))
+            missing = set(range(lm.n_layers)) - recorder.recorded
+            if missing:
+                _never_recorded(lm, sorted(missing))
             for name in pieces:
                 part = recorder.stacked(name)
                 pad = seq - width  # restore the caller's width: keys (or positions) beyond the chunk are padding
