@@ -130,7 +130,7 @@ def profile_table(fn, device, rows: int = 15) -> str:
     with profile(activities=activities) as prof:
         fn()
         sync(device)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
