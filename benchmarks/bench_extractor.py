@@ -29,17 +29,16 @@ Usage: python benchmarks/bench_extractor.py [--arch bert|llama|modernbert] [--de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-from roofline import count_flops, datasheet_peak, measured_matmul_peak, roofline
+from roofline import count_flops, datasheet_peak, measured_matmul_peak, roofline, sync, timed
 
 SEQ_LEN = 402
 
@@ -71,21 +70,9 @@ def rrt_batch(n, seed=0):
     return ids, torch.ones_like(ids), qpos
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def torch_dtype(name: str) -> torch.dtype:
+    """The weights' dtype of a --dtype choice (tf32 keeps fp32 weights; only the matmuls change)."""
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 def peak_memory_child(device_name: str, n: int, batch_size: int | None, arch: str, dtype: str) -> None:
@@ -93,7 +80,7 @@ def peak_memory_child(device_name: str, n: int, batch_size: int | None, arch: st
     from attnlab import extract_attention
 
     device = torch.device(device_name)
-    lm = bert_base(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32, arch=arch)
+    lm = bert_base(device, torch_dtype(dtype), arch=arch)
     ids, mask, qpos = rrt_batch(n, seed=1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -105,20 +92,15 @@ def peak_memory_child(device_name: str, n: int, batch_size: int | None, arch: st
     print(json.dumps({"peak_bytes": peak}))
 
 
+@contextlib.contextmanager
 def matmul_precision(precision: str):
-    """Context: fp32 matmuls in full precision, or on TF32 tensor cores (``precision == "tf32"``)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(before)
-
-    return scope()
+    """fp32 matmuls in full precision, or on TF32 tensor cores (``precision == "tf32"``), inside the block."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def profile_table(fn, device, rows: int = 15) -> str:
@@ -154,7 +136,6 @@ def main():
 
     from attnlab import extract_attention
 
-
     device = torch.device(args.device)
     if args.dtype == "tf32" and device.type != "cuda":
         ap.error("--dtype tf32 needs --device cuda (TF32 is a GPU tensor-core format)")
@@ -163,7 +144,7 @@ def main():
     lm = bert_base(device, arch=args.arch)
     eager = copy.deepcopy(lm.model)  # the paper's method: float32, eager attention
     eager.set_attn_implementation("eager")
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(args.dtype)
     lm.model.to(dtype)
     ids, mask, qpos = rrt_batch(n)
     batch_size = args.batch_size or n
@@ -201,17 +182,16 @@ def main():
         peak_measured_fp32 = peak_measured if args.dtype == "float32" else measured_matmul_peak(device, torch.float32)
     peak_sheet = datasheet_peak(device_name, args.dtype) if device.type == "cuda" else None
     peak_sheet_fp32 = datasheet_peak(device_name, "float32") if device.type == "cuda" else None
-    result["d_roofline"] = {
+    d = result["d_roofline"] = {
         "matmul_peak_measured_tflops": round(peak_measured, 3),
         "datasheet_dense_peak_tflops": peak_sheet,
-        "plain_forward": {"gflop": round(count_flops(plain) / 1e9, 2)},
-        "extractor": {"gflop": round(count_flops(extractor) / 1e9, 2)},
-        "paper_method": {"gflop": round(count_flops(paper_method) / 1e9, 2), "precision": "float32"},
     }
-    d = result["d_roofline"]
-    d["plain_forward"].update(roofline(d["plain_forward"]["gflop"] * 1e9, t_plain, peak_measured, peak_sheet))
-    d["extractor"].update(roofline(d["extractor"]["gflop"] * 1e9, t_extract, peak_measured, peak_sheet))
-    d["paper_method"].update(roofline(d["paper_method"]["gflop"] * 1e9, t_paper, peak_measured_fp32, peak_sheet_fp32))
+    for name, fn, seconds, peaks in (("plain_forward", plain, t_plain, (peak_measured, peak_sheet)),
+                                     ("extractor", extractor, t_extract, (peak_measured, peak_sheet)),
+                                     ("paper_method", paper_method, t_paper, (peak_measured_fp32, peak_sheet_fp32))):
+        flops = count_flops(fn)
+        d[name] = {"gflop": round(flops / 1e9, 2), **roofline(flops, seconds, *peaks)}
+    d["paper_method"]["precision"] = "float32"
     if not args.skip_memory:
         cmd = [sys.executable, __file__, "--_memory-child", "--device", args.device, "--memory-n", str(args.memory_n),
                "--arch", args.arch, "--dtype", args.dtype]

@@ -54,9 +54,22 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn()`` after one warm-up call, the device synchronised around each."""
+    fn()  # warm-up (kernel selection, caches)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
@@ -65,15 +78,7 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | N
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
-    a @ b  # warm-up (kernel selection)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * size**3 / statistics.median(times) / 1e12
+    return 2 * size**3 / timed(lambda: a @ b, device, repeats) / 1e12
 
 
 def roofline(flops: int, seconds: float, measured_peak: float, datasheet: float | None) -> dict:
