@@ -20,11 +20,10 @@ from contextlib import contextmanager
 
 import torch
 
+from attnlab.circuits.experiment import MODES  # noqa: F401  (the config's choices)
 from attnlab.core.attention_impl import editing
 from attnlab.core.errors import InputError
 from attnlab.core.models import as_loaded
-
-MODES = ("zero", "mean", "resample")
 
 
 def layer_index(lm):
@@ -44,7 +43,7 @@ def parse_heads(spec, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
                 raise InputError(f"cannot read head {part!r}; write heads as L<layer>H<head>, e.g. L9H0,L10H9")
             heads.append((int(m.group(1)), int(m.group(2))))
     else:
-        heads = [(int(layer), int(head)) for layer, head in spec]
+        heads = [_head_pair(item) for item in spec]
     if not heads:
         raise InputError("no heads given; name at least one, e.g. L9H0")
     for layer, head in heads:
@@ -52,6 +51,18 @@ def parse_heads(spec, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
             raise InputError(f"head L{layer}H{head} does not exist: the model has layers 0..{n_layers - 1} and heads "
                              f"0..{n_heads - 1} (0-based)")
     return sorted(set(heads))
+
+
+def _head_pair(item) -> tuple[int, int]:
+    """``(layer, head)`` as whole numbers; 0.5 or True is refused, not rounded."""
+    import operator
+
+    try:
+        if len(item) != 2 or any(isinstance(v, bool) for v in item):
+            raise TypeError
+        return operator.index(item[0]), operator.index(item[1])
+    except TypeError:
+        raise InputError(f"cannot read head {item!r}; give (layer, head) pairs of whole numbers, e.g. [(9, 0)]") from None
 
 
 class HeadEdit:

@@ -6,15 +6,19 @@ and writes z W_O ([d_head, d_model]); W_QK = W_Q W_K^T and W_OV = W_V W_O are [d
 **OV copying score**: sum(eig) / sum(|eig|) of the full OV circuit W_E W_V W_O W_U ([vocab, vocab]); +1 when
 the circuit maps every token onto itself (a copying head), -1 when it suppresses it. Its nonzero eigenvalues
 are those of the cyclic permutation W_O (W_U W_E) W_V ([d_head, d_head]), which is what is computed - never the
-vocab x vocab matrix. For BERT, W_E is the token embedding matrix (no position or type embeddings, no
-embedding LayerNorm) and W_U = W_E^T: the MLM decoder is tied to the embeddings; the MLM head's transform
-(dense, GELU, LayerNorm) is skipped because it is nonlinear - the score asks whether the head writes a token's
-own embedding direction, which is the direction the tied decoder reads.
+vocab x vocab matrix. W_E is each token's embedding as it enters the residual stream (``core.weights.token_embedding``:
+factorised embeddings through their projection; no position or type embeddings, no embedding LayerNorm) and W_U
+is the model's own read-out (``core.weights.unembedding``): the LM head's linear part when it is loaded (an MLM
+head's nonlinear transform - dense, GELU, LayerNorm - is skipped; a factorised head's dense layer and decoder are
+multiplied), the transposed embeddings for a tied model without its head, and nothing for an untied one without
+its head (then the score is not computed).
 
 **Composition scores** of an earlier head 1 and a later head 2: Q = ||W_OV1 W_QK2||_F, K = ||W_OV1 W_QK2^T||_F,
 V = ||W_OV1 W_OV2||_F, each divided by ||W_OV1||_F ||W_X2||_F (TransformerLens's convention), minus the mean
-score of random Gaussian matrices of the same shapes (the baseline a random pair would get). LayerNorms
-between the heads are ignored, as is standard. Computed from the d_head factors: no d_model x d_model product.
+score of random Gaussian matrices of the same shapes (the baseline a random pair would get, sampled until its
+standard error is below 1% of the median corrected score). LayerNorms between the heads are ignored, as is
+standard. A score is not bounded by 1/sqrt(d_head): trained heads that write and read a shared low-rank
+subspace score far above it. Computed from the d_head factors: no d_model x d_model product.
 """
 
 from __future__ import annotations
@@ -58,64 +62,99 @@ def factored_norm(a, b) -> torch.Tensor:
 def composition(ov1, qk_or_ov2, kind: str):
     """Raw composition scores of every head pair. ov1 = (W_V1, W_O1) ``[G1, d, k]``, ``[G1, k, d]``;
     qk_or_ov2 = (W_Q2, W_K2) or (W_V2, W_O2) ``[G2, d, k]``. Returns ``[G1, G2]``."""
+    if kind not in ("Q", "K", "V"):
+        raise ValueError(kind)
     v1, o1 = (t.double()[:, None] for t in ov1)  # [G1, 1, ...]
     a2, b2 = (t.double()[None] for t in qk_or_ov2)  # [1, G2, ...]
-    if kind == "Q":  # W_OV1 W_QK2 = V1 O1 Q2 K2^T
+    return _pair_scores(v1, o1, a2, b2, kind)
+
+
+def random_baseline(d_model: int, d_head: int, kind: str, *, target_se: float = 0.0, seed: int = 0,
+                    min_samples: int = 256, max_samples: int = 16384, batch: int = 64) -> dict:
+    """The chance level of a composition score: its mean over random Gaussian factors of the same shapes.
+
+    Samples are drawn ``batch`` at a time until the standard error of the mean is at most ``target_se`` (at
+    least ``min_samples``, at most ``max_samples``). Returns ``{"mean", "se", "samples"}``."""
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    while True:
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        ov1 = (r(batch, d_model, d_head), r(batch, d_head, d_model))
+        second = (r(batch, d_model, d_head), r(batch, d_head, d_model)) if kind == "V" else \
+            (r(batch, d_model, d_head), r(batch, d_model, d_head))
+        v1, o1 = ov1
+        a2, b2 = second
+        values.append(_pair_scores(v1, o1, a2, b2, kind))
+        x = torch.cat(values)
+        se = float(x.std(unbiased=True) / math.sqrt(len(x)))
+        if len(x) >= max_samples or (len(x) >= min_samples and se <= target_se):
+            return {"mean": float(x.mean()), "se": se, "samples": len(x)}
+
+
+def _pair_scores(v1, o1, a2, b2, kind):
+    """Composition scores of the (broadcast) pairs of first-head factors (W_V1, W_O1) and second-head factors:
+    Q: W_OV1 W_QK2 = V1 O1 Q2 K2^T; K: W_OV1 W_QK2^T = V1 O1 K2 Q2^T; V: W_OV1 W_OV2 = V1 O1 V2 O2."""
+    if kind == "Q":
         right_a, right_b = a2, b2.transpose(-1, -2)
-    elif kind == "K":  # W_OV1 W_QK2^T = V1 O1 K2 Q2^T
+    elif kind == "K":
         right_a, right_b = b2, a2.transpose(-1, -2)
-    elif kind == "V":  # W_OV1 W_OV2 = V1 O1 V2 O2
-        right_a, right_b = a2, b2
     else:
-        raise ValueError(kind)
+        right_a, right_b = a2, b2
     num = torch.sqrt(_fro2(v1, o1, right_a, right_b))
     return num / (factored_norm(v1, o1) * factored_norm(right_a, right_b))
 
 
-def random_baseline(d_model: int, d_head: int, kind: str, samples: int = 32, seed: int = 0) -> float:
-    """Mean composition score of random Gaussian factors of the same shapes (the chance level)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    ov1 = (r(samples, d_model, d_head), r(samples, d_head, d_model))
-    second = (r(samples, d_model, d_head), r(samples, d_head, d_model)) if kind == "V" else \
-        (r(samples, d_model, d_head), r(samples, d_model, d_head))
-    return float(composition(ov1, second, kind).diagonal().mean())
+def composition_scores(weights, *, relative_se: float = 0.01, seed: int = 0) -> tuple[list, dict]:
+    """Rows (layer1, head1, layer2, head2, kind, score, baseline, corrected) for every earlier -> later head pair,
+    and the baseline of each kind: ``{kind: {"mean", "se", "samples", "median_corrected"}}``.
 
-
-def composition_scores(weights) -> list[tuple]:
-    """Rows (layer1, head1, layer2, head2, kind, score, baseline, corrected) for every earlier -> later head pair.
+    The random baseline is sampled until its standard error is at most ``relative_se`` of the median absolute
+    corrected score of that kind (or 16384 samples), so the chance level does not move the scores it corrects.
 
     weights: :class:`attnlab.HeadWeights` (W_Q, W_K, W_V ``[L, H, d, k]``, W_O ``[L, H, k, d]``)."""
     n_layers, n_heads, d_model, d_head = weights.W_Q.shape
-    base = {kind: random_baseline(d_model, d_head, kind) for kind in "QKV"}
-    rows = []
+    raw = {kind: [] for kind in "QKV"}
     for l1 in range(n_layers - 1):
         ov1 = (weights.W_V[l1], weights.W_O[l1])
         for l2 in range(l1 + 1, n_layers):
             for kind, second in (("Q", (weights.W_Q[l2], weights.W_K[l2])), ("K", (weights.W_Q[l2], weights.W_K[l2])),
                                  ("V", (weights.W_V[l2], weights.W_O[l2]))):
-                scores = composition(ov1, second, kind)
+                raw[kind].append((l1, l2, composition(ov1, second, kind)))
+    base = {}
+    for kind in "QKV":
+        scores = torch.cat([m.flatten() for _, _, m in raw[kind]]) if raw[kind] else torch.zeros(0)
+        first = random_baseline(d_model, d_head, kind, seed=seed, max_samples=256)
+        median = float((scores - first["mean"]).abs().median()) if len(scores) else 0.0
+        b = random_baseline(d_model, d_head, kind, target_se=relative_se * median, seed=seed)
+        base[kind] = {**b, "median_corrected": float((scores - b["mean"]).abs().median()) if len(scores) else 0.0}
+    rows = []
+    for l1 in range(n_layers - 1):
+        for l2 in range(l1 + 1, n_layers):
+            for kind in "QKV":
+                matrix = next(m for a, b, m in raw[kind] if (a, b) == (l1, l2))
                 for h1 in range(n_heads):
                     for h2 in range(n_heads):
-                        s = float(scores[h1, h2])
-                        rows.append((l1, h1, l2, h2, kind, s, base[kind], s - base[kind]))
-    return rows
+                        value = float(matrix[h1, h2])
+                        rows.append((l1, h1, l2, h2, kind, value, base[kind]["mean"], value - base[kind]["mean"]))
+    return rows, base
 
 
 # ---------------------------------------------------------------- attention-pattern detectors
 
 
-DETECTORS = ("previous_token", "next_token", "self", "duplicate_token", "induction", "masked_induction",
-             "suffix_matching", "cls", "sep", "mask")
+#: detectors read at the ordinary (unmasked) queries; the last is read at the [MASK] only
+DETECTORS = ("previous_token", "next_token", "self", "duplicate_token", "prefix_matching", "suffix_matching", "cls",
+             "sep", "mask", "induction_at_mask")
+AT_MASK = ("induction_at_mask",)
 
 
 def templates(ids: torch.Tensor, specials: dict) -> dict:
     """Boolean templates ``[B, S, S]`` (query, key) of every detector for token ids ``[B, S]``.
 
-    induction = prefix matching (Olsson et al.): the token after an earlier instance of the query's token;
-    masked_induction: the token after an earlier instance of the token *before* the query - what an induction
-    head does at a [MASK], whose own token is hidden (the paper's "previous instance" target); suffix_matching:
-    the token before a later instance; duplicate_token: any other instance. Both directions are allowed."""
+    prefix_matching (Olsson et al.'s induction): the token after an earlier instance of the query's token;
+    induction_at_mask: the token after an earlier instance of the token *before* the query - what an induction
+    head does at a [MASK], whose own token is hidden (the induction map's "previous instance" target);
+    suffix_matching: the token before a later instance; duplicate_token: any other instance."""
     b, s = ids.shape
     q = torch.arange(s)[:, None]
     k = torch.arange(s)[None, :]
@@ -127,11 +166,11 @@ def templates(ids: torch.Tensor, specials: dict) -> dict:
         "self": (k == q).expand(b, s, s),
         "duplicate_token": other,
         # key j + 1 where token[j] == token[q], j < q
-        "induction": torch.nn.functional.pad((other & (k < q))[:, :, :-1], (1, 0)),
-        # key j + 1 where token[j] == token[q - 1], j + 1 < q
-        "masked_induction": torch.nn.functional.pad((other & (k < q))[:, :-1, :-1], (1, 0, 1, 0)),
+        "prefix_matching": torch.nn.functional.pad((other & (k < q))[:, :, :-1], (1, 0)),
         # key j - 1 where token[j] == token[q], j > q
         "suffix_matching": torch.nn.functional.pad((other & (k > q))[:, :, 1:], (0, 1)),
+        # key j + 1 where token[j] == token[q - 1], j + 1 < q
+        "induction_at_mask": torch.nn.functional.pad((other & (k < q))[:, :-1, :-1], (1, 0, 1, 0)),
     }
     for name in ("cls", "sep", "mask"):
         token = specials.get(name)
@@ -140,24 +179,37 @@ def templates(ids: torch.Tensor, specials: dict) -> dict:
     return out
 
 
-def detector_scores(attention: torch.Tensor, ids: torch.Tensor, specials: dict) -> dict:
+def detector_scores(attention: torch.Tensor, ids: torch.Tensor, specials: dict, *, causal: bool = False,
+                    query_positions: torch.Tensor | None = None, names=DETECTORS) -> dict:
     """Chance-corrected detector scores per head: ``{name: (score [L, H], chance, corrected [L, H])}``.
 
-    attention ``[B, S(query), L, H, S(key)]`` (every query row, as the extractor returns with
-    query_positions=None, one sequence length). For each detector, queries whose template is empty are
-    skipped; score = mean over the other queries of the attention mass on the template keys; chance = the
-    same for uniform attention over the keys (|template| / S); corrected = score - chance."""
+    attention ``[B, Q, L, H, S]``: the rows of the queries at ``query_positions [B, Q]`` (default: every
+    position, Q = S, as the extractor returns with query_positions=None). Each detector is read at the queries
+    it is defined for - ``induction_at_mask`` at [MASK] queries, every other at the other queries - and only where
+    its template holds a key the query can see (causal models: keys at or before it). score = mean attention
+    mass on the template keys; chance = the same for uniform attention over the keys the query can see
+    (``|template| / |visible|``, so a uniform head scores exactly its chance); corrected = score - chance."""
+    b, s = ids.shape
+    if query_positions is None:
+        query_positions = torch.arange(s).expand(b, s)
+    rows = torch.arange(b)[:, None]
     tpl = templates(ids, specials)
-    n_keys = ids.shape[1]
+    visible = torch.ones(s, s, dtype=torch.bool) if not causal else torch.ones(s, s, dtype=torch.bool).tril()
+    visible = visible[query_positions]  # [B, Q, S]
+    mask_id = specials.get("mask")
+    at_mask = (ids[rows, query_positions] == mask_id) if mask_id is not None else torch.zeros_like(query_positions,
+                                                                                                   dtype=torch.bool)
     out = {}
-    for name, t in tpl.items():
-        t = t.to(attention.dtype)
-        has = t.sum(-1) > 0  # [B, q]
+    for name in names:
+        t = tpl[name][rows, query_positions] & visible  # [B, Q, S]
+        wanted = at_mask if name in AT_MASK else ~at_mask
+        has = (t.sum(-1) > 0) & wanted
         if not has.any():
-            out[name] = (torch.full(attention.shape[2:4], math.nan), math.nan, torch.full(attention.shape[2:4], math.nan))
+            nan = torch.full(attention.shape[2:4], math.nan)
+            out[name] = (nan, math.nan, nan.clone())
             continue
-        mass = torch.einsum("bqlhk,bqk->bqlh", attention, t)  # [B, q, L, H]
+        mass = torch.einsum("bqlhk,bqk->bqlh", attention, t.to(attention.dtype))  # [B, Q, L, H]
         score = mass[has].mean(0)
-        chance = float((t.sum(-1)[has] / n_keys).mean())
+        chance = float((t.sum(-1)[has].double() / visible.sum(-1)[has].double()).mean())
         out[name] = (score, chance, score - chance)
     return out

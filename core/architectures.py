@@ -10,6 +10,9 @@ one place. Nothing else in attnlab branches on ``model_type``; it asks the recor
     qkvo(lm, l)               layer l's per-head W_Q, b_Q, W_K, b_K, W_V, b_V (``[H, d_model, d_head]`` and
                               ``[H, d_head]``), W_O ``[H, d_head, d_model]``, b_O ``[d_model]`` and the scaling
     lm_head(model)            callable final hidden state -> logits, or None when the model has no LM head
+    unembed(model)            the LM head's linear read-out ``[d_model, vocab]`` (its nonlinear transform skipped;
+                              a factorised head's dense layer and decoder multiplied), or None without a head
+    embed_projection(base)    the Linear that maps factorised token embeddings (ALBERT, ELECTRA) to d_model, or None
     causal / positions        decoder or encoder; "absolute" or "rotary" (q and k are rotated before the dot
                               product: what the extractor records is the rotated q/k)
     rotate(lm, l, q, k, pos)  rotary families: apply layer l's rotation to pre-rotary per-head q/k
@@ -49,6 +52,10 @@ class Architecture:
     #: the layer modules of a BERT-style post-LN encoder (``encoder.layer[l]``), for the layer-by-layer
     #: circuits code (head scan, direct logit attribution); None where that code does not apply
     bert_layers: Callable | None = None
+    #: the LM head's linear read-out [d_model, vocab] (see the module doc), or None when ``model`` has no head
+    unembed: Callable = lambda model: None
+    #: factorised embeddings (ALBERT, ELECTRA): the Linear from the embedding size up to d_model; None: none
+    embed_projection: Callable = lambda base: None
     notes: str = ""
     #: the first transformers release whose implementation of this family routes attention through the
     #: attention-function registry that attnlab hooks, with the attributes the record reads (found by running
@@ -126,6 +133,17 @@ def _bert_qkvo(lm, layer):
                      _scaling(own, lm.d_head))
 
 
+def _read_out(weight) -> torch.Tensor:
+    """An output Linear's weight ``[vocab, d]`` as the ``x @ W_U`` read-out ``[d, vocab]``."""
+    return weight.detach().T
+
+
+def _through(dense, decoder) -> torch.Tensor:
+    """A head that first maps d_model down (``dense``: ``[E, d]``) and then to the vocabulary (``decoder``:
+    ``[vocab, E]``): its linear part, ``[d, vocab]``."""
+    return dense.weight.detach().T @ decoder.weight.detach().T
+
+
 # ----------------------------------------------------------------------------------------- the families
 
 
@@ -151,6 +169,11 @@ BERT_LIKE = Architecture(
                                     else 0),
     check=_bert_like_check,
     bert_layers=lambda base: list(base.encoder.layer),
+    unembed=lambda model: (_read_out(model.cls.predictions.decoder.weight) if hasattr(model, "cls") else
+                           _read_out(model.lm_head.decoder.weight) if hasattr(model, "lm_head") else
+                           _through(model.generator_predictions.dense, model.generator_lm_head)
+                           if hasattr(model, "generator_lm_head") else None),
+    embed_projection=lambda base: getattr(base, "embeddings_project", None),  # ELECTRA with embedding_size < hidden
     notes="BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA (discriminator: no LM head; generator: masked LM)",
 )
 
@@ -171,6 +194,7 @@ DISTILBERT = Architecture(
     qkvo=_linears("q_lin", "k_lin", "v_lin", "out_lin"),
     lm_head=lambda model: ((lambda h: model.vocab_projector(model.vocab_layer_norm(model.activation(
         model.vocab_transform(h))))) if hasattr(model, "vocab_projector") else None),
+    unembed=lambda model: _read_out(model.vocab_projector.weight) if hasattr(model, "vocab_projector") else None,
 )
 
 
@@ -197,6 +221,9 @@ ALBERT = Architecture(
     attn_norm=lambda base, layer: None,
     qkvo=_linears("query", "key", "value", "dense"),
     lm_head=lambda model: getattr(model, "predictions", None),
+    unembed=lambda model: (_through(model.predictions.dense, model.predictions.decoder)
+                           if hasattr(model, "predictions") else None),
+    embed_projection=lambda base: base.encoder.embedding_hidden_mapping_in,
     check=_albert_check,
     notes="layers share parameters (num_hidden_groups groups); layer l's attention is its group's module",
 )
@@ -237,6 +264,7 @@ MODERNBERT = Architecture(
     attn_norm=lambda base, layer: base.layers[layer].attn_norm,  # pre-LN (Identity in layer 0)
     qkvo=_modernbert_qkvo,
     lm_head=lambda model: (lambda h: model.decoder(model.head(h))) if hasattr(model, "decoder") else None,
+    unembed=lambda model: _read_out(model.decoder.weight) if hasattr(model, "decoder") else None,
     rotate=_rotate_with(_modernbert_rotate, needs_layer_type=True),
     notes="rotary positions; local (sliding-window) layers alternate with global ones",
     min_transformers="5.7.0",  # before it ModernBERT calls its own attention functions
@@ -259,6 +287,7 @@ GPT2 = Architecture(
     attn_norm=lambda base, layer: base.h[layer].ln_1,
     qkvo=_gpt2_qkvo,
     lm_head=lambda model: getattr(model, "lm_head", None),
+    unembed=lambda model: _read_out(model.lm_head.weight) if hasattr(model, "lm_head") else None,
     min_transformers="5.4.0",  # GPT2Attention.scaling (read by qkvo) arrives in 5.4
 )
 
@@ -289,6 +318,8 @@ GPT_NEOX = Architecture(
     attn_norm=lambda base, layer: base.layers[layer].input_layernorm,
     qkvo=_neox_qkvo,
     lm_head=lambda model: getattr(model, "lm_head", None) or getattr(model, "embed_out", None),
+    unembed=lambda model: (_read_out((getattr(model, "lm_head", None) or model.embed_out).weight)
+                           if hasattr(model, "lm_head") or hasattr(model, "embed_out") else None),
     rotate=_rotate_with(_neox_rotate),
     notes="the Pythia suite; partial rotary (rotary_pct of each head's dimensions); training checkpoints as revisions",
 )
@@ -309,6 +340,7 @@ LLAMA_LIKE = Architecture(
     attn_norm=lambda base, layer: base.layers[layer].input_layernorm,
     qkvo=_linears("q_proj", "k_proj", "v_proj", "o_proj"),
     lm_head=lambda model: getattr(model, "lm_head", None),
+    unembed=lambda model: _read_out(model.lm_head.weight) if hasattr(model, "lm_head") else None,
     rotate=_rotate_with(_llama_rotate),
     notes="rotary positions, grouped-query attention (W_K / W_V repeated per query head), RMSNorm",
 )

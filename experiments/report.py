@@ -8,12 +8,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from attnlab.core.models import is_embedded, model_label
+from attnlab.core.names import is_embedded, model_label
 from attnlab.core.outputs import atomic_path, write_text
-
-PAPER_MODELS = {"gpt2": "gpt2", "bert": "bert-base-uncased", "bert-tiny": "prajjwal1/bert-tiny",
-                "bert-small": "prajjwal1/bert-small", "bert-medium": "prajjwal1/bert-medium",
-                "bert-large": "bert-large-uncased"}
+from attnlab.experiments.paper import ROLES as PAPER_MODELS
 
 
 @dataclass
@@ -95,21 +92,48 @@ def _banner(settings, substituted: dict, given: dict) -> list[str]:
     return lines
 
 
+def _fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def _top_table(r: FigureResult):
-    """(header, rows, note) of the strongest heads of an induction figure, or None."""
+    """(header, rows, note) of the strongest heads of an induction figure, each with what qualifies it, or None."""
     meta = r.meta or {}
     top = (meta.get("top_heads") or {}).get(r.target)
     if not top:
         return None
     n = meta.get("n_trials", meta.get("config", {}).get("trials", "?"))
-    rows = [(f"L{layer}H{head}", f"{mean:.4f}", "-" if sem is None else f"{sem:.4f}", str(n))
-            for layer, head, mean, sem in top[:5]]
+    chance = (meta.get("maps") or {}).get(r.target, {}).get("chance")
+    rows = [(f"L{h['layer']}H{h['head']}", _fmt(h["mean"]), _fmt(h["sem"]), f"{_fmt(h['ci'][0])} .. {_fmt(h['ci'][1])}",
+             _fmt(chance, ".4g"), _fmt(h["null"]), _fmt(h["lift"]), _fmt(h["top_trial_share"], ".2f"),
+             "yes" if h["named"] else "no") for h in top[:5]]
+    v = meta["verdict"][r.target]
+    note = f"Verdict rule: {v['rule']}. {n} trials; chance = uniform attention over the keys the query sees."
     share = meta.get("share_r0")
-    note = ""
     if share:
-        note = (f"{share:.0%} of the trials are the paper protocol's r = 0 case (the mask on the last token of the "
-                "first copy, so the 'previous instance' is the leading [SEP]).")
-    return ["head", "mean attention", "SEM", "trials"], rows, note
+        note += (f" {share:.0%} of the trials are the paper protocol's r = 0 case (the mask on the last token of the "
+                 "first copy, so the 'previous instance' is the leading [SEP]).")
+    return (["head", "mean attention", "SEM", "95% CI", "chance", "null", "lift", "top-trial share", "named"], rows,
+            note)
+
+
+def _verdict_rows(results) -> list[tuple]:
+    """The report's first table: every induction figure's verdict, with its baseline."""
+    from attnlab.induction.experiment import target_words
+
+    rows = []
+    for r in results:
+        if r.error or not r.target or not (r.meta or {}).get("verdict"):
+            continue
+        v = r.meta["verdict"][r.target]
+        if v["named"]:
+            found = ", ".join(f"{e['head']} ({e['mean']:.3g}, lift {e['lift']:.3g})" for e in v["named"][:5])
+        else:
+            st = v["strongest"]
+            found = f"none - strongest {st['head']} {_fmt(st['mean'], '.4g')} (null {_fmt(st['null'], '.4g')})"
+        rows.append((r.id, model_label(r.model_used or r.model), target_words(r.target, bool(r.meta.get("causal"))),
+                     found, _fmt(v["chance"], ".4g")))
+    return rows
 
 
 def _sections(settings, results, total_s, versions, substituted, advice, extra, given):
@@ -136,6 +160,20 @@ def _sections(settings, results, total_s, versions, substituted, advice, extra, 
     toc = [(r.id, _title(r.id) + ("" if r.error is None else " (not produced)")) for r in results]
     toc += [(s.get("job", "section"), s["title"]) for s in extra]
     blocks.append(("Contents", "toc", toc))
+    verdicts = _verdict_rows(produced)
+    if verdicts:
+        from attnlab.induction.scores import VERDICT_RULE
+
+        blocks.append(("Induction heads: the verdict", "table",
+                       (["figure", "model", "target", "induction heads named (mean, lift over the null)", "chance"],
+                        verdicts)))
+        blocks.append(("How a head is named", "text", [
+            "A head is named an induction head for a target when it is " + VERDICT_RULE.format(
+                min_lift=next((r.meta["config"].get("min_lift", 0.1) for r in produced if r.target), 0.1))
+            + ". Chance is what uniform attention over the keys the query can see puts on one key; the null is the "
+            "same head's attention to the same positions on control sequences whose earlier copy is replaced by "
+            "fresh tokens (no repeat), so lift is what the repeat itself buys. Ranks by mean attention alone (the "
+            "paper's convention, in the tables below) do not name heads."]))
     comparisons = [(r.id, q, p, o) for r in produced for q, p, o in r.comparison]
     if comparisons:
         blocks.append(("Compared with the paper", "table", (["figure", "quantity", "paper", "this run"], comparisons)))
@@ -170,34 +208,44 @@ def _run_links(r: FigureResult) -> list[tuple[str, str]]:
     return [(f, f"runs/{r.job}/{f}") for f in wanted]
 
 
+def _md(text) -> str:
+    """Prose for README.md: model names, tokens, captions and errors are data, so HTML in them is escaped (a markdown
+    renderer would otherwise render it)."""
+    return html.escape(str(text), quote=False)
+
+
+def _code(text) -> str:
+    """A code span that no backtick in ``text`` can close early."""
+    return "`" + str(text).replace("`", "'") + "`"
+
+
 def _figure_lines_md(r: FigureResult, paper_dir: str | None) -> list[str]:
     lines = [f"## {_title(r.id)}", ""]
     if r.error:
-        return lines + [f"**Not produced** ({r.role} = `{r.model}`): {r.error}", ""]
-    lines += [f"![{r.id}]({r.path})", "", r.caption, ""]
+        return lines + [f"**Not produced** ({r.role} = {_code(r.model)}): {_md(r.error)}", ""]
+    lines += [f"![{r.id}]({r.path})", "", _md(r.caption), ""]
     if paper_dir and r.paper_image:
         lines += [f"Paper's figure: ![paper {r.id}]({paper_dir}/{r.paper_image})", ""]
     elif r.paper_image:
-        lines += [f"Paper's image: `{r.paper_image}`.", ""]
+        lines += [f"Paper's image: {_code(r.paper_image)}.", ""]
     top = _top_table(r)
     if top:
         header, rows, note = top
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""] + ([note, ""] if note else [])
-    links = ", ".join(f"[{name}]({href})" for name, href in _run_links(r))
+        lines += _md_table(header, rows) + ([_md(note), ""] if note else [])
+    links = ", ".join(f"[{_md(name)}]({href})" for name, href in _run_links(r))
     used = model_label(r.model_used or r.model)
-    lines += [f"Model `{used}`{' (stand-in for ' + r.model + ')' if r.substituted else ''} (role {r.role}); "
-              f"run folder `runs/{r.job}` ({links}); run time {_run_time(r.meta)}"
+    lines += [f"Model {_code(used)}{' (stand-in for ' + _code(r.model) + ')' if r.substituted else ''} (role {r.role}); "
+              f"run folder {_code('runs/' + r.job)} ({links}); run time {_run_time(r.meta)}"
               + ("; kept from an earlier run" if r.earlier else "") + ".", ""]
     return lines
 
 
 def _md_cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _md(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(header, rows) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return (["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
             + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""])
 
 
@@ -206,22 +254,22 @@ def to_markdown(blocks, paper_dir=None) -> str:
     for title, kind, payload in blocks:
         if kind == "text":
             level = "#" if not lines else "##"
-            lines += [f"{level} {title}", ""] + [p + "\n" for p in payload]
+            lines += [f"{level} {_md(title)}", ""] + [_md(p) + "\n" for p in payload]
         elif kind == "banner":
-            lines += [f"> **{title}.** " + " ".join(payload), ""]
+            lines += [f"> **{_md(title)}.** " + " ".join(_md(p) for p in payload), ""]
         elif kind == "toc":
-            lines += ["## Contents", ""] + [f"- [{text}](#{anchor})" for anchor, text in payload] + [""]
+            lines += ["## Contents", ""] + [f"- [{_md(text)}](#{anchor})" for anchor, text in payload] + [""]
         elif kind == "table":
             header, rows = payload
-            lines += [f"## {title}", ""] + _md_table(header, rows)
+            lines += [f"## {_md(title)}", ""] + _md_table(header, rows)
         elif kind == "section":
-            lines += [f"## {title}", ""]
+            lines += [f"## {_md(title)}", ""]
             if payload.get("error"):
-                lines += [f"**Not produced**: {payload['error']}", ""]
+                lines += [f"**Not produced**: {_md(payload['error'])}", ""]
             else:
-                lines += [payload["text"], ""]
+                lines += [_md(payload["text"]), ""]
                 if payload.get("image"):
-                    lines += [f"![{title}]({payload['image']})", ""]
+                    lines += [f"![{_md(title)}]({payload['image']})", ""]
                 if payload.get("rows"):
                     lines += _md_table(payload["header"], payload["rows"])
         else:
@@ -270,7 +318,7 @@ def _figure_html(r: FigureResult, paper_dir: str | None, page=None, root=None) -
     top = _top_table(r)
     if top:
         header, rows, note = top
-        body += "<p><b>Strongest heads</b></p>" + _html_table(header, rows) + (f"<p class='note'>{e(note)}</p>" if note else "")
+        body += "<p><b>Strongest heads by mean attention</b> (the paper's ranking), each with its baseline</p>" + _html_table(header, rows) + (f"<p class='note'>{e(note)}</p>" if note else "")
     links = ", ".join(f"<a href='{e(href)}'>{e(name)}</a>" for name, href in _run_links(r))
     used = model_label(r.model_used or r.model)
     stand = f" (stand-in for {e(r.model)})" if r.substituted else ""

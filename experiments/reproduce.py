@@ -3,8 +3,8 @@
 Runs each experiment with the paper's settings and protocols, one run folder per experiment under
 ``DIR/runs/`` (reused when rerun with the same settings, model content, corpus content and attnlab), copies
 each figure to ``DIR/figures/<figure>.png`` and writes a report, ``DIR/index.html`` and ``DIR/README.md``:
-every figure with its caption, the paper's reported result beside ours, what could not be produced and why,
-run times and provenance.
+every figure with its caption, the verdict on each induction map (chance, null, the rule that named a head),
+the paper's reported result beside ours, what could not be produced and why, run times and provenance.
 
 Offline: whether the Hugging Face Hub answers is decided once (a probe of a few seconds; ``HF_HUB_OFFLINE=1``
 skips it). A model that cannot be had is reported once and not tried again; unless ``--no-fallback``, the
@@ -34,20 +34,11 @@ from typing import Callable
 
 from attnlab.core.corpus import DEFAULT_CORPUS
 from attnlab.core.errors import AttnlabError, InputError, MissingHeadError, ModelNotAvailableError
-from attnlab.core.models import EMBEDDED_NAME, embedded_model_path, model_label
-from attnlab.core.outputs import atomic_path, check_out_dir, read_json, versions, write_json
+from attnlab.core.names import EMBEDDED_NAME, embedded_model_path, model_label
+from attnlab.core.outputs import atomic_path, check_out_dir, folder_lock, read_json, write_json
 from attnlab.experiments.common_args import add_runtime_args
-from attnlab.experiments.report import FigureResult, write_report
+from attnlab.experiments.paper import REPORTED_HEADS, REPORTED_ICL_MEAN, ROLES, UMAP_HEADS
 
-ROLES = {
-    "gpt2": "gpt2",
-    "bert": "bert-base-uncased",
-    "bert-tiny": "prajjwal1/bert-tiny",
-    "bert-small": "prajjwal1/bert-small",
-    "bert-medium": "prajjwal1/bert-medium",
-    "bert-large": "bert-large-uncased",
-}
-PAPER_TOP_HEADS = ["L9H0", "L9H6", "L10H1", "L10H9", "L11H8"]
 QUICK_TRIALS = 8
 
 
@@ -76,63 +67,66 @@ class Settings:
 
 @dataclass
 class Figure:
-    """One figure of the report: where it comes from and what the paper reported, if anything."""
+    """One figure of the report: which of its run's figures it is (a key of the run's ``meta["figures"]``) and
+    what the paper reported, if anything."""
 
     id: str
     caption: str  # may name {model}: the model actually used
-    source: str  # file inside the job's run folder, or a callable(meta) -> file
+    key: str  # the run's figure key: an induction target, a geometry metric, "umap", "histogram"
     compare: Callable | None = None  # (meta, substituted) -> [(quantity, paper, ours)]
     paper_image: str | None = None  # the paper's image of this figure (shared/reference/paper-figures)
-
-    def source_for(self, meta: dict) -> str:
-        return self.source(meta) if callable(self.source) else self.source
 
 
 @dataclass
 class Job:
-    """One experiment run that produces one or more figures."""
+    """One experiment run (a record and the config the paper's settings give it) that makes some figures."""
 
     name: str
     role: str
-    masked_lm: bool
-    config: Callable  # (settings, model name, context) -> the experiment's config dataclass
-    run: Callable  # (config, out_dir, loader, settings, context) -> meta
+    experiment: str  # the record's name
+    config: Callable  # (settings, model name, context) -> the record's config
     figures: list[Figure]
+    masked_lm: bool = False
     embedded_ok: bool = True  # can the embedded MiniLM stand in for this role here?
     needs: str = ""  # what a stand-in must have, when it cannot
+
+    @property
+    def record(self):
+        from attnlab.core.runs import get_experiment
+
+        return get_experiment(self.experiment)
 
 
 # ---------------------------------------------------------------- paper comparisons (from results, not files)
 
 
-def _heads_text(top: list, k: int) -> list[str]:
-    return [f"L{layer}H{head} ({mean:.3g})" for layer, head, mean, _ in top[:k]]
+def _compare_top(target: str):
+    """The paper's heads for ``target`` beside ours - ranked by mean attention, as the paper ranks them."""
+    paper = REPORTED_HEADS[target]
 
-
-def _compare_top(target: str, paper: list[str]):
     def compare(meta, substituted):
-        ours = _heads_text(meta["top_heads"][target], len(paper))
-        overlap = len({h.split(" ")[0] for h in ours} & set(paper))
+        from attnlab.induction.experiment import target_words
+
+        top = meta["top_heads"][target][:len(paper)]
+        ours = [f"L{h['layer']}H{h['head']} ({h['mean']:.3g}{', named' if h['named'] else ''})" for h in top]
+        overlap = len({f"L{h['layer']}H{h['head']}" for h in top} & set(paper))
+        named = meta["verdict"][target]["heads"]
         note = "not comparable: another model stood in" if substituted else \
-            f"{overlap} of {len(paper)} as in the paper"
-        return [(f"strongest heads, {_target_words(target)}", ", ".join(paper), ", ".join(ours) + f" - {note}")]
+            f"{overlap} of {len(paper)} as in the paper; the verdict names {', '.join(named) or 'none'}"
+        return [(f"strongest heads by mean, {target_words(target)}", ", ".join(paper), ", ".join(ours) + f" - {note}")]
 
     return compare
-
-
-def _target_words(target: str) -> str:
-    from attnlab.experiments.induction import target_words
-
-    return target_words(target)
 
 
 def _compare_icl(meta, substituted):
     s = meta["summary"]
     ci = f"95% CI {s['ci95'][0]:.3f} .. {s['ci95'][1]:.3f}, " if s["ci95"][0] is not None else ""
-    return [("mean loss(50) - loss(500)", "0.23 (50 trials)", f"{s['mean']:.3f} ({ci}{s['n']} trials)")]
+    return [("mean loss(50) - loss(500)", f"{REPORTED_ICL_MEAN:g} (50 trials)", f"{s['mean']:.3f} ({ci}{s['n']} trials)")]
 
 
-def _compare_optimum(paper_notebook: float, layer: int, head: int):
+def _compare_optimum(figure: str):
+    (layer, head), paper_notebook = UMAP_HEADS[figure]
+
     def compare(meta, substituted):
         ours = meta.get("optimum")
         cfg = meta["config"]
@@ -153,35 +147,29 @@ def _compare_optimum(paper_notebook: float, layer: int, head: int):
 
 
 def _induction_job(name, role, variant, figures, trials=50):
-    from attnlab.experiments.induction import InductionConfig, run_induction
-
     def config(s: Settings, model: str, context):
+        from attnlab.induction.experiment import InductionConfig
+
         # --quick uses the clean protocol: with a handful of trials one r = 0 trial of the paper protocol
         # (mask on the first copy) could make the only visible structure in a map
         return InductionConfig(model=model, variant=variant, protocol="clean" if s.quick else "paper",
                                trials=s.trials(trials, QUICK_TRIALS), seed=s.seed, dtype=s.dtype)
 
-    def run(cfg, out, loader, s: Settings, context):
-        return run_induction(cfg, out, lm=loader, batch_size=s.batch_size, progress=s.progress, reuse=not s.force)
-
-    return Job(name, role, False, config, run, figures)
+    return Job(name, role, "induction", config, figures)
 
 
 def _icl_job():
-    from attnlab.experiments.icl import ICLConfig, run_icl
-
     def config(s: Settings, model: str, context):
+        from attnlab.icl.experiment import ICLConfig
+
         return ICLConfig(model=model, corpus=s.corpus, protocol="paper", trials=s.trials(50, 5), seed=s.seed,
                          dtype=s.dtype)
 
-    def run(cfg, out, loader, s: Settings, context):
-        return run_icl(cfg, out, lm=loader, batch_size=s.batch_size, reuse=not s.force, progress=s.progress)
-
-    return Job("icl", "bert", True, config, run, [
+    return Job("icl", "bert", "icl", config, [
         Figure("figure5", "Figure 5 - in-context learning score of {model}: masked-LM loss with 50 tokens of "
-               "context minus loss with 500 tokens, per trial (paper protocol).", "icl_histogram.png", _compare_icl,
+               "context minus loss with 500 tokens, per trial (paper protocol).", "histogram", _compare_icl,
                "icl_loss_difference.png")],
-        embedded_ok=False, needs="a masked-LM head (the embedded all-MiniLM-L6-v2 has none)")
+        masked_lm=True, embedded_ok=False, needs="a masked-LM head (the embedded all-MiniLM-L6-v2 has none)")
 
 
 def _geometry_config(s: Settings, model: str):
@@ -190,32 +178,29 @@ def _geometry_config(s: Settings, model: str):
 
 
 def _scaling_job():
-    from attnlab.experiments.geometry import GeometryConfig, run_scaling
-
     def config(s: Settings, model: str, context):
-        return GeometryConfig(**_geometry_config(s, model), continuous=not s.quick, bootstrap=s.trials(20, 10))
+        from attnlab.geometry.experiment import GeometryConfig
 
-    def run(cfg, out, loader, s: Settings, context):
-        return run_scaling(cfg, out, lm=loader, batch_size=s.batch_size, progress=s.progress, reuse=not s.force,
-                           cache=context["geometry"])
+        return GeometryConfig(**_geometry_config(s, model), continuous=not s.quick, bootstrap=s.trials(20, 10))
 
     metrics = [("figure2a", "weighted_corr", "weighted correlation of dot product and distance"),
                ("figure2b", "scaled_weighted_corr", "weighted correlation scaled by the head's share of "
                                                     "pairs under a threshold pooled over all heads"),
                ("figure2c", "norm_ratio", "ratio of median query and key norms")]
-    return Job("geometry_scaling", "gpt2", False, config, run, [
+    return Job("geometry_scaling", "gpt2", "geometry-scaling", config, [
         Figure(fid, f"Figure 2{fid[-1]} - {{model}}: optimal scaling constant c per head (queries x c, keys / c"
                f"{{translation}}), chosen by {text}; protocol {{protocol}}. Hatched cells: fewer than half of the "
-               "sentence resamples agree on the optimum.", f"figure2_{metric}.png")
+               "sentence resamples agree on the optimum.", metric)
         for fid, metric, text in metrics])
 
 
 def pick_umap_heads(optima: dict, metric: str = "scaled_weighted_corr") -> tuple[tuple[int, int], tuple[int, int]]:
     """The stated rule for Figures 3-4 on a model other than GPT-2: by the metric the figures frame (the scaled
-    weighted correlation, the paper's metric for them), Figure 3 shows the head whose optimum is most stable (share of sentence resamples agreeing) among heads with an optimum below 1 (queries shrunk),
-    Figure 4 the most stable among heads with an optimum above 1 (queries grown) - the paper's two heads
-    were one of each. Ties go to the lower layer, then head; if one side is empty, the most stable remaining
-    head. ``optima``: the scaling run's meta["optima"]."""
+    weighted correlation, the paper's metric for them), Figure 3 shows the head whose optimum is most stable
+    (share of sentence resamples agreeing) among heads with an optimum below 1 (queries shrunk), Figure 4 the
+    most stable among heads with an optimum above 1 (queries grown) - the paper's two heads were one of each.
+    Ties go to the lower layer, then head; if one side is empty, the most stable remaining head. ``optima``:
+    the scaling run's meta["optima"]."""
     rows = [(layer, head, opt, stab) for layer, head, opt, stab in optima[metric] if opt is not None]
     if not rows:
         return (0, 0), (0, 1)
@@ -231,10 +216,12 @@ def pick_umap_heads(optima: dict, metric: str = "scaled_weighted_corr") -> tuple
     return (first[0], first[1]), (second[0], second[1])
 
 
-def _umap_job(fig: str, index: int, layer: int, head: int, paper_optimum: float, paper_image: str | None = None):
-    from attnlab.experiments.geometry import UMAPConfig, run_umap, umap_name
+def _umap_job(fig: str, index: int, paper_image: str | None = None):
+    (layer, head), _ = UMAP_HEADS[fig]
 
     def config(s: Settings, model: str, context):
+        from attnlab.geometry.experiment import UMAPConfig
+
         where = (layer, head)
         if context.get("substituted", {}).get("gpt2"):  # another model: the stated rule picks the heads
             scaling = context["results"].get("geometry_scaling")
@@ -244,59 +231,47 @@ def _umap_job(fig: str, index: int, layer: int, head: int, paper_optimum: float,
         return UMAPConfig(**_geometry_config(s, model), layer=where[0], head=where[1],
                           max_points=200 if s.quick else 1500, metric="scaled_weighted_corr")
 
-    def run(cfg, out, loader, s: Settings, context):
-        return run_umap(cfg, out, lm=loader, batch_size=s.batch_size, progress=s.progress, reuse=not s.force,
-                        cache=context["geometry"])
-
-    def source(meta):
-        return f"{umap_name(meta['config']['layer'], meta['config']['head'])}.png"
-
-    return Job(f"geometry_umap_{fig}", "gpt2", False, config, run, [
+    return Job(f"geometry_umap_{fig}", "gpt2", "geometry-umap", config, [
         Figure(fig, f"Figure {fig[-1]} - joint UMAP (cosine) of {{model}} layer {{layer}} head {{head}}: scaled"
                f"{{translation_short}} queries (green) and keys (orange) at six constants; the optimal constant by "
-               "the scaled weighted correlation is framed.", source, _compare_optimum(paper_optimum, layer, head),
-               paper_image)])
+               "the scaled weighted correlation is framed.", "umap", _compare_optimum(fig), paper_image)])
 
 
 def jobs() -> list[Job]:
     """Every experiment of the paper, grouped by model role so each model is loaded once."""
     standard = [
         Figure("figure7a", "Figure 7a - induction map of {model}, standard RRT (X X): attention from [MASK] to the "
-               "previous instance of the masked token.", "induction_standard_prev.png",
-               _compare_top("prev", PAPER_TOP_HEADS), "ind_score_rrt.png"),
+               "previous instance of the masked token.", "prev", _compare_top("prev"), "ind_score_rrt.png"),
         Figure("figure7b", "Figure 7b - {model}, standard RRT: attention to the token before the previous instance.",
-               "induction_standard_before.png", _compare_top("before", ["L9H9"]), "ind_score_rrt_before.png"),
+               "before", _compare_top("before"), "ind_score_rrt_before.png"),
         Figure("figure7c", "Figure 7c - {model}, standard RRT: attention to the token after the previous instance.",
-               "induction_standard_after.png", _compare_top("after", ["L8H2"]), "ind_score_rrt_after.png"),
+               "after", _compare_top("after"), "ind_score_rrt_after.png"),
     ]
     shuffled = [
         Figure("figure8a", "Figure 8a - {model}, shuffled RRT (X perm(X)): attention to the token after the "
                "first-copy instance of the masked token's left neighbour; our mapping of the paper's one shuffled "
-               "panel (ind_score_shuffle_before).",
-               "induction_shuffled_after_prev_of_left.png", paper_image="ind_score_shuffle_before.png"),
+               "panel (ind_score_shuffle_before).", "after_prev_of_left", paper_image="ind_score_shuffle_before.png"),
         Figure("figure8b", "Figure 8b - {model}, shuffled RRT: attention to the token before the first-copy "
-               "instance of the right neighbour; the paper shows no panel for this target.",
-               "induction_shuffled_before_prev_of_right.png"),
+               "instance of the right neighbour; the paper shows no panel for this target.", "before_prev_of_right"),
     ]
     triple = [
         Figure("figure8c", "Figure 8c - {model}, triple RRT (X X X, mask in the middle copy): attention to the "
                "instance before (first copy); maps to the paper's triple 'before' panel (ind_score_triple_before).",
-               "induction_triple_prev.png", paper_image="ind_score_triple_before.png"),
+               "prev", paper_image="ind_score_triple_before.png"),
         Figure("figure8d", "Figure 8d - {model}, triple RRT: attention to the instance after (third copy); maps "
-               "to the paper's triple 'after' panel (ind_score_triple_after).",
-               "induction_triple_next.png", paper_image="ind_score_triple_after.png"),
+               "to the paper's triple 'after' panel (ind_score_triple_after).", "next",
+               paper_image="ind_score_triple_after.png"),
     ]
     sizes = []
     for letter, role, image in zip("abcd", ["bert-tiny", "bert-small", "bert-medium", "bert-large"],
                                    ["Tiny", "Small", "Medium", "Large"]):
         job = _induction_job(f"induction_{role.replace('-', '_')}", role, "standard", [
             Figure(f"figure9{letter}", f"Figure 9{letter} - induction map (standard RRT, previous instance) of "
-                   "{model}" + f" (paper: {ROLES[role]}).", "induction_standard_prev.png",
-                   paper_image=f"ind_mapBERT_{image}.png")])
+                   "{model}" + f" (paper: {ROLES[role]}).", "prev", paper_image=f"ind_mapBERT_{image}.png")])
         job.embedded_ok, job.needs = False, "four BERT sizes (one embedded model cannot stand for them)"
         sizes.append(job)
     return [
-        _scaling_job(), _umap_job("figure3", 0, 1, 2, 2.5), _umap_job("figure4", 1, 3, 3, 0.2),
+        _scaling_job(), _umap_job("figure3", 0), _umap_job("figure4", 1),
         _icl_job(),  # first of its role: the masked LM it loads then serves the induction runs too
         _induction_job("induction_standard", "bert", "standard", standard),
         _induction_job("induction_shuffled", "bert", "shuffled", shuffled),
@@ -336,12 +311,19 @@ class ModelCache:
         self.loaded[(name, masked_lm)] = lm
         return lm
 
+    def best(self, name: str):
+        """The masked LM when the checkpoint has its head (ablation, DLA), else the encoder."""
+        try:
+            return self.get(name, True)
+        except MissingHeadError:
+            return self.get(name, False)
+
 
 class Runner:
     """Runs the jobs, substituting the embedded model where a role's model cannot be had."""
 
     def __init__(self, settings: Settings, say=print):
-        from attnlab.experiments.geometry import GeometryCache
+        from attnlab.geometry.study import GeometryCache
 
         self.settings = settings
         self.cache = ModelCache(settings)
@@ -363,6 +345,14 @@ class Runner:
             return None, f"its model is not available here, and it needs {job.needs}"
         return None, str(self.role_error[role])
 
+    def run_record(self, experiment: str, cfg, out: Path, loader) -> dict:
+        from attnlab.core.runs import get_experiment, run_experiment
+
+        s = self.settings
+        return run_experiment(get_experiment(experiment), cfg, out, lm=loader, reuse=not s.force,
+                              batch_size=s.batch_size, progress=s.progress, cache=self.context["geometry"],
+                              warn=lambda *_: None)
+
     def run(self, job: Job) -> tuple[dict | None, str | None, str | None, bool]:
         """(meta, model used, None, False) on success; (None, model, reason, unavailable) when the experiment
         could not run - ``unavailable`` when that is because no model at hand can make it."""
@@ -373,7 +363,7 @@ class Runner:
                 return None, self.settings.models[job.role], reason, True
             try:
                 cfg = job.config(self.settings, model, self.context)
-                meta = job.run(cfg, out, lambda: self.cache.get(model, job.masked_lm), self.settings, self.context)
+                meta = self.run_record(job.experiment, cfg, out, lambda: self.cache.get(model, job.masked_lm))
                 self.reused += bool(meta.get("reused"))
                 return meta, model, None, False
             except ModelNotAvailableError as exc:  # the role's model cannot be had: every job of the role
@@ -432,32 +422,51 @@ def _fill_caption(fig: Figure, meta: dict | None, model: str | None) -> str:
                               translation_short=", key-translated" if translate else "")
 
 
-def _previous_results(settings: Settings, skip: set) -> list[FigureResult]:
+def _previous_results(settings: Settings, skip: set):
     """Figures of an earlier run in the same folder that this run did not redo: still in the report."""
+    from attnlab.experiments.report import FigureResult
+    from attnlab.experiments.view import finished_meta
+
     report = read_json(settings.out / "report.json") or {}
     kept = []
-    for entry in report.get("figures", []):
-        if entry.get("id") in skip or not entry.get("path"):
+    entries = report.get("figures") if isinstance(report.get("figures"), list) else []
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("id") in skip or not isinstance(entry.get("path"), str):
             continue
-        meta = read_json(settings.out / "runs" / entry["job"] / "meta.json")
-        if meta is None or not (settings.out / entry["path"]).is_file():
+        job = entry.get("job")
+        if not isinstance(job, str) or not job or "/" in job or job.startswith("."):
+            continue
+        meta = finished_meta(settings.out / "runs" / job)
+        path = settings.out / entry["path"]
+        if meta is None or not path.is_file() or not path.resolve().is_relative_to(settings.out.resolve()):
             continue  # its run is gone or unfinished: nothing trustworthy to show
-        r = FigureResult(**{k: v for k, v in entry.items() if k in FigureResult.__dataclass_fields__})
+        try:
+            r = FigureResult(**{k: v for k, v in entry.items() if k in FigureResult.__dataclass_fields__})
+        except TypeError:
+            continue
         r.meta, r.earlier = meta, True
         kept.append(r)
     return kept
 
 
-def reproduce(settings: Settings, only: list[str] | None = None, say=print) -> list[FigureResult]:
+def reproduce(settings: Settings, only: list[str] | None = None, say=print):
     """Run every job (or those producing the figures in ``only``) and write the report. Returns the results."""
-    t0 = time.perf_counter()
     check_out_dir(settings.out)
+    with folder_lock(settings.out):
+        return _reproduce(settings, only, say)
+
+
+def _reproduce(settings: Settings, only: list[str] | None, say):
+    from attnlab.core.outputs import versions
+    from attnlab.experiments.report import FigureResult, write_report
+
+    t0 = time.perf_counter()
     if (settings.out / "meta.json").exists():
         raise InputError(f"output folder {settings.out} holds a single experiment's run (meta.json); write the "
                          "report to another folder (out)")
     selected = [j for j in jobs() if not only or any(f.id in only for f in j.figures)]
     runner = Runner(settings, say)
-    results: list[FigureResult] = []
+    results = []
     iterator = selected
     if settings.progress:
         from attnlab.core.progress import bar
@@ -486,10 +495,9 @@ def reproduce(settings: Settings, only: list[str] | None = None, say=print) -> l
                 if substituted:
                     result.caption += (f" Offline stand-in: {model_label(model)} instead of "
                                        f"{settings.models[job.role]}; not comparable with the paper.")
-                source = fig.source_for(meta)
-                if meta.get("top_heads"):
-                    result.target = source[len(f"induction_{meta['config']['variant']}_"):-len(".png")]
-                copy_figure(run_dir / source, settings.out / "figures" / f"{fig.id}.png")
+                if job.experiment == "induction":
+                    result.target = fig.key
+                copy_figure(run_dir / meta["figures"][fig.key], settings.out / "figures" / f"{fig.id}.png")
                 result.path = f"figures/{fig.id}.png"
                 result.meta = meta
                 if fig.compare:
@@ -515,54 +523,65 @@ def reproduce(settings: Settings, only: list[str] | None = None, say=print) -> l
     return results
 
 
+def _named_cells(meta: dict, target: str) -> list[tuple[int, int]]:
+    return [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in meta["verdict"][target]["heads"]]
+
+
 def _sizes_section(settings: Settings, sizes) -> dict:
     """Figure 9 as one figure: every size's map of the previous instance at relative depth, one colour scale."""
-    from attnlab.figures.heatmap import small_multiples
-
     import numpy as np
+
+    from attnlab.figures.heatmap import small_multiples
 
     panels = [(model_label(model), np.array([[np.nan if v is None else v for v in row]
                                              for row in meta["maps"]["prev"]["mean"]])) for model, meta in sizes]
-    small_multiples(panels,
-                    "Figure 9 across model sizes: attention from [MASK] to the previous instance",
-                    settings.out / "figures" / "figure9.png")
+    small_multiples(panels, "Figure 9 across model sizes: attention from [MASK] to the previous instance",
+                    settings.out / "figures" / "figure9.png", outlines=[_named_cells(m, "prev") for _, m in sizes],
+                    outline_note="outlined: the heads each model's verdict names")
     return {"title": "Figure 9 across sizes", "job": "figure9-sizes", "image": "figures/figure9.png",
             "text": "The panels of Figure 9 side by side: layers at their relative depth, one colour scale for all "
-                    "models, each model's strongest head outlined."}
+                    "models, the heads each model's verdict names outlined (none when no head passes the rule)."}
 
 
 def _heads_section(runner: Runner) -> dict:
-    """Beyond the paper: is an induction-like head also a copying head, and does the model use it? (#14)"""
-    from attnlab.experiments.heads import HeadsConfig, run_heads
+    """Beyond the paper: is an induction-like head also a copying head, and does the model use it?"""
+    from attnlab.circuits.experiment import HeadsConfig
 
-    model = runner.context["results"]["induction_standard"]["config"]["model"]
+    meta7 = runner.context["results"]["induction_standard"]
+    model = meta7["config"]["model"]
     s = runner.settings
     # the ablation scan is the cost here (144 heads x a pass over both versions of every trial on bert-base):
     # 8 trials of n = 30 keep it near a minute on a 2-core CPU; `attnlab heads` defaults to 16 of n = 50
     cfg = HeadsConfig(model=model, trials=2 if s.quick else 8, seq_len=20 if s.quick else 30, ablation=not s.quick,
                       dtype=s.dtype)
-    out = s.out / "runs" / "heads"
-
-    def load():  # the masked LM when there is one (ablation, DLA), else the encoder (weights, patterns)
-        try:
-            return runner.cache.get(model, True)
-        except AttnlabError:
-            return runner.cache.get(model, False)
-
     try:
-        meta = run_heads(cfg, out, lm=load, reuse=not s.force, progress=s.progress)
+        meta = runner.run_record("heads", cfg, s.out / "runs" / "heads", lambda: runner.cache.best(model))
     except AttnlabError as exc:
         return {"title": "Induction heads: copying and causal evidence", "error": str(exc)}
-    rows = [(f"L{a}H{b}", f"{v:.3f}") for a, b, v in meta["top_heads"]["masked_induction"][:5]]
+    top = meta["top_heads"].get("induction_at_mask") or []
+    rows = [(f"L{a}H{b}", f"{v:.3f}") for a, b, v in top[:5]]
+    named = meta7["verdict"]["prev"]["heads"]
+    ours = [f"L{a}H{b}" for a, b, _ in top[:3]]
+    if named:
+        agree = (f" The induction map (Figure 7a, paper protocol) names {', '.join(named)}; the strongest heads here "
+                 f"are {', '.join(ours)}" + (" - the same." if set(ours[:len(named)]) & set(named) else
+                                             " - they differ (other trials, sequence length and protocol)."))
+    else:
+        agree = (" The induction map (Figure 7a) names no head (no lift over the null passes the rule); the ranking "
+                 "below is relative only.")
     notes = " ".join(meta.get("notes") or [])
+    chance = meta.get("chance", {}).get("induction_at_mask")
     return {"title": "Induction heads: copying and causal evidence (beyond the paper)", "job": "heads",
-            "image": "runs/heads/story.png", "rows": rows, "header": ["head", "prefix matching at [MASK] (corrected)"],
-            "text": f"{model_label(model)}: per head, prefix matching at a [MASK] (x) against the OV copying score "
-                    "(y)" + (f"; not coloured: {notes}" if notes else
-                             ", coloured by direct logit attribution at the [MASK] (--quick skips the ablation scan)"
-                             if s.quick else ", coloured by how much zeroing the head alone changes the in-context "
-                             "copying gain of the rrt task (blue: the model uses it)")
-                    + ". Full scores: runs/heads/heads.csv, composition.csv, heads.png."}
+            "image": f"runs/heads/{meta['figures']['story']}" if "story" in meta.get("figures", {}) else None,
+            "rows": rows, "header": ["head", "induction at [MASK] minus chance"],
+            "text": f"{model_label(model)}: per head, attention from the [MASK] to the previous instance of the masked "
+                    f"token - the same definition as Figure 7a's map, minus chance ({chance:.3g} here) - (x) against the "
+                    "OV copying score (y)" + (f"; not coloured: {notes}" if notes else
+                                               ", coloured by direct logit attribution at the [MASK] (--quick skips the "
+                                               "ablation scan)" if s.quick else ", coloured by how much zeroing the head "
+                                               "alone changes the in-context copying gain of the rrt task (blue: the "
+                                               "model uses it)") + "." + agree
+                    + " Full scores: runs/heads/heads.csv, composition.csv, heads.png."}
 
 
 PATTERN_WORDS = ("dog", "river", "run", "happy")
@@ -570,30 +589,32 @@ PATTERN_WORDS = ("dog", "river", "run", "happy")
 
 def _patterns_section(runner: Runner) -> dict:
     """Beyond the paper: pattern/message projections of a few words through the strongest heads of Figure 7a."""
-    from attnlab.experiments.patterns import PatternsConfig, run_patterns
+    from attnlab.geometry.experiment import PatternsConfig
 
     meta7 = runner.context["results"]["induction_standard"]
     model = meta7["config"]["model"]
-    heads = [(layer, head) for layer, head, _, _ in meta7["top_heads"]["prev"][:3]]
+    heads = [(h["layer"], h["head"]) for h in meta7["top_heads"]["prev"][:3]]
     layers = ",".join(str(layer) for layer in sorted({layer for layer, _ in heads}))
     cfg = PatternsConfig(model=model, words=PATTERN_WORDS, layers=layers, top_k=5, dtype=runner.settings.dtype)
-    out = runner.settings.out / "runs" / "patterns"
     try:
-        meta = run_patterns(cfg, out, lm=lambda: runner.cache.get(model, False), reuse=not runner.settings.force,
-                            warn=lambda *_: None)
+        meta = runner.run_record("patterns", cfg, runner.settings.out / "runs" / "patterns",
+                                 lambda: runner.cache.get(model, False))
     except AttnlabError as exc:
         return {"title": "Pattern and message projections", "error": str(exc)}
     top = meta["top_tokens"]  # {word: {kind: {"L<l>H<h>": [tokens]}}}
     rows = [(word, f"L{layer}H{head}", ", ".join(top[word]["pattern"].get(f"L{layer}H{head}", [])),
              ", ".join(top[word]["message"].get(f"L{layer}H{head}", [])))
             for word in PATTERN_WORDS for layer, head in heads]
+    named = set(meta7["verdict"]["prev"]["heads"])
+    which = ("the verdict names them induction heads" if named and all(f"L{a}H{b}" in named for a, b in heads) else
+             "ranked by mean attention only - the verdict names " + (", ".join(sorted(named)) or "no head"))
     return {"title": "Pattern and message projections (beyond the paper)", "job": "patterns", "rows": rows,
-            "image": "runs/patterns/patterns.png",
+            "image": f"runs/patterns/{meta['figures']['patterns']}",
             "model": model, "header": ["word", "head", "pattern: looks for (top 5)", "message: writes (top 5)"],
             "text": f"{model_label(model)}: the three heads with the strongest attention to the previous instance "
-                    "(Figure 7a). Pattern p = x W_Q W_K^T, what the head looks for when the word is the query; "
-                    "message m = x W_V W_O, what it writes when it attends to the word; nearest vocabulary tokens by "
-                    "cosine. Full tables: runs/patterns/patterns.md.",
+                    f"(Figure 7a; {which}). Pattern p = x W_Q W_K^T, what the head looks for when the word is the "
+                    "query; message m = x W_V W_O, what it writes when it attends to the word; nearest vocabulary "
+                    "tokens by cosine. Full tables: runs/patterns/patterns.md.",
             "reused": bool(meta.get("reused"))}
 
 
@@ -622,35 +643,34 @@ def parse_models(specs: list[str]) -> dict:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("reproduce", help="every figure of the paper, with a report (index.html, README.md)",
-                       description=__doc__, formatter_class=_raw())
-    p.add_argument("--out", required=True, help="output directory (figures/, runs/, index.html, README.md)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK_TRIALS} induction trials (clean protocol), 5 ICL trials, 20 sentences, "
-                        "small UMAPs")
-    p.add_argument("--model", action="append", default=[], metavar="ROLE=ID_OR_PATH",
-                   help=f"substitute a model (repeatable); roles: {', '.join(ROLES)}")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS,
-                   help=f"corpus for ICL and geometry (default: {DEFAULT_CORPUS}); e.g. a local .jsonl.gz")
-    p.add_argument("--only", default=None, help="comma-separated figure ids, e.g. figure7a,figure9b")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--geometry-protocol", default="text", choices=["text", "notebook"],
-                   help="Figures 2-4: text (our reading of the paper's words, default) or notebook (the paper's "
-                        "notebook computation)")
-    p.add_argument("--no-fallback", action="store_true",
-                   help=f"never substitute the embedded {EMBEDDED_NAME} for a model that cannot be had")
-    p.add_argument("--force", action="store_true", help="recompute every experiment, even finished ones")
-    p.add_argument("--paper-figures", default=None,
-                   help="folder of the paper's figure images, shown beside ours in index.html")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_runtime_args(p)
-    p.set_defaults(func=_run)
-
-
-def _raw():
     import argparse
 
-    return argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("reproduce", help="every figure of the paper, with a report (index.html, README.md)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (figures/, runs/, index.html, README.md) (required)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK_TRIALS} induction trials (clean protocol), 5 ICL trials, 20 sentences, "
+                        "small UMAPs (default: off)")
+    p.add_argument("--model", action="append", default=[], metavar="ROLE=ID_OR_PATH",
+                   help=f"substitute a model (repeatable); roles: {', '.join(ROLES)} (default: the paper's)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS,
+                   help=f"corpus for ICL and geometry, e.g. a local .jsonl.gz (default: {DEFAULT_CORPUS}; offline: "
+                        "the shared Simple Wikipedia file when it sits beside the checkout)")
+    p.add_argument("--only", default=None, help="comma-separated figure ids, e.g. figure7a,figure9b (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--geometry-protocol", default="text", choices=["text", "notebook"],
+                   help="Figures 2-4: text (our reading of the paper's words) or notebook (the paper's notebook "
+                        "computation) (default: text)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: float32)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help=f"never substitute the embedded {EMBEDDED_NAME} for a model that cannot be had (default: off)")
+    p.add_argument("--force", action="store_true", help="recompute every experiment, even finished ones (default: off)")
+    p.add_argument("--paper-figures", default=None,
+                   help="folder of the paper's figure images, shown beside ours in index.html (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: off)")
+    add_runtime_args(p)
+    p.set_defaults(func=_run)
 
 
 def _corpus_default(args) -> str:
@@ -668,25 +688,25 @@ def _corpus_default(args) -> str:
 
 def _run(args) -> int:
     models = parse_models(args.model)
-    out = check_out_dir(args.out)
     only = [f.strip() for f in args.only.split(",") if f.strip()] if args.only else None
     known = [f.id for j in jobs() for f in j.figures]
     if args.only is not None and not only:
         raise InputError(f"only lists no figure ({args.only!r}); known: {', '.join(known)}")
     if only and (unknown := sorted(set(only) - set(known))):
         raise InputError(f"unknown figure id(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.paper_figures and not Path(args.paper_figures).is_dir():
+        raise InputError(f"paper figures folder {args.paper_figures} does not exist; pass the folder of the paper's "
+                         "images (e.g. ../shared/reference/paper-figures)")
+    from attnlab.core.models import device_map_of, resolve_device
+
+    if device_map_of(args.device) is None:
+        resolve_device(args.device)  # a bad device fails now, not once per experiment
+    out = check_out_dir(args.out)  # only now: a refused command creates no folder
     settings = Settings(out=out, models=models, corpus=_corpus_default(args), quick=args.quick, seed=args.seed,
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                         progress=not args.no_progress, command="attnlab " + shlex.join(args.argv),
                         fallback=not args.no_fallback, force=args.force, geometry_protocol=args.geometry_protocol,
                         paper_figures=args.paper_figures)
-    from attnlab.core.models import device_map_of, resolve_device
-
-    if device_map_of(args.device) is None:
-        resolve_device(args.device)  # a bad device fails now, not once per experiment
-    if args.paper_figures and not Path(args.paper_figures).is_dir():
-        raise InputError(f"paper figures folder {args.paper_figures} does not exist; pass the folder of the paper's "
-                         "images (e.g. ../shared/reference/paper-figures)")
     results = reproduce(settings, only, say=lambda line: print(line, file=sys.stderr))
     ran = [r for r in results if not getattr(r, "earlier", False)]
     failed = [r for r in ran if r.error]
@@ -699,6 +719,11 @@ def _run(args) -> int:
         notes.append(f"{len(substituted)} figures made with the embedded {EMBEDDED_NAME} (not comparable with the paper)")
     if settings.reused:
         notes.append(f"{settings.reused} experiments reused")
+    from attnlab.induction.scores import verdict_line
+
+    for r in ran:
+        if r.target and r.meta is not None and r.id in ("figure7a", "figure7b", "figure7c"):
+            print(f"{r.id} verdict: {verdict_line(r.target, r.meta['verdict'][r.target])}")
     print(f"{len(ran) - len(failed)} of {len(ran)} figures produced" + (f"; {'; '.join(notes)}" if notes else "")
           + f"; report: {settings.out / 'index.html'}")
     by_reason: dict = {}

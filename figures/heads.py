@@ -11,9 +11,10 @@ from matplotlib.colors import TwoSlopeNorm
 from attnlab.figures.style import plt, save
 
 LABELS = {
-    "ov_copying": "OV copying score", "induction": "prefix matching (corrected)", "dla": "direct logit attribution",
-    "ablation_copying_gain": "ablation: change in copying gain", "previous_token": "previous token (corrected)",
-    "masked_induction": "induction at a [MASK]: after the earlier instance of the previous token (corrected)",
+    "ov_copying": "OV copying score", "prefix_matching": "prefix matching (minus chance)",
+    "dla": "direct logit attribution", "ablation_copying_gain": "ablation: change in copying gain",
+    "previous_token": "previous token (minus chance)",
+    "induction_at_mask": "induction at [MASK]: attention to the previous instance (minus chance)",
 }
 
 
@@ -45,13 +46,13 @@ def score_maps(scores: dict, title: str, path=None):
 
 
 def story_figure(scores: dict, title: str, path=None):
-    """Per head: prefix matching (x) vs OV copying (y); colour = ablation delta of the copying gain (else DLA,
-    else none). Induction heads in the sense of Olsson et al. sit top right, and ablating them costs the gain.
-    Prefix matching is read at a [MASK]'s level (``masked_induction``: the token after the earlier instance of
-    the preceding token), the form it takes in a masked LM."""
-    x = np.asarray(scores["masked_induction"], dtype=float).ravel()
+    """Per head: induction at [MASK] (x) vs OV copying (y); colour = ablation delta of the copying gain (else
+    DLA, else none). Induction heads in the sense of Olsson et al. sit top right, and ablating them costs the
+    gain. The x score is read at the [MASK] only (``induction_at_mask``: attention to the token after the earlier
+    instance of the preceding token, i.e. the induction map's "previous instance" target), minus chance."""
+    x = np.asarray(scores["induction_at_mask"], dtype=float).ravel()
     y = np.asarray(scores["ov_copying"], dtype=float).ravel()
-    layers, heads = np.asarray(scores["masked_induction"]).shape
+    layers, heads = np.asarray(scores["induction_at_mask"]).shape
     colour_name = next((n for n in ("ablation_copying_gain", "dla") if n in scores), None)
     fig, ax = plt.subplots(figsize=(7.5, 5.8))
     if colour_name:
@@ -67,7 +68,7 @@ def story_figure(scores: dict, title: str, path=None):
         ax.annotate(f"L{i // heads}H{i % heads}", (x[i], y[i]), fontsize=8, xytext=(4, 3), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel("prefix matching: attention to the token after the earlier instance of the previous token (minus chance)",
+    ax.set_xlabel("induction at [MASK]: attention to the previous instance of the masked token (minus chance)",
                   fontsize=8)
     ax.set_ylabel("OV copying score (+1: copies the attended token)")
     ax.set_title(title, fontsize=11)
@@ -75,3 +76,61 @@ def story_figure(scores: dict, title: str, path=None):
         return fig
     save(fig, path)
     return None
+
+
+def _read_scores(path) -> dict:
+    """heads.csv -> {score name: [L, H] array}."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    layers = 1 + max(int(r["layer"]) for r in rows)
+    heads = 1 + max(int(r["head"]) for r in rows)
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["score"], np.full((layers, heads), np.nan))[int(r["layer"]), int(r["head"])] = float(r["value"])
+    return out
+
+
+def plot(folder, meta: dict) -> dict:
+    """heads.png and story.png from a heads run's saved heads.csv."""
+    from attnlab.core.models import model_label
+
+    scores = _read_scores(folder / "heads.csv")
+    label = model_label(meta["config"]["model"])
+    score_maps(scores, f"Head scores: {label}", folder / "heads.png")
+    out = {"maps": "heads.png"}
+    if "induction_at_mask" in scores and "ov_copying" in scores:
+        story_figure(scores, f"{label}: does an induction-like head also copy, and is it used?", folder / "story.png")
+        out["story"] = "story.png"
+    return out
+
+
+def plot_ablation(folder, meta: dict) -> dict:
+    """A scan's layers x heads map of each metric's delta, from its saved ablation.csv (none for a head set)."""
+    import csv
+
+    from attnlab.core.models import model_label
+    from attnlab.figures.heatmap import head_heatmap
+
+    cfg = meta["config"]
+    if not cfg["scan"]:
+        return {}
+    with open(folder / "ablation.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    layers = 1 + max(int(r["layer"]) for r in rows)
+    heads = 1 + max(int(r["head"]) for r in rows)
+    out = {}
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        delta = np.full((layers, heads), np.nan)
+        for r in rows:
+            if r["metric"] == metric:
+                delta[int(r["layer"]), int(r["head"])] = float(r["delta"])
+        extent = float(np.nanmax(np.abs(delta))) or 1e-9
+        name = f"ablation_{metric}.png"
+        head_heatmap(delta, f"{model_label(cfg['model'])}: change in {metric.replace('_', ' ')} when each head is "
+                     f"{'zeroed' if cfg['mode'] == 'zero' else 'mean-ablated'} alone\nrrt task, {cfg['trials']} trials "
+                     "(red: the metric rises, blue: it falls)", folder / name, cmap="RdBu_r", vmin=-extent,
+                     vmax=extent, cbar_label=f"delta {metric}", annot=True)
+        out[metric] = name
+    return out

@@ -61,13 +61,14 @@ def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", 
     return None
 
 
-def induction_map(mean, sem, title: str, path=None, *, top_k: int = 3, cbar_label: str = "mean attention"):
+def induction_map(mean, sem, title: str, path=None, *, outline=(), finding: str = "",
+                  cbar_label: str = "mean attention"):
     """The paper-style map (Blues, fixed 0-1) beside an auto-scaled copy, both ``[layers, heads]``.
 
     The fixed scale keeps maps comparable with the paper and with each other; weak maps (values of a few
-    hundredths) are blank on it, so the companion panel spans 0..max and the ``top_k`` heads are annotated
-    in their cells with mean +- SEM (SEM omitted when unknown). Saves to ``path`` when given, else returns the
-    Figure.
+    hundredths) are blank on it, so the companion panel spans 0..max. Only the heads in ``outline`` (those a
+    verdict named) are outlined and annotated with mean +- SEM; ``finding`` says what the verdict found. Saves
+    to ``path`` when given, else returns the Figure.
     """
     import math
     import warnings
@@ -77,21 +78,20 @@ def induction_map(mean, sem, title: str, path=None, *, top_k: int = 3, cbar_labe
     mean = np.asarray(mean, dtype=float)
     sem = np.asarray(sem, dtype=float)
     layers, heads = mean.shape
-    order = np.argsort(mean, axis=None)[::-1][:top_k]
-    top = [np.unravel_index(i, mean.shape) for i in order]
     width = max(5.0, 0.42 * heads + 2.2)
     height = max(4.2, 0.36 * layers + 1.6)
     fig, axes = plt.subplots(1, 2, figsize=(2 * width, height))
     finite = mean[np.isfinite(mean)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1e-12
+    lo_text = "0" if lo < 1e-4 * abs(hi) else f"{lo:.3g}"  # not a denormal's digits
     for ax, vmin, vmax, label in ((axes[0], 0.0, 1.0, "fixed scale 0-1 (as in the paper)"),
-                                  (axes[1], lo, hi, f"auto-scaled {lo:.3g} .. {hi:.3g}")):
+                                  (axes[1], lo, hi, f"auto-scaled {lo_text} .. {hi:.3g}")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             sns.heatmap(mean, cmap="Blues", vmin=vmin, vmax=vmax, linewidths=0.5, linecolor="white", ax=ax,
                         cbar_kws={"label": cbar_label})
-        for layer, head in top:
+        for layer, head in outline:
             value, err = mean[layer, head], sem[layer, head]
             text = f"{value:.2g}" + (f"\n±{err:.1g}" if math.isfinite(err) else "")
             shade = (value - vmin) / (vmax - vmin) if vmax > vmin else 0
@@ -103,7 +103,8 @@ def induction_map(mean, sem, title: str, path=None, *, top_k: int = 3, cbar_labe
         ax.set_title(label, fontsize=10)
         ax.set_xticks(np.arange(heads) + 0.5, [str(h) for h in range(heads)], rotation=0, fontsize=8)
         ax.set_yticks(np.arange(layers) + 0.5, [str(layer) for layer in range(layers)], rotation=0, fontsize=8)
-    fig.suptitle(title + f"\noutlined: the {len(top)} strongest heads (mean ± SEM)", fontsize=11)
+    note = f"\noutlined: {finding}" if outline else (f"\n{finding}" if finding else "")
+    fig.suptitle(title + note, fontsize=11)
     fig.tight_layout()
     if path is None:
         return fig
@@ -112,19 +113,21 @@ def induction_map(mean, sem, title: str, path=None, *, top_k: int = 3, cbar_labe
 
 
 def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean attention", ncols: int = 5,
-                    subtitles=None):
+                    subtitles=None, outlines=None, outline_note: str = ""):
     """One panel per model (``panels``: ``[(label, values [layers, heads])]``), layers drawn at their relative
     depth (0 = first layer, 1 = last) so models of different depth line up, one colour scale shared by all
-    (0 to the largest value of any panel), ``ncols`` panels a row. ``subtitles``: an extra line per panel.
-    Saves to ``path`` when given, else returns the Figure."""
+    (0 to the largest value of any panel; values below 0 are drawn as 0), ``ncols`` panels a row.
+    ``subtitles``: extra lines per panel; ``outlines``: per panel the ``(layer, head)`` cells to outline (default:
+    each panel's largest value), explained by ``outline_note``. Saves to ``path`` when given, else returns the
+    Figure."""
     from matplotlib.colors import Normalize
     from matplotlib.patches import Rectangle
 
-    vmax = max((float(np.nanmax(v)) for _, v in panels if np.isfinite(v).any()), default=1.0) or 1.0
-    norm = Normalize(0.0, vmax)
+    vmax = max((float(np.nanmax(v)) for _, v in panels if np.isfinite(v).any()), default=1.0)
+    norm = Normalize(0.0, vmax if vmax > 0 else 1.0, clip=True)
     ncols = max(1, min(ncols, len(panels)))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1.2, 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1.2, 4.4 * nrows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     mesh = None
     for i, (ax, (label, values)) in enumerate(zip(flat, panels)):
@@ -136,16 +139,20 @@ def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean at
         extra = f"\n{subtitles[i]}" if subtitles else ""
         ax.set_title(f"{label}\n{layers} layers x {heads} heads{extra}", fontsize=9)
         ax.set_xlabel("head")
-        best = np.unravel_index(np.nanargmax(values), values.shape) if np.isfinite(values).any() else None
-        if best is not None:
-            ax.add_patch(Rectangle((best[1], best[0] / layers), 1, 1 / layers, fill=False, edgecolor="#d95f02", lw=1.5))
+        if outlines is not None:
+            cells = outlines[i]
+        else:
+            cells = [np.unravel_index(np.nanargmax(values), values.shape)] if np.isfinite(values).any() else []
+        for layer, head in cells:
+            ax.add_patch(Rectangle((head, layer / layers), 1, 1 / layers, fill=False, edgecolor="#d95f02", lw=1.5))
         if i % ncols == 0:
             ax.set_ylabel("relative depth (layer / layers)")
     for ax in flat[len(panels):]:
         ax.set_visible(False)
-    fig.subplots_adjust(top=1 - 0.22 / nrows, hspace=0.55, wspace=0.35, right=0.86)
+    fig.subplots_adjust(top=1 - 0.24 / nrows, hspace=0.7, wspace=0.35, right=0.86)
     fig.colorbar(mesh, ax=flat, label=cbar_label, shrink=0.9)
-    fig.suptitle(title + "\noutlined: each model's strongest head; one colour scale for all", fontsize=11, y=0.995)
+    note = outline_note or "outlined: each model's strongest head"
+    fig.suptitle(title + f"\n{note}; one colour scale for all", fontsize=11, y=0.995)
     if path is None:
         return fig
     save(fig, path)

@@ -30,3 +30,20 @@ def icl_histogram(diffs, mean: float, ci: tuple[float, float], title: str, path,
         return fig
     save(fig, path)
     return None
+
+
+def plot_icl(folder, meta: dict) -> dict:
+    """The ICL run's histogram, from its saved icl.csv and summary: ``{"histogram": file name}``."""
+    import csv
+
+    from attnlab.core.models import model_label
+    from attnlab.icl.experiment import LONG, SHORT
+
+    with open(folder / "icl.csv", newline="", encoding="utf-8") as fh:
+        diffs = [float(row["difference"]) for row in csv.DictReader(fh)]
+    s, cfg = meta["summary"], meta["config"]
+    ci = tuple(float("nan") if v is None else v for v in s["ci95"])
+    icl_histogram(diffs, s["mean"], ci, f"Loss({SHORT} tokens) - Loss({LONG} tokens), {len(diffs)} trials\n"
+                  f"{model_label(cfg['model'])}, protocol {cfg['protocol']}", folder / "icl_histogram.png",
+                  paper_mean=s.get("paper_reported_mean"))
+    return {"histogram": "icl_histogram.png"}

@@ -1,4 +1,4 @@
-"""The mosaic's summary: each model's strongest induction head against its size."""
+"""The mosaic's summary: each model's largest lift (attention minus the null) against its size."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from attnlab.figures.style import plt, save
 
 
 def best_vs_parameters(points, path=None):
-    """``points``: ``[(label, parameters, best score, causal)]``. Log-scaled parameter axis; masked LMs and
-    causal models in two colours. Saves to ``path`` when given, else returns the Figure."""
+    """``points``: ``[(label, parameters, largest lift, causal)]``. Log-scaled parameter axis; masked LMs and
+    causal models in two colours; 0 (no lift over the null) marked. Saves to ``path`` when given, else returns the Figure."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for causal, colour, name in ((False, "#1f77b4", "masked LM: [MASK] -> previous instance"),
                                  (True, "#d95f02", "causal LM: prefix matching")):
@@ -20,10 +20,12 @@ def best_vs_parameters(points, path=None):
         for label, params, score, _ in chosen:
             ax.annotate(label, (params, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_ylim(0, 1.05)
+    low = min([0.0] + [p[2] for p in points if np.isfinite(p[2])])
+    ax.set_ylim(low - 0.05, 1.05)
+    ax.axhline(0, color="grey", lw=1, ls="--")
     ax.set_xlabel("parameters")
-    ax.set_ylabel("strongest head's mean attention to its target")
-    ax.set_title("Induction across models: the strongest head of each")
+    ax.set_ylabel("largest lift: attention to the target minus the null")
+    ax.set_title("Induction across models: the head with the largest lift in each")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)

@@ -43,3 +43,18 @@ def patterns_figure(rows, words, kinds, title: str, path=None, *, heads_shown: i
         return fig
     save(fig, path)
     return None
+
+
+def plot(folder, meta: dict) -> dict:
+    """patterns.png from a patterns run's saved patterns.csv: ``{"patterns": file name}``."""
+    import csv
+
+    from attnlab.core.models import model_label
+
+    with open(folder / "patterns.csv", newline="", encoding="utf-8") as fh:
+        rows = [(r["input"], int(r["layer"]), int(r["head"]), r["kind"], int(r["rank"]), r["token"],
+                 float(r["similarity"])) for r in csv.DictReader(fh)]
+    cfg = meta["config"]
+    patterns_figure(rows, list(cfg["words"]), list(cfg["kinds"]),
+                    f"Pattern and message projections: {model_label(cfg['model'])}", folder / "patterns.png")
+    return {"patterns": "patterns.png"}

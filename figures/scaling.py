@@ -56,3 +56,55 @@ def umap_grid(panels, optimal: float | None, title: str, path) -> None:
     fig.suptitle(title, fontsize=13)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     save(fig, path)
+
+
+def _grid(rows, layers: int, heads: int, column: int) -> np.ndarray:
+    out = np.full((layers, heads), np.nan)
+    for row in rows:
+        if row[column] is not None:
+            out[row[0], row[1]] = row[column]
+    return out
+
+
+def plot_scaling(folder, meta: dict) -> dict:
+    """Figure 2 from a scaling run's saved optima: one map per metric, ``{metric: file name}``."""
+    from attnlab.core.models import model_label
+    from attnlab.geometry.experiment import METRIC_TITLES
+
+    cfg = meta["config"]
+    layers, heads = meta["layers"], meta["heads"]
+    out = {}
+    for metric, rows in meta["optima"].items():
+        best = _grid(rows, layers, heads, 2)
+        stab = _grid(rows, layers, heads, 3) if cfg["bootstrap"] else None
+        note = (f"\nhatched: unstable (< {meta['unstable_below']:.0%} of {cfg['bootstrap']} sentence resamples "
+                "agree); grey: none" if cfg["bootstrap"] else "")
+        name = f"figure2_{metric}.png"
+        optimum_heatmap(best, cfg["constants"],
+                        f"Optimal scaling constant: {METRIC_TITLES[metric]} (protocol {cfg['protocol']})\n"
+                        f"{model_label(cfg['model'])}, {cfg['sentences']} sentences, {meta['n_pairs']} query-key "
+                        f"pairs per head{meta.get('qk_short', '')}{note}", folder / name, stability=stab,
+                        unstable_below=meta["unstable_below"])
+        out[metric] = name
+    return out
+
+
+def plot_umap(folder, meta: dict) -> dict:
+    """Figures 3-4 from a UMAP run's saved embeddings: ``{"umap": file name}``."""
+    from attnlab.core.models import model_label
+    from attnlab.geometry.experiment import METRIC_TITLES
+
+    cfg = meta["config"]
+    name = f"umap_L{cfg['layer']}H{cfg['head']}"
+    z = np.load(folder / f"{name}.npz")
+    n_q = int(z["n_queries"])
+    panels = [(float(c), z[f"c_{float(c):g}"], n_q) for c in z["constants"]]
+    optimum = meta.get("optimum")
+    translate = cfg["translate_keys"] and cfg["protocol"] == "text"
+    opt_text = f"{optimum:g}" if optimum is not None else "none"
+    umap_grid(panels, optimum,
+              f"{model_label(cfg['model'])} layer {cfg['layer']} head {cfg['head']}: queries and keys, joint UMAP "
+              f"(cosine)\nqueries x c, keys / c{' + t' if translate else ''}; optimal c by "
+              f"{METRIC_TITLES[cfg['metric']]} (protocol {cfg['protocol']}) = {opt_text}{meta.get('qk_short', '')}",
+              folder / f"{name}.png")
+    return {"umap": f"{name}.png"}

@@ -1,1 +1,2 @@
-"""Query/key geometry and pattern/message projections."""
+"""Query/key geometry (scaling constants, UMAP) and pattern/message projections; records in
+``attnlab.geometry.experiment``."""

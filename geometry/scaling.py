@@ -32,16 +32,10 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.core.errors import InputError
+from attnlab.geometry.experiment import METRIC_TITLES, METRICS, PAPER_CONSTANTS  # noqa: F401  (the config's names)
 
-PAPER_CONSTANTS = (0.2, 0.4, 0.8, 1.0, 1.25, 2.5, 5.0)
 PERCENTILE = 0.5  # the threshold: the 0.5th percentile of a head's query-key distances
 MIN_PAIRS = 3  # a weighted correlation of fewer pairs under the threshold is reported as missing (NaN)
-METRICS = ("weighted_corr", "scaled_weighted_corr", "norm_ratio")
-METRIC_TITLES = {
-    "weighted_corr": "weighted correlation",
-    "scaled_weighted_corr": "weighted correlation, scaled by pair count",
-    "norm_ratio": "Q/K norm ratio",
-}
 
 
 def check_constants(constants) -> torch.Tensor:

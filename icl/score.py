@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from attnlab.core.errors import CorpusError, InputError, MissingHeadError
+from attnlab.core.outputs import write_csv, write_json
+from attnlab.core.stats import bootstrap_ci
+from attnlab.icl.experiment import ICL_PROTOCOLS, LONG, SHORT  # noqa: F401  (the config's constants)
 
-LONG, SHORT = 500, 50
-ICL_PROTOCOLS = ("masked-token", "paper")
-PAPER_REPORTED_MEAN = 0.23
+from attnlab.experiments.paper import REPORTED_ICL_MEAN as PAPER_REPORTED_MEAN  # noqa: E402  (the paper's facts)
 
 
 @dataclass
@@ -104,16 +105,6 @@ def batched_losses(lm, ids, labels, pos, *, all_positions: bool, batch_size: int
     return torch.cat(out)
 
 
-def bootstrap_ci(diffs: np.ndarray, seed: int, n_boot: int = 10000, level: float = 0.95):
-    """Percentile bootstrap CI of the mean of paired differences."""
-    if len(diffs) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed + 1)
-    means = diffs[rng.integers(len(diffs), size=(n_boot, len(diffs)))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
 def icl_trials(lm, docs, protocol: str, n_trials: int, seed: int, batch_size: int | None = None,
                progress: bool = False):
     """Run the trials; return (trials, loss_short, loss_long) with losses as float64 arrays."""
@@ -156,6 +147,8 @@ class ICLResult:
     loss_long: np.ndarray
     protocol: str
     seed: int
+    docs: list | None = None  # the documents the trials index (for the article ids and titles saved)
+    labels: dict | None = None  # what summary() names the run by: {"model": ..., "corpus": ...}
 
     @property
     def difference(self) -> np.ndarray:
@@ -174,11 +167,42 @@ class ICLResult:
                "seed": self.seed, "paper_reported_mean": PAPER_REPORTED_MEAN if self.protocol == "paper" else None}
         if len(diff) < 2:
             out["note"] = "ci95 and std are null: a confidence interval needs at least 2 trials"
-        return out
+        return {**out, **(self.labels or {})}
 
 
 def compute_icl(lm, docs, protocol: str = "masked-token", n_trials: int = 50, seed: int = 0,
                 batch_size: int | None = None, progress: bool = False) -> ICLResult:
     """The ICL score of a loaded masked LM on ``docs`` (see module doc), as a typed result."""
     trials, loss_short, loss_long = icl_trials(lm, docs, protocol, n_trials, seed, batch_size, progress)
-    return ICLResult(trials, loss_short, loss_long, protocol, seed)
+    bad = ~(np.isfinite(loss_short) & np.isfinite(loss_long))
+    if bad.any():
+        raise InputError(f"model '{lm.name}' produced non-finite losses (NaN or inf) in {int(bad.sum())} of "
+                         f"{len(bad)} ICL trials; its weights may hold NaN or inf - check the checkpoint")
+    return ICLResult(trials, loss_short, loss_long, protocol, seed, docs)
+
+
+# ---------------------------------------------------------------- the record's steps (attnlab.icl.experiment.ICL)
+
+ICL_HEADER = ["trial", "article_id", "title", "pos_long", "pos_short", "loss_50", "loss_500", "difference"]
+
+
+def compute(cfg, lm, ctx) -> ICLResult:
+    result = compute_icl(lm, ctx.docs, cfg.protocol, cfg.trials, cfg.seed, ctx.batch_size, ctx.progress)
+    result.labels = {"model": cfg.model, "corpus": cfg.corpus}
+    return result
+
+
+def summary_of(result: ICLResult, ctx=None) -> dict:
+    return {"summary": result.summary()}
+
+
+def save(folder, result: ICLResult, ctx=None) -> list[str]:
+    """icl.csv (one row a trial) and summary.json of ``result`` into ``folder``."""
+    docs = result.docs
+    write_csv(folder / "icl.csv", ICL_HEADER, (
+        [i, docs[t.doc_index].id, docs[t.doc_index].title, t.pos_long, t.pos_short, f"{ls:.8g}", f"{ll:.8g}",
+         f"{d:.8g}"]
+        for i, (t, ls, ll, d) in enumerate(zip(result.trials, result.loss_short, result.loss_long,
+                                               result.difference))))
+    write_json(folder / "summary.json", result.summary())
+    return ["icl.csv", "summary.json"]

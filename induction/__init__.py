@@ -1,10 +1,17 @@
-"""Induction maps on repeated random tokens: variants (a registry), protocols and scores."""
+"""Induction maps on repeated random tokens: variants (a registry), protocols, scores, chance, null and verdict.
 
-from attnlab.induction.protocols import TokenSpec, make_protocol, token_spec_for
-from attnlab.induction.scores import InductionScores, induction_scores
-from attnlab.induction.variants import RRTBatch, Variant, get_variant, list_variants, register_variant
+The experiment's record is ``attnlab.induction.experiment.INDUCTION``; names below are imported on first use.
+"""
 
-__all__ = [
-    "TokenSpec", "make_protocol", "token_spec_for", "InductionScores", "induction_scores",
-    "RRTBatch", "Variant", "get_variant", "list_variants", "register_variant",
-]
+from attnlab.core.lazy import lazy_exports
+
+_EXPORTS = {
+    "TokenSpec": "attnlab.induction.protocols", "make_protocol": "attnlab.induction.protocols",
+    "token_spec_for": "attnlab.induction.protocols",
+    "InductionScores": "attnlab.induction.scores", "induction_scores": "attnlab.induction.scores",
+    "RRTBatch": "attnlab.induction.variants", "Variant": "attnlab.induction.variants",
+    "get_variant": "attnlab.induction.variants", "list_variants": "attnlab.induction.variants",
+    "register_variant": "attnlab.induction.variants", "replace_spans": "attnlab.induction.variants",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

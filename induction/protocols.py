@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.core.errors import InputError
+from attnlab.induction.experiment import PROTOCOLS  # noqa: F401  (the config's choices; defined torch-free there)
 
 PAPER_LOW, PAPER_HIGH = 100, 20000  # token id range of the paper's code (high exclusive)
 PAPER_SEP, PAPER_MASK = 102, 103
-PROTOCOLS = ("clean", "paper")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,35 @@ class Protocol:
         """Add the protocol's special tokens around ``body [T, S]``; return (ids, offset of body)."""
         raise NotImplementedError
 
+    @property
+    def offset(self) -> int:
+        """Where the body starts in a framed sequence (the number of leading special tokens)."""
+        return self.frame(torch.zeros(1, 0, dtype=torch.long))[1]
+
+    def pool(self) -> torch.Tensor:
+        """The ids random tokens are drawn from (1-D, sorted)."""
+        return self.spec.ordinary_ids
+
+    def draw_avoiding(self, avoid: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``[T, count]`` distinct ids from :meth:`pool`, none of them in the same row of ``avoid`` ``[T, S]``:
+        fresh tokens for the control sequences of the empirical null (a random permutation of the pool per
+        trial with the avoided ids pushed to the end; 256 trials at a time)."""
+        pool = self.pool()
+        out = []
+        for s in range(0, avoid.shape[0], 256):
+            rows = avoid[s:s + 256]
+            keys = torch.rand(len(rows), len(pool), generator=generator)
+            where = torch.searchsorted(pool, rows).clamp_max(len(pool) - 1)
+            present = pool[where] == rows
+            row_of = torch.arange(len(rows))[:, None].expand_as(rows)
+            keys[row_of[present], where[present]] = 2.0  # after every free id in the permutation
+            free = (keys < 2).sum(1)
+            if (free < count).any():
+                raise InputError(f"cannot draw {count} fresh tokens for the null: only {int(free.min())} ordinary "
+                                 f"vocabulary entries are left after the {rows.shape[1]} tokens of a sequence")
+            out.append(pool[torch.argsort(keys, dim=1)[:, :count]])
+        return torch.cat(out)
+
 
 class PaperProtocol(Protocol):
     name = "paper"
@@ -114,6 +143,11 @@ class PaperProtocol(Protocol):
 
     def draw(self, n_trials, n, generator):
         return torch.randint(PAPER_LOW, PAPER_HIGH, (n_trials, n), generator=generator)
+
+    def pool(self) -> torch.Tensor:
+        """The paper's id range without its three special ids: fresh null tokens are ordinary ones."""
+        ids = torch.arange(PAPER_LOW, PAPER_HIGH)
+        return ids[~torch.isin(ids, torch.tensor([101, PAPER_SEP, PAPER_MASK]))]
 
     def frame(self, body):
         sep = torch.full((body.shape[0], 1), PAPER_SEP, dtype=torch.long)

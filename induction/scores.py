@@ -1,67 +1,192 @@
-"""Induction scores: attention from the [MASK] query to each named target, per layer and head."""
+"""Induction scores and what a conclusion needs beside them: chance, an empirical null, a CI, one verdict.
+
+For every target of a variant and every head:
+
+- ``mean``: attention from the query ([MASK]; causal: a repeated token) to the target, over trials;
+- ``chance``: what uniform attention over the keys the query can see puts on one key - masked LMs
+  ``1 / S`` (every key is visible), causal models ``1 / (query index + 1)`` - averaged over trials;
+- ``null``: the same head's attention to the same positions on the variant's control sequences (the copies the
+  query could read replaced by fresh tokens: no repeat), trial by trial;
+- ``lift = mean - null``: what the repeat itself buys;
+- ``ci_low, ci_high``: percentile bootstrap 95% CI of the mean over trials;
+- ``top_trial_share``: the share of the sum carried by the single largest trial (1 / T when all trials agree).
+
+:data:`VERDICT_RULE`: a head is named an induction head for a target when its lift is at least ``min_lift``,
+its CI's lower bound exceeds the null and no single trial carries more than half of its sum.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attnlab.core.extractor import extract_attention
+from attnlab.core.stats import bootstrap_ci, top_share
 from attnlab.induction.variants import RRTBatch
+
+MAX_TOP_SHARE = 0.5
+VERDICT_RULE = ("named when lift = mean - null >= {min_lift:g}, the 95% CI's lower bound > null, and no single trial "
+                f"carries more than {MAX_TOP_SHARE:.0%} of the sum")
 
 
 @dataclass
 class InductionScores:
-    """per_trial: target -> [T, L, H]; mean and sem: target -> [L, H] (sem is NaN when T = 1); rows: the full
-    [MASK] attention rows ``[k, L, H, S]`` of the first ``k`` trials when asked for (``keep_rows``), else None."""
+    """per_trial and null_per_trial: target -> ``[T, L, H]`` attention on the trials and on their control
+    sequences; chance: ``[T]`` uniform attention's share per key for each trial's query; rows: the full query
+    attention rows ``[k, L, H, S]`` of the first ``k`` trials when asked for (``keep_rows``), else None."""
 
     per_trial: dict[str, torch.Tensor]
-    mean: dict[str, torch.Tensor]
-    sem: dict[str, torch.Tensor]
+    null_per_trial: dict[str, torch.Tensor] | None
+    chance: torch.Tensor
     rows: torch.Tensor | None = None
 
     @property
     def n_trials(self) -> int:
         return next(iter(self.per_trial.values())).shape[0]
 
+    @property
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {t: v.mean(0) for t, v in self.per_trial.items()}
 
-def summarise(per_trial: dict[str, torch.Tensor]) -> InductionScores:
-    mean = {t: v.mean(0) for t, v in per_trial.items()}
-    sem = {
-        t: (v.std(0, unbiased=True) / math.sqrt(v.shape[0])) if v.shape[0] > 1 else torch.full_like(v[0], float("nan"))
-        for t, v in per_trial.items()
-    }
-    return InductionScores(per_trial, mean, sem)
+    @property
+    def sem(self) -> dict[str, torch.Tensor]:
+        return {t: (v.std(0, unbiased=True) / math.sqrt(v.shape[0])) if v.shape[0] > 1
+                else torch.full_like(v[0], float("nan")) for t, v in self.per_trial.items()}
 
 
-def induction_scores(model, batch: RRTBatch, *, batch_size=None, progress=False,
-                     trials_per_pass: int = 256, keep_rows: int = 0) -> InductionScores:
-    """The [MASK] row of every layer and head, read at each target: ``per_trial[target] [T, L, H]``.
+@dataclass
+class TargetStats:
+    """Everything a conclusion about one target needs, per head ``[L, H]`` (chance is one number)."""
 
-    Trials stream through the extractor ``trials_per_pass`` at a time and only the target entries are kept,
-    so memory holds ``[T, L, H]`` per target, never the ``[T, L, H, S]`` rows - except the full rows of the
-    first ``keep_rows`` trials (for the interactive view), taken from the first pass.
-    """
+    mean: np.ndarray
+    sem: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    chance: float
+    null: np.ndarray
+    top_trial_share: np.ndarray
+
+    @property
+    def lift(self) -> np.ndarray:
+        return self.mean - self.null
+
+    def named(self, min_lift: float) -> np.ndarray:
+        """``[L, H]`` bool: the heads :data:`VERDICT_RULE` names."""
+        with np.errstate(invalid="ignore"):
+            return (self.lift >= min_lift) & (self.ci_low > self.null) & (self.top_trial_share <= MAX_TOP_SHARE)
+
+
+def target_stats(per_trial, null_per_trial, chance, seed: int) -> TargetStats:
+    """:class:`TargetStats` of one target from ``[T, L, H]`` attention (and its null) and ``[T]`` chance."""
+    x = np.asarray(per_trial, dtype=np.float64)
+    t = x.shape[0]
+    lo, hi = bootstrap_ci(x, seed)
+    sem = x.std(0, ddof=1) / math.sqrt(t) if t > 1 else np.full(x.shape[1:], np.nan)
+    null = np.asarray(null_per_trial, dtype=np.float64).mean(0) if null_per_trial is not None else \
+        np.full(x.shape[1:], np.nan)
+    return TargetStats(x.mean(0), sem, lo, hi, float(np.mean(np.asarray(chance, dtype=np.float64))), null,
+                       top_share(x))
+
+
+def chance_levels(batch: RRTBatch, causal: bool) -> torch.Tensor:
+    """``[T]``: the attention a uniform head puts on any one key visible to the query (no padding here)."""
+    if causal:
+        return 1.0 / (batch.mask_index.double() + 1.0)
+    return torch.full((batch.input_ids.shape[0],), 1.0 / batch.input_ids.shape[1], dtype=torch.float64)
+
+
+def _read_targets(model, ids, batch: RRTBatch, *, batch_size, progress, trials_per_pass, keep_rows, desc):
     keep_rows = min(keep_rows, trials_per_pass)
-    n = batch.input_ids.shape[0]
+    n = ids.shape[0]
     parts = {name: [] for name in batch.targets}
     kept = None
     starts = range(0, n, trials_per_pass)
     if progress:
         from attnlab.core.progress import bar
 
-        starts = bar(starts, desc="induction", unit="chunk", total=len(starts))
+        starts = bar(starts, desc=desc, unit="chunk", total=len(starts))
     for s in starts:
         e = min(s + trials_per_pass, n)
-        rows = extract_attention(model, batch.input_ids[s:e], None, batch.mask_index[s:e, None],
-                                 batch_size=batch_size)
+        rows = extract_attention(model, ids[s:e], None, batch.mask_index[s:e, None], batch_size=batch_size)
         att = rows.attention[:, 0]  # [t, L, H, S]
         if s == 0 and keep_rows:
             kept = att[:keep_rows].clone()
         trial = torch.arange(e - s)
         for name, pos in batch.targets.items():
             parts[name].append(att[trial, :, :, pos[s:e]])  # [t, L, H]
-    result = summarise({name: torch.cat(p) for name, p in parts.items()})
-    result.rows = kept
-    return result
+    return {name: torch.cat(p) for name, p in parts.items()}, kept
+
+
+def induction_scores(model, batch: RRTBatch, *, null_ids: torch.Tensor | None = None, batch_size=None,
+                     progress=False, trials_per_pass: int = 256, keep_rows: int = 0) -> InductionScores:
+    """The query's row of every layer and head, read at each target, on the trials and (``null_ids [T, S]``) on
+    their control sequences: ``per_trial[target] [T, L, H]``, ``null_per_trial[target] [T, L, H]``.
+
+    Trials stream through the extractor ``trials_per_pass`` at a time and only the target entries are kept,
+    so memory holds ``[T, L, H]`` per target, never the ``[T, L, H, S]`` rows - except the full rows of the
+    first ``keep_rows`` trials (for the interactive view), taken from the first pass.
+    """
+    from attnlab.core.models import as_loaded
+
+    lm = as_loaded(model)
+    kwargs = dict(batch_size=batch_size, progress=progress, trials_per_pass=trials_per_pass)
+    per_trial, kept = _read_targets(lm, batch.input_ids, batch, keep_rows=keep_rows, desc="induction", **kwargs)
+    null = None
+    if null_ids is not None:
+        null, _ = _read_targets(lm, null_ids, batch, keep_rows=0, desc="induction null", **kwargs)
+    return InductionScores(per_trial, null, chance_levels(batch, lm.is_causal), kept)
+
+
+def head_name(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def verdict(stats: TargetStats, min_lift: float) -> dict:
+    """One target's verdict for meta.json: the named heads (strongest lift first), the chance level, the rule,
+    and the strongest head by mean with its numbers (what the terminal and report say when none is named)."""
+    named = stats.named(min_lift)
+    order = [tuple(map(int, ix)) for ix in zip(*np.nonzero(named))]
+    order.sort(key=lambda lh: -stats.lift[lh])
+    flat = np.nan_to_num(stats.mean, nan=-np.inf)
+    best = tuple(int(i) for i in np.unravel_index(int(np.argmax(flat)), flat.shape))
+
+    def entry(lh):
+        return {"head": head_name(*lh), "mean": _num(stats.mean[lh]), "lift": _num(stats.lift[lh]),
+                "null": _num(stats.null[lh]), "ci": [_num(stats.ci_low[lh]), _num(stats.ci_high[lh])],
+                "top_trial_share": _num(stats.top_trial_share[lh])}
+
+    return {"heads": [head_name(*lh) for lh in order], "named": [entry(lh) for lh in order],
+            "chance": _num(stats.chance), "rule": VERDICT_RULE.format(min_lift=min_lift), "strongest": entry(best)}
+
+
+def verdict_line(target: str, v: dict) -> str:
+    """``after: L9H0 (0.41, lift 0.40), ...`` or ``after: none - strongest L5H3 0.0070 vs chance 0.0025``."""
+    if v["named"]:
+        heads = ", ".join(f"{e['head']} ({e['mean']:.3g}, lift {e['lift']:.3g})" for e in v["named"][:5])
+        more = f" and {len(v['named']) - 5} more" if len(v["named"]) > 5 else ""
+        return f"{target}: {heads}{more}"
+    s = v["strongest"]
+    null = f", null {s['null']:.3g}" if s.get("null") is not None else ""
+    return f"{target}: none - strongest {s['head']} {s['mean']:.4g} vs chance {v['chance']:.3g}{null}"
+
+
+def top_heads(stats: TargetStats, named: np.ndarray, k: int = 10) -> list[dict]:
+    """The ``k`` heads with the largest mean (the paper's ranking), each with everything that qualifies it."""
+    flat = np.nan_to_num(stats.mean, nan=-np.inf).ravel()
+    n_heads = stats.mean.shape[1]
+    out = []
+    for g in np.argsort(-flat, kind="stable")[:k]:
+        lh = (int(g) // n_heads, int(g) % n_heads)
+        out.append({"layer": lh[0], "head": lh[1], "mean": _num(stats.mean[lh]), "sem": _num(stats.sem[lh]),
+                    "ci": [_num(stats.ci_low[lh]), _num(stats.ci_high[lh])], "null": _num(stats.null[lh]),
+                    "lift": _num(stats.lift[lh]), "top_trial_share": _num(stats.top_trial_share[lh]),
+                    "named": bool(named[lh])})
+    return out
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return float(f"{x:.6g}") if math.isfinite(x) else None

@@ -8,11 +8,17 @@ is an unmasked token of a later copy, and only earlier keys exist - Olsson et al
 builder that serves both reads ``protocol.causal``. Register your own with :func:`register_variant` (see README); nothing in the
 core needs editing.
 
+Every variant also has a **null**: control sequences with the same length, special tokens, query and target
+positions, but no repeat - the copies that the query could read are replaced by fresh random tokens (a
+builder's ``null`` hook says which; by default every token but the special ones and the query). Attention
+to a target on them is what the same positions get when there is nothing to find (:func:`build_null`).
+
 All index arithmetic uses 0-based positions in the framed sequence (protocol tokens included).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -125,6 +131,8 @@ class Variant:
     description: str = ""
     default_n: dict = field(default_factory=dict)  # protocol name -> default n (e.g. triple uses 150 in paper)
     modes: tuple[str, ...] = ("masked",)  # "masked" (a [MASK] query) and/or "causal" (decoders)
+    #: null(protocol, batch, n, generator) -> [T, S] control ids (see the module doc); None: the default null
+    null: Callable | None = None
 
     def check_model(self, lm) -> None:
         """A clear error when this variant cannot serve ``lm`` (e.g. it needs a [MASK] and ``lm`` is causal)."""
@@ -144,20 +152,36 @@ class Variant:
 _REGISTRY: dict[str, Variant] = {}
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_names(name, targets) -> None:
+    """Variant and target names become file names and array keys: plain words only."""
+    for what, value in [("variant name", name)] + [("target name", t) for t in targets]:
+        if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
+            raise InputError(f"{what} {value!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a "
+                             "letter or digit (it names files); rename it")
+    if not targets:
+        raise InputError(f"variant {name!r} names no target; give at least one")
+    if len(set(targets)) != len(targets):
+        raise InputError(f"variant {name!r} names a target twice: {list(targets)}")
+
+
 def register_variant(name: str, targets, description: str = "", default_n: dict | None = None,
-                     modes=("masked",)):
+                     modes=("masked",), null=None):
     """Decorator: register ``build(protocol, n_trials, n, generator) -> RRTBatch`` as variant ``name``.
 
     ``modes``: the models it serves, ``("masked",)`` by default; add ``"causal"`` when the builder handles
-    ``protocol.causal`` (returning :meth:`RRTBatch.causal`).
+    ``protocol.causal`` (returning :meth:`RRTBatch.causal`). ``null(protocol, batch, n, generator) -> [T, S]``
+    ids: the variant's control sequences (:func:`replace_spans` helps); by default every token but the special
+    ones and the query is replaced by a fresh one.
 
     Registering the same builder again (a plugin imported twice) replaces it; another builder under a
     taken name is an error.
     """
 
     def wrap(build):
-        if not isinstance(name, str) or not name.strip():
-            raise InputError(f"a variant needs a non-empty name, got {name!r}")
+        _check_names(name, tuple(targets) if not isinstance(targets, str) else (targets,))
         old = _REGISTRY.get(name)
         if old is not None and _origin(old.build) != _origin(build):
             raise InputError(f"variant {name!r} is already registered by {_origin(old.build)[0]}; give the variant "
@@ -166,7 +190,7 @@ def register_variant(name: str, targets, description: str = "", default_n: dict 
         if not modes or bad:
             raise InputError(f"variant {name!r}: modes must be 'masked' and/or 'causal', got {tuple(modes)!r}")
         _REGISTRY[name] = Variant(name, tuple(targets), build, description or (build.__doc__ or "").strip(),
-                                  dict(default_n or {}), tuple(modes))
+                                  dict(default_n or {}), tuple(modes), null)
         return build
 
     return wrap
@@ -197,6 +221,68 @@ def list_variants() -> list[Variant]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
+def replace_spans(protocol: Protocol, batch: RRTBatch, spans, generator: torch.Generator) -> torch.Tensor:
+    """Control ids: ``batch``'s sequences with every position in ``spans`` (``[(start, stop)]``, 0-based, framed)
+    replaced by fresh tokens that occur nowhere in the trial - except the query, which keeps its token."""
+    ids = batch.input_ids
+    rows = torch.arange(ids.shape[0])
+    real = ids.clone()
+    real[rows, batch.mask_index] = batch.masked_token  # the masked token is not fresh either
+    where = torch.zeros_like(ids, dtype=torch.bool)
+    for start, stop in spans:
+        where[:, start:stop] = True
+    where[rows, batch.mask_index] = False
+    return _fill(protocol, ids, real, where, generator)
+
+
+def _fill(protocol, ids, real, where, generator):
+    count = int(where.sum(1).max()) if where.any() else 0
+    out = ids.clone()
+    if count:
+        fresh = protocol.draw_avoiding(real, count, generator)
+        order = (where.cumsum(1) - 1).clamp_min(0)
+        out[where] = fresh.gather(1, order)[where]
+    return out
+
+
+def default_null(protocol: Protocol, batch: RRTBatch, n: int, generator: torch.Generator) -> torch.Tensor:
+    """The null of a variant that declares none: every position but the special tokens and the query gets a fresh
+    token (nothing repeats anywhere)."""
+    spec = protocol.spec
+    specials = torch.tensor(sorted({i for i in (spec.cls_id, spec.sep_id, spec.mask_id, spec.bos_id,
+                                                protocol.mask_id if not protocol.causal else None) if i is not None}),
+                            dtype=torch.long)
+    ids = batch.input_ids
+    rows = torch.arange(ids.shape[0])
+    real = ids.clone()
+    real[rows, batch.mask_index] = batch.masked_token
+    where = ~torch.isin(ids, specials)
+    where[rows, batch.mask_index] = False
+    return _fill(protocol, ids, real, where, generator)
+
+
+def build_null(variant: "Variant", protocol: Protocol, batch: RRTBatch, n: int, seed: int) -> torch.Tensor:
+    """The control ids ``[T, S]`` of ``batch`` (same seed, same ids every time), checked like a builder's output."""
+    g = torch.Generator().manual_seed(seed + NULL_SEED)
+    try:
+        null = (variant.null or default_null)(protocol, batch, n, g)
+    except InputError as exc:
+        raise InputError(f"variant {variant.name!r} null: {exc}") from None
+    except Exception as exc:
+        raise InputError(f"variant {variant.name!r} null builder failed: {type(exc).__name__}: {exc}") from None
+    if (not isinstance(null, torch.Tensor) or null.shape != batch.input_ids.shape or null.is_floating_point()):
+        shape = tuple(null.shape) if isinstance(null, torch.Tensor) else type(null).__name__
+        raise InputError(f"variant {variant.name!r} null returned {shape}; expected integer ids of the batch's shape "
+                         f"{tuple(batch.input_ids.shape)}")
+    rows = torch.arange(null.shape[0])
+    if not torch.equal(null[rows, batch.mask_index], batch.input_ids[rows, batch.mask_index]):
+        raise InputError(f"variant {variant.name!r} null changed the query token; keep it as it is")
+    return null.long()
+
+
+NULL_SEED = 1_000_003  # the null's generator: seeded apart from the trials' so neither changes the other
+
+
 def _randint(generator, low, high, n_trials):
     """Uniform integers in [low, high] (inclusive), one per trial."""
     return torch.randint(low, high + 1, (n_trials,), generator=generator)
@@ -208,12 +294,24 @@ def _first_occurrence(ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return hits.float().argmax(dim=1)
 
 
+def _first_copy_null(protocol, batch, n, g):
+    """X X -> Y X (Y fresh): the copy before the query is gone, the query's own copy and positions stay."""
+    off = protocol.offset
+    return replace_spans(protocol, batch, [(off, off + n)], g)
+
+
+def _outer_copies_null(protocol, batch, n, g):
+    """X X X -> Y X Z: both copies around the middle one (which holds the query) are fresh."""
+    off = protocol.offset
+    return replace_spans(protocol, batch, [(off, off + n), (off + 2 * n, off + 3 * n)], g)
+
+
 @register_variant(
     "standard", ["prev", "before", "after"],
     "X then X; mask one token of the second copy (causal models: read one token of the second copy). "
     "prev = its position in the first copy; before/after = prev -/+ 1 (causal: after is Olsson et al.'s "
     "prefix-matching target, the token that followed the previous instance).",
-    modes=("masked", "causal"),
+    modes=("masked", "causal"), null=_first_copy_null,
 )
 def build_standard(protocol: Protocol, n_trials: int, n: int, g: torch.Generator) -> RRTBatch:
     x = protocol.draw(n_trials, n, g)
@@ -241,6 +339,7 @@ def build_standard(protocol: Protocol, n_trials: int, n: int, g: torch.Generator
     "shuffled", ["after_prev_of_left", "before_prev_of_right"],
     "X then a permutation of X; mask one token of the second part. after_prev_of_left = (first-copy position of "
     "the left neighbour's token) + 1; before_prev_of_right = (first-copy position of the right neighbour's token) - 1.",
+    null=_first_copy_null,
 )
 def build_shuffled(protocol: Protocol, n_trials: int, n: int, g: torch.Generator) -> RRTBatch:
     x = protocol.draw(n_trials, n, g)
@@ -267,7 +366,7 @@ def build_shuffled(protocol: Protocol, n_trials: int, n: int, g: torch.Generator
     "triple", ["prev", "next"],
     "X, X, X (bidirectional); mask one token of the middle copy. prev = its position in the first copy, "
     "next = in the third.",
-    default_n={"paper": 150, "clean": 150},
+    default_n={"paper": 150, "clean": 150}, null=_outer_copies_null,
 )
 def build_triple(protocol: Protocol, n_trials: int, n: int, g: torch.Generator) -> RRTBatch:
     x = protocol.draw(n_trials, n, g)

@@ -237,19 +237,20 @@ def test_heads_runs_on_other_families_and_says_what_it_skipped(tmp_path, bert_to
     pattern scores; DLA and the scan are skipped with the reason)."""
     import transformers
 
-    from attnlab.experiments.heads import HeadsConfig, run_heads
+    from attnlab.circuits.experiment import HEADS, HeadsConfig
+    from attnlab.core.runs import run_experiment
 
     torch.manual_seed(0)
     roberta = transformers.RobertaForMaskedLM(transformers.RobertaConfig(
         vocab_size=bert_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=48, max_position_embeddings=80, pad_token_id=0))
-    meta = run_heads(HeadsConfig(model="roberta", seq_len=10, trials=2, detector_trials=2), tmp_path / "r",
+    meta = run_experiment(HEADS, HeadsConfig(model="roberta", seq_len=10, trials=2, detector_trials=2), tmp_path / "r",
                      lm=wrap_model(roberta, tokenizer=bert_tokenizer))
-    assert not meta["notes"] and {"dla", "ablation_copying_gain", "ov_copying", "induction"} <= set(meta["top_heads"])
-    meta = run_heads(HeadsConfig(model="llama", seq_len=10, trials=2, detector_trials=2), tmp_path / "l",
+    assert not meta["notes"] and {"dla", "ablation_copying_gain", "ov_copying", "prefix_matching"} <= set(meta["top_heads"])
+    meta = run_experiment(HEADS, HeadsConfig(model="llama", seq_len=10, trials=2, detector_trials=2), tmp_path / "l",
                      lm=wrap_model(tiny_family("llama")))
     assert "llama is not one" in meta["notes"][0] and "dla" not in meta["top_heads"]
-    assert {"ov_copying", "induction", "previous_token"} <= set(meta["top_heads"])
+    assert {"ov_copying", "prefix_matching", "previous_token"} <= set(meta["top_heads"])
 
 
 def test_electra_discriminator_loads_as_encoder_and_has_no_masked_lm_head(tmp_path):

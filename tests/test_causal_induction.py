@@ -7,7 +7,9 @@ from planted import planted_lag_gpt2
 
 from attnlab.core.errors import InputError
 from attnlab.core.models import wrap_model
-from attnlab.experiments.induction import InductionConfig, compute_induction, run_induction
+from attnlab.core.runs import run_experiment
+from attnlab.induction.experiment import INDUCTION, InductionConfig
+from attnlab.induction.maps import compute as compute_induction
 from attnlab.induction import RRTBatch, get_variant, make_protocol, register_variant, token_spec_for
 from attnlab.induction.variants import _REGISTRY, build_batch
 
@@ -75,6 +77,6 @@ def test_a_plugin_declares_causal_support():
 
 def test_causal_run_writes_maps_and_says_what_the_query_is(tmp_path):
     lm = wrap_model(tiny_family("qwen2"))
-    meta = run_induction(InductionConfig(model="qwen2-tiny", trials=4, seq_len=12), tmp_path / "q", lm=lm)
+    meta = run_experiment(INDUCTION, InductionConfig(model="qwen2-tiny", trials=4, seq_len=12), tmp_path / "q", lm=lm)
     assert meta["causal"] is True and "prefix" in meta["protocol_note"]
     assert (tmp_path / "q" / "induction_standard_after.png").exists()

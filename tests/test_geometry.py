@@ -11,7 +11,9 @@ from conftest import minilm_dir, tiny_bert, tiny_gpt2
 from attnlab.core.corpus import Document
 from attnlab.core.errors import CorpusError, InputError
 from attnlab.core.models import load_tokenizer, wrap_model
-from attnlab.experiments.geometry import GeometryConfig, UMAPConfig, displayed_constants, run_scaling, run_umap
+from attnlab.core.runs import run_experiment
+from attnlab.geometry.experiment import SCALING, UMAP, GeometryConfig, UMAPConfig
+from attnlab.geometry.study import displayed_constants
 from attnlab.geometry import scaling as S
 from attnlab.geometry import scaling_reference as R
 from attnlab.geometry.qk import collect_qk, sample_sentences, split_sentences
@@ -186,16 +188,16 @@ DOCS = [Document(str(i), "", " ".join(f"Sentence {j} of article {i} talks about 
 def test_scaling_run_end_to_end_and_reuse(tmp_path, tiny_lm_with_tokenizer):
     lm = tiny_lm_with_tokenizer
     cfg = GeometryConfig(model="tiny-gpt2", sentences=30, seed=0)
-    meta = run_scaling(cfg, tmp_path, lm=lm, docs=DOCS)
+    meta = run_experiment(SCALING, cfg, tmp_path, lm=lm, docs=DOCS)
     rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
     assert len(rows) == 3 * lm.n_layers * lm.n_heads * len(S.PAPER_CONSTANTS)
     assert {r["metric"] for r in rows} == set(S.METRICS)
     for name in meta["outputs"]:
         assert (tmp_path / name).stat().st_size > 0
     first = (tmp_path / "scaling.csv").read_bytes()
-    again = run_scaling(cfg, tmp_path, lm=lm, docs=DOCS)
+    again = run_experiment(SCALING, cfg, tmp_path, lm=lm, docs=DOCS)
     assert again.get("reused")
-    rerun = run_scaling(cfg, tmp_path / "b", lm=lm, docs=DOCS)
+    rerun = run_experiment(SCALING, cfg, tmp_path / "b", lm=lm, docs=DOCS)
     assert (tmp_path / "b" / "scaling.csv").read_bytes() == first  # seeded: byte-identical
     assert not rerun.get("reused")
 
@@ -203,20 +205,20 @@ def test_scaling_run_end_to_end_and_reuse(tmp_path, tiny_lm_with_tokenizer):
 def test_umap_run_frames_the_optimum(tmp_path, tiny_lm_with_tokenizer):
     lm = tiny_lm_with_tokenizer
     cfg = UMAPConfig(model="tiny-gpt2", sentences=12, layer=1, head=2, max_points=60)
-    meta = run_umap(cfg, tmp_path, lm=lm, docs=DOCS)
+    meta = run_experiment(UMAP, cfg, tmp_path, lm=lm, docs=DOCS)
     assert (tmp_path / "umap_L1H2.png").stat().st_size > 0
     emb = np.load(tmp_path / "umap_L1H2.npz")
     assert len(emb["constants"]) == 6 and emb["n_queries"] == 60
     if math.isfinite(meta["optimum"]):
         assert any(math.isclose(c, meta["optimum"]) for c in emb["constants"])
-    run_umap(cfg, tmp_path / "again", lm=lm, docs=DOCS)  # seeded UMAP: the same embeddings, bit for bit
+    run_experiment(UMAP, cfg, tmp_path / "again", lm=lm, docs=DOCS)  # seeded UMAP: the same embeddings, bit for bit
     again = np.load(tmp_path / "again" / "umap_L1H2.npz")
     for name in emb.files:
         assert np.array_equal(emb[name], again[name])
     with pytest.raises(InputError, match="layer 7 is out of range"):
-        run_umap(UMAPConfig(model="tiny-gpt2", layer=7, head=0), tmp_path / "x", lm=lm, docs=DOCS)
+        run_experiment(UMAP, UMAPConfig(model="tiny-gpt2", layer=7, head=0), tmp_path / "x", lm=lm, docs=DOCS)
     with pytest.raises(InputError, match="head 4 is out of range"):
-        run_umap(UMAPConfig(model="tiny-gpt2", layer=0, head=4), tmp_path / "x", lm=lm, docs=DOCS)
+        run_experiment(UMAP, UMAPConfig(model="tiny-gpt2", layer=0, head=4), tmp_path / "x", lm=lm, docs=DOCS)
 
 
 def test_displayed_constants_swap_in_the_optimum():
@@ -232,17 +234,17 @@ def test_cli_rejects_bad_constants(capsys):
 
 
 def test_geometry_jobs_sharing_a_cache_collect_queries_and_keys_once(tmp_path, tiny_lm_with_tokenizer, monkeypatch):
-    from attnlab.experiments import geometry as G
+    from attnlab.geometry import study as G
 
     calls = []
     real = G.collect_qk
     monkeypatch.setattr(G, "collect_qk", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache = G.GeometryCache()
     lm = tiny_lm_with_tokenizer
-    scaling = G.run_scaling(GeometryConfig(model="tiny-gpt2", sentences=12, bootstrap=0), tmp_path / "s", lm=lm,
-                            docs=DOCS, cache=cache)
-    umap = G.run_umap(UMAPConfig(model="tiny-gpt2", sentences=12, layer=1, head=2, max_points=40,
-                                 metric="scaled_weighted_corr"), tmp_path / "u", lm=lm, docs=DOCS, cache=cache)
+    scaling = run_experiment(SCALING, GeometryConfig(model="tiny-gpt2", sentences=12, bootstrap=0), tmp_path / "s",
+                             lm=lm, docs=DOCS, cache=cache)
+    umap = run_experiment(UMAP, UMAPConfig(model="tiny-gpt2", sentences=12, layer=1, head=2, max_points=40,
+                                           metric="scaled_weighted_corr"), tmp_path / "u", lm=lm, docs=DOCS, cache=cache)
     assert len(calls) == 1  # one q/k collection for both jobs
     best = {(layer, head): opt for layer, head, opt, _ in scaling["optima"]["scaled_weighted_corr"]}
     assert umap["optimum"] == best[(1, 2)]  # the UMAP framed the optimum the scaling run found
@@ -260,8 +262,8 @@ def test_rotary_geometry_reads_the_post_rotary_vectors_and_says_so(tmp_path, ber
                                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                                    max_position_embeddings=128)
     lm = wrap_model(transformers.LlamaModel(cfg), tokenizer=bert_tokenizer, name="tiny-llama")
-    meta = run_scaling(GeometryConfig(model="tiny-llama", sentences=8, bootstrap=0), tmp_path, lm=lm, docs=DOCS)
+    meta = run_experiment(SCALING, GeometryConfig(model="tiny-llama", sentences=8, bootstrap=0), tmp_path, lm=lm, docs=DOCS)
     assert meta["qk"].startswith("post-rotary")
     gpt2 = wrap_model(tiny_gpt2(vocab_size=bert_tokenizer.vocab_size), tokenizer=bert_tokenizer)
-    meta = run_scaling(GeometryConfig(model="tiny-gpt2", sentences=8, bootstrap=0), tmp_path / "g", lm=gpt2, docs=DOCS)
+    meta = run_experiment(SCALING, GeometryConfig(model="tiny-gpt2", sentences=8, bootstrap=0), tmp_path / "g", lm=gpt2, docs=DOCS)
     assert "rotary" not in meta["qk"]

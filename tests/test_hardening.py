@@ -312,7 +312,8 @@ def test_interrupted_swap_is_rolled_back(tmp_path):
     (tmp_path / "scores.csv").write_text("half of a new run")
     (tmp_path / "old.png").write_text("from the run before")
     (tmp_path / SWAP_MARKER).write_text(json.dumps({"files": ["scores.csv", "old.png"]}))  # meta.json already gone
-    RunFolder(tmp_path, "induction")
+    with RunFolder(tmp_path, "induction"):
+        pass
     assert not (tmp_path / "scores.csv").exists() and not (tmp_path / "old.png").exists()
     assert not (tmp_path / SWAP_MARKER).exists()
 
@@ -352,15 +353,17 @@ def test_another_experiment_in_the_same_folder_is_refused(inside, capsys):
     assert sorted(p.name for p in out.iterdir()) == files
 
 
-def test_rerun_of_another_variant_replaces_the_old_files(inside, capsys):
+def test_a_run_of_another_variant_never_deletes_the_first_runs_files(inside, capsys):
+    """Before, a `triple` run into a folder holding a `standard` run silently deleted the standard files."""
     out = inside / "variants-out"
     common = ["--model", "mlm", "--out", str(out), "--trials", "2", "--seq-len", "10", "--device", "cpu", "--no-progress"]
     assert _run(["induction", "--variant", "standard", *common], capsys)[0] == 0
-    assert _run(["induction", "--variant", "triple", *common], capsys)[0] == 0
-    meta = json.loads((out / "meta.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted(meta["outputs"] + ["meta.json"])
-    assert not list(out.glob("induction_standard_*.png")) and (out / "induction_triple_prev.png").exists()
-    rc, out_text, _ = _run(["induction", "--variant", "triple", *common, "--force"], capsys)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    for extra in ([], ["--force"]):
+        rc, _, err = _run(["induction", "--variant", "triple", *common, *extra], capsys)
+        assert rc == 2 and "variant 'standard'" in err and "another folder" in err and err.count("\n") == 1
+        assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
+    rc, out_text, _ = _run(["induction", "--variant", "standard", *common, "--force"], capsys)
     assert rc == 0 and out_text.splitlines()[-1].startswith("wrote") and "meta.json" in out_text
 
 

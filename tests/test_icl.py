@@ -11,7 +11,8 @@ from conftest import tiny_bert
 from attnlab.core.corpus import Document, load_corpus
 from attnlab.core.errors import CorpusError, MissingHeadError
 from attnlab.core.models import wrap_model
-from attnlab.experiments.icl import ICLConfig, run_icl
+from attnlab.core.runs import run_experiment
+from attnlab.icl.experiment import ICL, ICLConfig
 from attnlab.icl import draw_trials, icl_trials, tokenize_lengths
 
 
@@ -79,8 +80,8 @@ def test_masked_token_loss_equals_by_hand_cross_entropy(mlm, tokenizer):
 def test_run_outputs_seeded_and_reused(mlm, tokenizer, tmp_path):
     docs = synthetic_corpus(tokenizer)
     cfg = ICLConfig(model="tiny", corpus="synthetic", trials=8, seed=4)
-    meta = run_icl(cfg, tmp_path / "a", lm=mlm, docs=docs)
-    run_icl(cfg, tmp_path / "b", lm=mlm, docs=docs)
+    meta = run_experiment(ICL, cfg, tmp_path / "a", lm=mlm, docs=docs)
+    run_experiment(ICL, cfg, tmp_path / "b", lm=mlm, docs=docs)
     assert (tmp_path / "a" / "icl.csv").read_bytes() == (tmp_path / "b" / "icl.csv").read_bytes()
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["n"] == 8 and summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
@@ -88,7 +89,7 @@ def test_run_outputs_seeded_and_reused(mlm, tokenizer, tmp_path):
     assert (tmp_path / "a" / "icl_histogram.png").stat().st_size > 5000
     header = (tmp_path / "a" / "icl.csv").read_text().splitlines()[0]
     assert header == "trial,article_id,title,pos_long,pos_short,loss_50,loss_500,difference"
-    assert run_icl(cfg, tmp_path / "a", lm=mlm, docs=docs)["reused"]  # same model and corpus content
+    assert run_experiment(ICL, cfg, tmp_path / "a", lm=mlm, docs=docs)["reused"]  # same model and corpus content
     assert meta["summary"]["mean"] == summary["mean"]
 
 

@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import eager_attention, eager_copy
+from conftest import eager_attention, eager_copy, tiny_bert, tiny_gpt2
 from planted import planted_lag_bert
 
 from attnlab.core.errors import InputError
 from attnlab.core.models import wrap_model
-from attnlab.experiments.induction import InductionConfig, run_induction
+from attnlab.core.runs import run_experiment
+from attnlab.induction.experiment import INDUCTION, InductionConfig
 from attnlab.induction import TokenSpec, get_variant, induction_scores, make_protocol, register_variant
 from attnlab.induction.variants import RRTBatch, _REGISTRY, build_batch
 
@@ -80,8 +81,8 @@ def test_paper_protocol_layout():
 def test_seeded_runs_identical(tmp_path):
     lm = wrap_model(planted_lag_bert(lag=20, heads=2))
     cfg = InductionConfig(model="planted", trials=8, seq_len=20, seed=7)
-    run_induction(cfg, tmp_path / "a", lm=lm)
-    run_induction(cfg, tmp_path / "b", lm=lm)
+    run_experiment(INDUCTION, cfg, tmp_path / "a", lm=lm)
+    run_experiment(INDUCTION, cfg, tmp_path / "b", lm=lm)
     a, b = np.load(tmp_path / "a" / "trials.npz"), np.load(tmp_path / "b" / "trials.npz")
     assert sorted(a.files) == sorted(b.files)
     for key in a.files:
@@ -92,13 +93,22 @@ def test_seeded_runs_identical(tmp_path):
 def test_outputs_and_reuse(tmp_path):
     lm = wrap_model(planted_lag_bert(lag=25))
     cfg = InductionConfig(model="planted", variant="standard", trials=6, seq_len=25, seed=1)
-    meta = run_induction(cfg, tmp_path, lm=lm)
+    meta = run_experiment(INDUCTION, cfg, tmp_path, lm=lm)
     df = pd.read_csv(tmp_path / "scores.csv")
-    assert list(df.columns) == ["model", "variant", "protocol", "target", "layer", "head", "mean", "sem", "n_trials",
+    assert list(df.columns) == ["model", "variant", "protocol", "target", "layer", "head", "mean", "sem", "ci_low",
+                                "ci_high", "chance", "null_mean", "lift", "top_trial_share", "named", "n_trials",
                                 "share_r0"]
     assert len(df) == 3 * 2 * 2 and set(df.target) == {"prev", "before", "after"}
     z = np.load(tmp_path / "trials.npz")
     assert z["input_ids"].shape == (6, 52) and z["attention_prev"].shape == (6, 2, 2)
+    assert z["null_input_ids"].shape == (6, 52) and z["null_attention_prev"].shape == (6, 2, 2)
+    assert np.allclose(df["chance"], 1 / 52)  # uniform attention over the 52 keys every [MASK] sees
+    assert np.allclose(df["lift"], df["mean"] - df["null_mean"], atol=1e-6)
+    for _, r in df.iterrows():  # every column is what the saved trials give
+        x, x0 = z[f"attention_{r['target']}"][:, r["layer"], r["head"]], z[f"null_attention_{r['target']}"][:, r["layer"], r["head"]]
+        assert r["null_mean"] == pytest.approx(x0.mean(), abs=1e-6)
+        assert r["top_trial_share"] == pytest.approx(x.max() / x.sum(), abs=1e-6)
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"]
     assert {"target_index_prev", "target_index_before", "target_index_after", "mask_index"} <= set(z.files)
     for t in ("prev", "before", "after"):
         assert (tmp_path / f"induction_standard_{t}.png").stat().st_size > 5000
@@ -113,7 +123,7 @@ def test_outputs_and_reuse(tmp_path):
             np.testing.assert_allclose(rows[t, :, :, z[f"target_index_{target}"][t]], z[f"attention_{target}"][t],
                                        atol=2e-3)  # float16 storage
     assert z["view_tokens"].shape == (3, 52) and z["view_masked"].shape == (3,)
-    again = run_induction(cfg, tmp_path, lm=lm)  # the same model (by content): finished work is reused
+    again = run_experiment(INDUCTION, cfg, tmp_path, lm=lm)  # the same model (by content): finished work is reused
     assert again["reused"] and again["reuse_key"] == meta["reuse_key"]
 
 
@@ -179,3 +189,109 @@ def test_cli_plugin_variant_end_to_end(tmp_path, monkeypatch):
                          "--out", str(tmp_path / "x")]) == 2
     finally:
         _REGISTRY.pop("gap", None)
+
+
+# ---------------------------------------------------------------- chance, null, CI and the verdict
+
+
+def test_the_null_keeps_positions_and_the_query_and_removes_the_repeat():
+    from attnlab.induction.variants import build_null
+
+    for name, protocol in (("standard", "clean"), ("shuffled", "clean"), ("triple", "clean"), ("standard", "paper")):
+        v = get_variant(name)
+        proto = make_protocol(protocol, SPEC)
+        n = v.n_for(protocol, 30)
+        b = build_batch(v, proto, 16, n, seed=3)
+        null = build_null(v, proto, b, n, seed=3)
+        assert null.shape == b.input_ids.shape and torch.equal(null, build_null(v, proto, b, n, seed=3))
+        rows = torch.arange(16)
+        assert torch.equal(null[rows, b.mask_index], b.input_ids[rows, b.mask_index])  # the query as it was
+        for t in range(16):
+            real = b.input_ids[t].clone()
+            real[b.mask_index[t]] = b.masked_token[t]
+            fresh = [int(x) for i, x in enumerate(null[t]) if int(x) != int(b.input_ids[t, i])]
+            assert not set(fresh) & set(real.tolist()), (name, protocol)  # fresh tokens occur nowhere in the trial
+            if protocol == "clean":  # (the paper protocol draws X with replacement: X itself may repeat a token)
+                body = [int(x) for x in null[t] if int(x) not in (101, 102, 103)]
+                assert len(body) == len(set(body)), name  # nothing repeats
+                assert int(b.masked_token[t]) not in [int(x) for x in null[t]]
+            if name in ("standard", "shuffled"):  # the query's own copy is untouched: only the repeat is gone
+                assert torch.equal(null[t, 1 + n:1 + 2 * n], b.input_ids[t, 1 + n:1 + 2 * n])
+                assert len(fresh) >= n - 1
+
+
+def _uniform_bert(layers=2, heads=2, causal=False):
+    """A model whose every head attends uniformly (all query and key weights zero)."""
+    model = tiny_bert(layers=layers, heads=heads, vocab_size=30522, positions=256) if not causal else \
+        tiny_gpt2(layers=layers, heads=heads, vocab_size=500, positions=256)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("query", "key")):
+                p.zero_()
+            if "c_attn" in name:  # GPT-2: q and k are the first two thirds of the fused projection
+                p[..., : 2 * p.shape[-1] // 3].zero_()
+    return wrap_model(model)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_uniform_head_has_zero_lift_and_is_never_named(tmp_path, causal):
+    from attnlab.induction.maps import compute
+
+    lm = _uniform_bert(causal=causal)
+    result = compute(InductionConfig(model="uniform", trials=12, seq_len=20), lm)
+    for target, st in result.stats.items():
+        assert np.abs(st.lift).max() < 1e-6, target
+        assert not st.named(0.1).any()
+        if causal:
+            expected = (1 / (result.batch.mask_index.double() + 1)).mean().item()
+        else:
+            expected = 1 / result.batch.input_ids.shape[1]
+        assert st.chance == pytest.approx(expected, rel=1e-9)
+        assert np.allclose(st.mean, st.chance, atol=1e-6)  # uniform attention is exactly its chance level
+
+
+@pytest.mark.parametrize("kind", ["masked", "causal"])
+def test_a_random_model_gets_verdict_none_for_every_target(tmp_path, kind):
+    lm = wrap_model(tiny_bert(vocab_size=30522, positions=256, seed=3)) if kind == "masked" else \
+        wrap_model(tiny_gpt2(vocab_size=500, positions=256, seed=3))
+    meta = run_experiment(INDUCTION, InductionConfig(model=f"random-{kind}", trials=16, seq_len=30), tmp_path, lm=lm)
+    assert meta["verdict"] and all(v["heads"] == [] for v in meta["verdict"].values())
+    assert all("none - strongest" in line for line in INDUCTION.describe(meta)[2:])
+
+
+def test_the_planted_circuit_verdict_names_exactly_its_induction_head(tmp_path):
+    """L1H0 of the planted circuit attends from [MASK] to the previous instance only when there is one: it is
+    named for 'prev'. The previous-token head L0H0 and the idle heads are not; nothing is named elsewhere."""
+    from planted import planted_induction_circuit
+
+    lm = wrap_model(planted_induction_circuit())
+    meta = run_experiment(INDUCTION, InductionConfig(model="planted", trials=24, seq_len=25), tmp_path, lm=lm)
+    assert meta["verdict"]["prev"]["heads"] == ["L1H0"]
+    assert meta["verdict"]["before"]["heads"] == [] and meta["verdict"]["after"]["heads"] == []
+    named = meta["verdict"]["prev"]["named"][0]
+    assert named["lift"] > 0.5 and named["ci"][0] > named["null"] and named["top_trial_share"] < 0.5
+
+
+def test_a_positional_head_is_not_an_induction_head():
+    """The planted lag head attends to position q - n whatever the tokens: the map shows ~1 at 'prev', but its
+    null is ~1 too, so the lift is ~0 and the verdict names nothing."""
+    from attnlab.induction.maps import compute
+
+    n = 40
+    result = compute(InductionConfig(model="lag", trials=20, seq_len=n), wrap_model(planted_lag_bert(lag=n)))
+    st = result.stats["prev"]
+    assert st.mean[0, 0] > 0.9 and st.null[0, 0] > 0.9 and abs(st.lift[0, 0]) < 0.05
+    assert not st.named(0.1).any()
+
+
+def test_one_outlier_trial_is_flagged_and_kept_out_of_the_verdict():
+    from attnlab.induction.scores import target_stats, verdict
+
+    per_trial = np.zeros((10, 1, 2))
+    per_trial[:, 0, 1] = 0.5  # a consistent head
+    per_trial[3, 0, 0] = 0.95  # one trial carries everything (the r = 0 case of Figure 7b)
+    stats = target_stats(per_trial, np.zeros_like(per_trial), np.full(10, 0.01), seed=0)
+    assert stats.top_trial_share[0, 0] == pytest.approx(1.0) and stats.top_trial_share[0, 1] == pytest.approx(0.1)
+    v = verdict(stats, 0.05)
+    assert v["heads"] == ["L0H1"]  # the outlier head's mean 0.095 passes the lift, but one trial is all of it
+    assert stats.mean[0, 0] == pytest.approx(0.095) and stats.lift[0, 0] > 0.05

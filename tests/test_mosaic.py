@@ -9,7 +9,8 @@ from conftest import save_tiny_mlm
 from families import tiny_family
 
 from attnlab.experiments.cli import main
-from attnlab.experiments.mosaic import MosaicConfig, compute_mosaic, write_mosaic
+from attnlab.experiments.jobs import MosaicConfig
+from attnlab.experiments.mosaic import compute_mosaic, write_mosaic
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,15 @@ def test_mosaic_draws_every_model_that_runs_and_lists_the_failures(zoo, tmp_path
     for name in ("bert-mlm", "llama-tiny", "neox-tiny"):
         r = rows[name]
         assert r["status"] == "ok" and int(r["parameters"]) > 0 and r["layers"] == "3"
-        assert 0 <= float(r["best_score"]) <= 1 and 0 <= float(r["best_relative_depth"]) <= 1
-    # each score is the per-model run's own map: the best cell of its scores.csv
+        assert -1 <= float(r["best_lift"]) <= 1 and 0 <= float(r["best_relative_depth"]) <= 1
+        assert r["named"] == ""  # random models: no head passes the verdict
+    # each value is the per-model run's own map: the best lift of its scores.csv, with that head's mean
     per_model = _read(out / "models" / [p.name for p in (out / "models").iterdir() if "llama" in p.name][0] / "scores.csv")
-    after = [float(r["mean"]) for r in per_model if r["target"] == "after"]
-    assert float(rows["llama-tiny"]["best_score"]) == pytest.approx(max(after), rel=1e-5)
+    after = [r for r in per_model if r["target"] == "after"]
+    best = max(after, key=lambda r: float(r["lift"]))
+    assert float(rows["llama-tiny"]["best_lift"]) == pytest.approx(float(best["lift"]), rel=1e-5)
+    assert float(rows["llama-tiny"]["best_mean"]) == pytest.approx(float(best["mean"]), rel=1e-5)
+    assert float(rows["llama-tiny"]["chance"]) == pytest.approx(float(best["chance"]), rel=1e-5)
     for png in ("mosaic.png", "mosaic_summary.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun reuses every finished model run and draws the same maps
@@ -98,7 +103,7 @@ def test_mosaic_on_local_ray_equals_the_in_process_run(zoo, tmp_path):
 
 def test_model_at_revision_names_a_hub_checkpoint(tmp_path):
     from attnlab.core.errors import InputError
-    from attnlab.experiments.mosaic import split_revision
+    from attnlab.experiments.jobs import split_revision
 
     assert split_revision("EleutherAI/pythia-160m@step1000") == ("EleutherAI/pythia-160m", "step1000")
     assert split_revision("gpt2") == ("gpt2", None)

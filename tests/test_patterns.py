@@ -112,7 +112,7 @@ def test_sentence_mode_inputs_are_what_attention_reads(arch):
 
     from attnlab.core.extractor import extract_attention
     from attnlab.core.models import load_tokenizer
-    from attnlab.experiments.patterns import input_vectors
+    from attnlab.geometry.patterns import input_vectors
 
     path = minilm_dir()
     if path is None:

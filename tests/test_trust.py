@@ -62,11 +62,12 @@ def test_outputs_respect_the_umask(tmp_path, umask, mode):
     from planted import planted_lag_bert
 
     from attnlab.core.models import wrap_model
-    from attnlab.experiments.induction import InductionConfig, run_induction
+    from attnlab.core.runs import run_experiment
+    from attnlab.induction.experiment import INDUCTION, InductionConfig
 
     old = os.umask(umask)
     try:
-        meta = run_induction(InductionConfig(model="planted", trials=2, seq_len=10), tmp_path,
+        meta = run_experiment(INDUCTION, InductionConfig(model="planted", trials=2, seq_len=10), tmp_path,
                              lm=wrap_model(planted_lag_bert(lag=10, heads=2)))
     finally:
         os.umask(old)
@@ -88,7 +89,7 @@ def test_head_without_pairs_under_pooled_threshold_has_no_optimum(tmp_path):
     assert (m.pooled_counts[1] == 0).all() and torch.isnan(m.values["scaled_weighted_corr"][1]).all()
     assert torch.isnan(m.best("scaled_weighted_corr")[1]) and torch.isfinite(m.best("scaled_weighted_corr")[0])
     assert m.status("scaled_weighted_corr") == ["ok", "no value at any constant"]
-    from attnlab.experiments.geometry import optima_rows, scaling_rows
+    from attnlab.geometry.study import optima_rows, scaling_rows
 
     rows = [r for r in scaling_rows(m, None, 2) if r[1] == 1 and r[2] == "scaled_weighted_corr"]
     assert {r[-1] for r in rows} == {"no pair of this head under the pooled threshold"} and {r[4] for r in rows} == {""}
@@ -279,13 +280,16 @@ def test_planted_map_is_visible_on_both_panels_and_weak_maps_on_the_companion():
     assert _pixel(fig, fixed, 1, 2).sum() < 250 and _pixel(fig, fixed, 0, 0).sum() > 700  # dark vs near white
     weak = np.full((3, 4), 0.002)
     weak[2, 3] = 0.006
-    fig = induction_map(weak, np.full((3, 4), np.nan), "weak")
+    fig = induction_map(weak, np.full((3, 4), np.nan), "weak", outline=[(2, 3)])
     fig.canvas.draw()
     fixed, auto = [ax for ax in fig.axes if ax.get_xlabel() == "Head"]
     assert _pixel(fig, fixed, 2, 3).sum() > 700  # invisible on the paper's scale...
     assert _pixel(fig, auto, 2, 3).sum() < 250 and _pixel(fig, auto, 0, 0).sum() > 700  # ...clear on the companion
     texts = [t.get_text() for t in fixed.texts]
-    assert "0.006" in texts  # the strongest heads annotated (no SEM when unknown)
+    assert "0.006" in texts  # the named heads annotated (no SEM when unknown)
+    fig = induction_map(weak, np.full((3, 4), np.nan), "weak", finding="no head passes the verdict")
+    assert not fig.axes[0].texts and not fig.axes[0].patches  # nothing named: nothing outlined
+    assert "no head passes the verdict" in fig._suptitle.get_text()
 
 
 def test_icl_histogram_has_integer_counts_ci_lines_and_the_paper_mean():

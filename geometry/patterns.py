@@ -1,31 +1,25 @@
-"""Pattern and message projections vs the vocabulary: ``attnlab patterns``.
+"""Pattern and message projections vs the vocabulary (the science of ``attnlab patterns``).
 
-For each word (or each word's position in --sentence), layer and head: the top-k vocabulary tokens by cosine
+For each word (or each word's position in a sentence), layer and head: the top-k vocabulary tokens by cosine
 similarity with the pattern p = x W_Q W_K^T (what the head looks for) and the message m = x W_V W_O (what it
-writes). Outputs: patterns.csv (input, layer, head, kind, rank, token, similarity), patterns.md, patterns.png (per word
-and kind: the most similar heads x their top tokens), spectrum.csv (singular values and effective rank of the
-W^P and W^M of the heads asked for), meta.json.
+writes); and the spectrum of every chosen head's W^P and W^M. Record: ``attnlab.geometry.experiment.PATTERNS``.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from attnlab.core.activations import attention_inputs
 from attnlab.core.errors import InputError
-from attnlab.core.models import model_label, resolve_model
-from attnlab.core.outputs import begin_run, write_csv, write_text
+from attnlab.core.names import model_label
+from attnlab.core.outputs import write_csv, write_text
 from attnlab.core.weights import head_weights
-from attnlab.experiments.common_args import add_output_args, add_model_args, positive_int, print_wrote
+from attnlab.geometry.experiment import KINDS, PatternsConfig
 from attnlab.geometry.projections import (
     VocabFilter, high_bias_mask, layer_input_norm, parse_range, project, spectrum, top_k_vocab, word_token,
 )
-
-KINDS = ("pattern", "message")
-
 
 def input_vectors(lm, words, layers, sentence=None, layernorm=False, strict=False):
     """x per word and layer ``[N, len(layers), d_model]`` plus the token used for each word."""
@@ -104,35 +98,6 @@ def compute(lm, words, layers, kinds=KINDS, top_k=15, sentence=None, layernorm=F
     return rows, used
 
 
-@dataclass
-class PatternsConfig:
-    model: str = "bert-base-uncased"
-    words: tuple = ("couch", "dog", "run", "happy")
-    layers: str = "all"  # e.g. "0-3" or "0,5,11"
-    heads: str = "all"
-    top_k: int = 15
-    kinds: tuple = KINDS
-    sentence: str | None = None
-    layernorm: bool = False
-    keep_special: bool = False
-    no_subwords: bool = False
-    no_bpe_fragments: bool = False
-    no_high_bias: bool = False
-    strict: bool = False
-    revision: str | None = None
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        self.words = tuple(w.strip() for w in self.words if w and w.strip())
-        if not self.words:
-            raise InputError("words lists no word; give comma-separated words, e.g. couch,dog,run")
-        self.kinds = tuple(self.kinds)
-        if not self.kinds or any(k not in KINDS for k in self.kinds):
-            raise InputError(f"kinds takes {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise InputError(f"top_k must be at least 1, got {self.top_k}")
-
-
 PATTERNS_HEADER = ["input", "layer", "head", "kind", "rank", "token", "similarity"]
 
 
@@ -141,13 +106,29 @@ class PatternsResult:
     """``rows``: (input, layer, head, kind, rank, token, similarity) for the chosen heads; ``used``: the token
     each word became, as (id, piece); ``spectra``: (layer, head, kind, effective rank, singular values)."""
 
+    config: PatternsConfig
     rows: list
     used: list
     spectra: list
 
 
-def compute_patterns(cfg: PatternsConfig, lm, layers: list[int], heads: set[int]) -> PatternsResult:
+def check(cfg: PatternsConfig, lm, ctx) -> None:
+    """Before any work: a tokenizer to look words up in, layers and heads that exist; a note when the message is
+    compared with embeddings the output head does not read."""
+    if lm.tokenizer is None:
+        raise InputError(f"model '{cfg.model}' has no tokenizer files; patterns look words up in the vocabulary - "
+                         "save the tokenizer beside the model (save_pretrained)")
+    parse_range(cfg.layers, lm.n_layers, "layers")
+    parse_range(cfg.heads, lm.n_heads, "heads")
+    if "message" in cfg.kinds and not getattr(lm.config, "tie_word_embeddings", True):
+        ctx.warn("note: input and output embeddings are not tied in this model; messages are compared with the "
+                 "INPUT embeddings, which is not what the model's output head reads")
+
+
+def compute_patterns(cfg: PatternsConfig, lm, ctx=None) -> PatternsResult:
     """Pattern/message projections of ``cfg.words`` and every chosen head's W^P / W^M spectrum (nothing written)."""
+    layers = parse_range(cfg.layers, lm.n_layers, "layers")
+    heads = set(parse_range(cfg.heads, lm.n_heads, "heads"))
     flt = VocabFilter(special=not cfg.keep_special, subwords=cfg.no_subwords,
                       bpe_fragments=cfg.no_bpe_fragments, high_bias=cfg.no_high_bias)
     w = head_weights(lm, device="cpu")  # shared by the projections and the spectra
@@ -159,42 +140,22 @@ def compute_patterns(cfg: PatternsConfig, lm, layers: list[int], heads: set[int]
         for layer in layers:
             for h in sorted(heads):
                 spectra.append((layer, h, kind, eff[layer, h].item(), s[layer, h].tolist()))
-    return PatternsResult([r for r in rows if r[2] in heads], used, spectra)
+    return PatternsResult(cfg, [r for r in rows if r[2] in heads], used, spectra)
 
 
-def run_patterns(cfg: PatternsConfig, out_dir, *, lm=None, device="auto", reuse=True, warn=print) -> dict:
-    """Projections of ``cfg.words`` into ``out_dir`` (patterns.csv, patterns.md, spectrum.csv). ``lm``: a loaded
-    model, a loader callable, or None (load ``cfg.model``)."""
-    run, config, key, identity, meta = begin_run(out_dir, "patterns", cfg, lm, reuse)
-    if meta:
-        return meta
-    t0 = time.perf_counter()
-    lm = resolve_model(lm, cfg, device)
-    identity["model"] = lm.fingerprint
-    if lm.tokenizer is None:
-        raise InputError(f"model '{cfg.model}' has no tokenizer files; patterns look words up in the vocabulary - "
-                         "save the tokenizer beside the model (save_pretrained)")
-    layers = parse_range(cfg.layers, lm.n_layers, "layers")
-    heads = set(parse_range(cfg.heads, lm.n_heads, "heads"))
-    if "message" in cfg.kinds and not getattr(lm.config, "tie_word_embeddings", True):
-        warn("note: input and output embeddings are not tied in this model; messages are compared with the "
-             "INPUT embeddings, which is not what the model's output head reads")
-    result = compute_patterns(cfg, lm, layers, heads)
-    rows, used = result.rows, result.used
-    stage = run.stage()
-    write_csv(stage / "patterns.csv", PATTERNS_HEADER, ([*r[:6], f"{r[6]:.6f}"] for r in rows))
-    write_text(stage / "patterns.md", patterns_markdown(cfg, rows, used))
-    write_csv(stage / "spectrum.csv", ["layer", "head", "kind", "effective_rank", "singular_values"],
+def save(folder, result: PatternsResult, ctx=None) -> list[str]:
+    """patterns.csv, patterns.md and spectrum.csv of ``result`` into ``folder``."""
+    write_csv(folder / "patterns.csv", PATTERNS_HEADER, ([*r[:6], f"{r[6]:.6f}"] for r in result.rows))
+    write_text(folder / "patterns.md", patterns_markdown(result.config, result.rows, result.used))
+    write_csv(folder / "spectrum.csv", ["layer", "head", "kind", "effective_rank", "singular_values"],
               ([layer, h, kind, f"{eff:.4f}", " ".join(f"{v:.5g}" for v in sv)]
                for layer, h, kind, eff, sv in result.spectra))
-    from attnlab.figures.patterns import patterns_figure
+    return ["patterns.csv", "patterns.md", "spectrum.csv"]
 
-    patterns_figure(rows, list(cfg.words), list(cfg.kinds), f"Pattern and message projections: {model_label(cfg.model)}",
-                    stage / "patterns.png")
-    return run.commit(key, config, ["patterns.csv", "patterns.md", "spectrum.csv", "patterns.png"], identity,
-                      model=lm.meta,
-                      tokens_used={w_: p for w_, (_, p) in zip(cfg.words, used)}, top_tokens=top_tokens(rows),
-                      timings={"total_s": round(time.perf_counter() - t0, 3)})
+
+def summary(result: PatternsResult, ctx=None) -> dict:
+    return {"tokens_used": {w: p for w, (_, p) in zip(result.config.words, result.used)},
+            "top_tokens": top_tokens(result.rows)}
 
 
 def top_tokens(rows) -> dict:
@@ -233,36 +194,3 @@ def patterns_markdown(cfg: PatternsConfig, rows, used) -> str:
                     group.setdefault((r[1], r[2]), []).append(f"{r[5]} ({r[6]:.2f})".replace("|", "\\|"))
             md += [f"| {layer} | {h} | {', '.join(v)} |" for (layer, h), v in sorted(group.items())]
     return "\n".join(md) + "\n"
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("patterns", help="pattern/message projections compared with the vocabulary",
-                       description=__doc__.split("Outputs:")[0])
-    add_model_args(p, default_model="bert-base-uncased")
-    p.add_argument("--words", required=True, help="comma-separated words, e.g. couch,dog,run,happy")
-    p.add_argument("--layers", default="all", help="e.g. 0-3 or 0,5,11 (default: all)")
-    p.add_argument("--heads", default="all", help="heads to report (default: all)")
-    p.add_argument("--top-k", type=positive_int, default=15)
-    p.add_argument("--kinds", default="pattern,message", help="pattern, message or both")
-    p.add_argument("--sentence", default=None,
-                   help="use each word's hidden state in this sentence at each layer's input instead of its embedding")
-    p.add_argument("--layernorm", action="store_true",
-                   help="apply each layer's input LayerNorm to the vocabulary (and to embedding inputs)")
-    p.add_argument("--keep-special", action="store_true", help="keep special and [unused] tokens")
-    p.add_argument("--no-subwords", action="store_true", help="drop BERT '##' pieces")
-    p.add_argument("--no-bpe-fragments", action="store_true", help="drop GPT-2 tokens without a leading space")
-    p.add_argument("--no-high-bias", action="store_true", help="drop tokens in the top-k of over half the rows")
-    p.add_argument("--strict", action="store_true", help="refuse words that split into several pieces or are unknown")
-    add_output_args(p)
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    cfg = PatternsConfig(model=args.model, words=tuple(args.words.split(",")), layers=args.layers, heads=args.heads,
-                         top_k=args.top_k, kinds=tuple(k.strip() for k in args.kinds.split(",")),
-                         sentence=args.sentence, layernorm=args.layernorm, keep_special=args.keep_special,
-                         no_subwords=args.no_subwords, no_bpe_fragments=args.no_bpe_fragments,
-                         no_high_bias=args.no_high_bias, strict=args.strict, revision=args.revision, dtype=args.dtype)
-    meta = run_patterns(cfg, args.out, device=args.device, reuse=not args.force)
-    print_wrote(meta, args.out)
-    return 0

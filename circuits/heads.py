@@ -1,0 +1,134 @@
+"""The ``heads`` experiment's science: weight-based, pattern-based and causal scores of every head.
+
+Record: :data:`attnlab.circuits.experiment.HEADS`; figures: :func:`attnlab.figures.heads.plot`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from attnlab.circuits.experiment import HeadsConfig
+from attnlab.circuits.scores import DETECTORS, composition_scores, detector_scores, ov_copying_scores
+from attnlab.core.errors import InputError
+from attnlab.core.extractor import extract_attention
+from attnlab.core.outputs import write_csv
+from attnlab.core.resources import check_fits
+from attnlab.core.weights import head_weights, token_embedding, unembedding
+from attnlab.induction.protocols import make_protocol, token_spec_for
+from attnlab.induction.variants import build_batch, get_variant
+
+COMPOSITION_HEADER = ["layer1", "head1", "layer2", "head2", "kind", "score", "baseline", "baseline_se", "corrected"]
+
+
+@dataclass
+class HeadsResult:
+    """``scores``: {name: [L, H] numpy} for every head; ``composition``: (layer1, head1, layer2, head2, kind,
+    score, baseline, corrected) rows and ``baseline``: {kind: {mean, se, samples, median_corrected}};
+    ``chance``: each detector's uniform-attention level; ``sources``: which embedding and unembedding the OV
+    scores used; ``notes``: what was skipped and why."""
+
+    scores: dict
+    composition: list
+    baseline: dict
+    chance: dict
+    sources: dict
+    notes: list
+
+
+def _specials(protocol) -> dict:
+    spec = protocol.spec
+    return {"cls": spec.cls_id, "sep": spec.sep_id, "mask": None if protocol.causal else protocol.mask_id}
+
+
+def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
+    """Weight-based, pattern-based and (BERT-style masked LMs) causal scores of every head; nothing is written."""
+    notes = []
+    w = head_weights(lm, device="cpu")
+    scores, sources = {}, {}
+    w_e, sources["embedding"] = token_embedding(lm)
+    w_u, sources["unembedding"] = unembedding(lm)
+    if w_u is not None:
+        scores["ov_copying"] = ov_copying_scores(w.W_V, w.W_O, w_e.float().cpu(), w_u.float().cpu()).numpy()
+    else:
+        notes.append(f"ov_copying needs the model's unembedding: {sources['unembedding']} (load a checkpoint with "
+                     "its LM head)")
+    protocol = make_protocol("clean", token_spec_for(lm))
+    variant = get_variant("standard")
+    specials = _specials(protocol)
+    # the other detectors: every query row of a few sequences
+    batch = build_batch(variant, protocol, cfg.detector_trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
+    s = batch.input_ids.shape[1]
+    per_seq = s * s * lm.n_layers * lm.n_heads * 4 * 2
+    check_fits(cfg.detector_trials * per_seq, f"full attention maps of {cfg.detector_trials} sequences of {s} tokens",
+               per_seq, "detector_trials")
+    att = extract_attention(lm, batch.input_ids).attention  # [B, S, L, H, S]: every query row
+    detected = detector_scores(att, batch.input_ids, specials, causal=lm.is_causal,
+                               names=[d for d in DETECTORS if d != "induction_at_mask"])
+    del att
+    if not lm.is_causal:  # induction at the [MASK]: its own, larger set of trials, one query row each
+        task_batch = build_batch(variant, protocol, cfg.trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
+        q = task_batch.mask_index[:, None]
+        rows = extract_attention(lm, task_batch.input_ids, None, q).attention  # [T, 1, L, H, S]
+        detected.update(detector_scores(rows, task_batch.input_ids, specials, causal=False, query_positions=q,
+                                        names=["induction_at_mask"]))
+    chance = {}
+    for name in DETECTORS:
+        if name in detected and np.isfinite(detected[name][1]):
+            scores[name] = detected[name][2].numpy()
+            chance[name] = detected[name][1]
+    has_head = lm.has_lm_head and lm.lm_head() is not None
+    bert_style = lm.arch.bert_layers is not None  # DLA and the scan follow a post-LN BERT-style (masked LM) encoder
+    if has_head and bert_style and not lm.is_causal:
+        from attnlab.circuits.attribution import direct_logit_attribution
+        from attnlab.circuits.tasks import rrt_metrics, rrt_task, scan_rrt
+
+        task = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed)
+        scores["dla"] = direct_logit_attribution(lm, task.ids_second, task.pos_second, task.token).mean(0).numpy()
+        if cfg.ablation:
+            base = rrt_metrics(lm, task)["copying_gain"]
+            scanned = scan_rrt(lm, task, progress=getattr(ctx, "progress", False))
+            delta = np.zeros((lm.n_layers, lm.n_heads))
+            for (layer, head), m in scanned.items():
+                delta[layer, head] = float((m["copying_gain"] - base).mean())
+            scores["ablation_copying_gain"] = delta
+    elif not has_head:
+        notes.append("no LM head: dla and ablation_copying_gain need one and were skipped")
+    else:
+        notes.append(f"dla and ablation_copying_gain follow a BERT-style masked-LM encoder layer by layer; "
+                     f"{lm.model_type} is not one, so they were skipped (the weight and pattern scores are complete)")
+    for name, values in scores.items():
+        if not np.isfinite(values).all():
+            raise InputError(f"model '{lm.name}' gave non-finite {name} scores; its weights may hold NaN or inf")
+    rows, baseline = composition_scores(w, seed=cfg.seed)
+    return HeadsResult(scores, rows, baseline, chance, sources, notes)
+
+
+def save(folder, result: HeadsResult, ctx=None) -> list[str]:
+    """heads.csv (layer, head, score, value) and composition.csv of ``result`` into ``folder``."""
+    layers, heads = next(iter(result.scores.values())).shape
+    rows = [[layer, head, name, f"{values[layer, head]:.6g}"] for name, values in result.scores.items()
+            for layer in range(layers) for head in range(heads)]
+    write_csv(folder / "heads.csv", ["layer", "head", "score", "value"], rows)
+    se = {kind: b["se"] for kind, b in result.baseline.items()}
+    write_csv(folder / "composition.csv", COMPOSITION_HEADER,
+              ([*r[:5], f"{r[5]:.6g}", f"{r[6]:.6g}", f"{se[r[4]]:.3g}", f"{r[7]:.6g}"] for r in result.composition))
+    return ["heads.csv", "composition.csv"]
+
+
+def _top(values, k: int = 5) -> list:
+    flat = np.nan_to_num(values, nan=-np.inf).ravel()
+    order = np.argsort(-flat, kind="stable")[:k]
+    return [[int(i // values.shape[1]), int(i % values.shape[1]), float(values.ravel()[i])] for i in order]
+
+
+def summary(result: HeadsResult, ctx=None) -> dict:
+    comp = sorted(result.composition, key=lambda r: -r[7])[:10]
+    return {"notes": result.notes, "top_heads": {name: _top(v) for name, v in result.scores.items()},
+            "chance": {name: float(f"{c:.6g}") for name, c in result.chance.items()},
+            "ov_sources": result.sources,
+            "composition_baseline": {k: {key: (float(f"{v:.6g}") if isinstance(v, float) else v)
+                                         for key, v in b.items()} for k, b in result.baseline.items()},
+            "top_composition": [{"from": f"L{r[0]}H{r[1]}", "to": f"L{r[2]}H{r[3]}", "kind": r[4],
+                                 "corrected": round(r[7], 4)} for r in comp]}
