@@ -12,8 +12,9 @@ What a run promises:
 - **One run at a time.** An exclusive lock (``.attnlab-lock``, released when the process ends, however it
   ends) is held from opening the folder to the end of the run; a second run into the same folder gets a
   one-line error naming the holder.
-- **Finished means verified.** ``meta.json`` records every output's size and SHA-256; a run is reused
-  only when each output still has them (a truncated or emptied file is recomputed, never served).
+- **Finished means verified.** ``meta.json`` records every output's size and SHA-256 and a digest of itself; a
+  run is reused only when each output and meta.json are as written (a truncated or emptied file, or an edited
+  field, is recomputed, never served).
 - **Only its own files.** A run deletes or replaces only plain files inside its folder whose names it
   validates (:func:`check_name`: no ``/``, no ``..``, no hidden or absolute names), whatever an old
   ``meta.json`` or marker lists; a finished run of another experiment, or of the same experiment in another
@@ -217,9 +218,21 @@ def _plain_file(path: Path) -> bool:
         return False
 
 
+def _meta_digest(meta: dict) -> str:
+    """Digest of a meta.json's content as it is stored (its own ``meta_sha256`` left out)."""
+    import hashlib
+
+    body = {k: v for k, v in meta.items() if k not in ("meta_sha256", "reused")}
+    text = json.dumps(json_safe(body), sort_keys=True, default=str, allow_nan=False)
+    return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True).encode()).hexdigest()
+
+
 def valid_meta(meta) -> bool:
-    """Whether a parsed ``meta.json`` has the fields a finished run needs, of the right types."""
-    if not isinstance(meta, dict):
+    """Whether a parsed ``meta.json`` is a finished run's as it was written: the fields a finished run needs, of the
+    right types, and the digest recorded at commit (so no field was edited or damaged since)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("meta_sha256"), str):
+        return False
+    if meta["meta_sha256"] != _meta_digest(meta):
         return False
     outputs, files = meta.get("outputs"), meta.get("files")
     return (isinstance(meta.get("experiment"), str) and isinstance(meta.get("reuse_key"), str)
@@ -285,9 +298,10 @@ class RunFolder:
     # ---------------------------------------------------------------- holding the folder
 
     def __enter__(self) -> "RunFolder":
-        self._lock = folder_lock(self.path)
+        lock = folder_lock(self.path)
+        lock.__enter__()  # another run holds the folder: its one-line error, and this run touches nothing
+        self._lock = lock
         try:
-            self._lock.__enter__()
             self._recover()
             self._check_owner()
         except BaseException:
@@ -299,11 +313,12 @@ class RunFolder:
         self._release(failed=exc_type is not None)
 
     def _release(self, failed: bool) -> None:
+        if self._lock is None:
+            return
         if failed:
             self._remove_staging()
-        if self._lock is not None:
-            lock, self._lock = self._lock, None
-            lock.__exit__(None, None, None)
+        lock, self._lock = self._lock, None
+        lock.__exit__(None, None, None)
         if failed and self.created and self._only_own_files():
             (self.path / LOCK).unlink(missing_ok=True)
             remove_empty(self.created)
@@ -416,6 +431,7 @@ class RunFolder:
         meta = {"experiment": self.experiment, "config": config, "config_hash": config_hash(config),
                 "reuse_key": key, "identity": identity or {}, "outputs": every, "files": files,
                 "versions": versions(), **extra}
+        meta["meta_sha256"] = _meta_digest(meta)
         write_json(self.path / "meta.json", meta)
         self._unlink_plain(self.path / SWAP_MARKER)
         self._remove_staging()

@@ -239,7 +239,7 @@ def _redraw(exp: Experiment, run, meta: dict) -> dict:
     for name in data:
         (stage / name).unlink()
     keep = {k: meta[k] for k in meta if k not in ("experiment", "config", "config_hash", "reuse_key", "identity",
-                                                  "outputs", "files", "versions", "figures", "render", "reused",
+                                                  "outputs", "files", "versions", "figures", "render", "reused", "meta_sha256",
                                                   "data")}
     new = run.commit(meta["reuse_key"], meta["config"], list(figures.values()), meta.get("identity"), kept=data,
                      data=data, figures=figures, render=render_key(exp), **keep)

@@ -1,4 +1,5 @@
-"""Issue #14 (first part): head ablation through the one hook point, the rrt task and the prefix-reusing scan."""
+"""Causal and weight-based evidence about heads: ablation through the one hook point, the rrt task and the
+prefix-reusing scan, OV copying with the model's own unembedding, composition, pattern detectors, `heads`, `ablate`."""
 
 import copy
 
@@ -363,3 +364,90 @@ def test_heads_and_ablate_commands_end_to_end(tmp_path, bert_tokenizer, capsys):
         rows = list(csv.DictReader(open(tmp_path / f"icl-{mode}" / "ablation.csv")))
         assert [r["metric"] for r in rows] == ["icl_score"] and rows[0]["mode"] == mode
         assert float(rows[0]["delta"]) != 0.0  # the ablation reached the ICL forward passes
+
+
+# ---------------------------------------------------------------- the real embedding and unembedding
+
+
+@pytest.mark.parametrize("family", ["albert", "electra"])
+def test_heads_runs_on_factorised_embeddings(tmp_path, family, bert_tokenizer):
+    """ALBERT and ELECTRA embed tokens in a smaller space and project them up: `heads` used to crash on them.
+    OV copying must use the projected embeddings and the head's own (factorised) read-out."""
+    import transformers
+
+    from attnlab.circuits.experiment import HEADS, HeadsConfig
+    from attnlab.circuits.scores import ov_copying_scores
+    from attnlab.core.runs import run_experiment
+    from attnlab.core.weights import head_weights, token_embedding, unembedding
+
+    def build(vocab):
+        common = dict(vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=48, max_position_embeddings=64)
+        torch.manual_seed(0)
+        return (transformers.AlbertForMaskedLM(transformers.AlbertConfig(**common)) if family == "albert" else
+                transformers.ElectraForMaskedLM(transformers.ElectraConfig(**common))).eval()
+
+    lm = wrap_model(build(bert_tokenizer.vocab_size), tokenizer=bert_tokenizer)
+    meta = run_experiment(HEADS, HeadsConfig(model=family, seq_len=10, trials=2, detector_trials=2), tmp_path, lm=lm)
+    assert "ov_copying" in meta["top_heads"] and "factorised" in meta["ov_sources"]["embedding"]
+    # the slow, obvious reference on a small vocabulary: the full vocab x vocab OV circuit, built densely
+    model = build(150)
+    small = wrap_model(model)
+    w_e, _ = token_embedding(small)
+    w_u, source = unembedding(small)
+    assert w_e.shape == (150, 32) and w_u.shape == (32, 150)
+    w = head_weights(small, dtype=torch.float64)
+    emb = model.base_model.get_input_embeddings().weight.double()
+    proj = (model.base_model.encoder.embedding_hidden_mapping_in if family == "albert" else
+            model.base_model.embeddings_project).weight.double()
+    if family == "albert":
+        read = model.predictions.dense.weight.double().T @ model.predictions.decoder.weight.double().T
+    else:
+        read = model.generator_predictions.dense.weight.double().T @ model.generator_lm_head.weight.double().T
+    circuit = (emb @ proj.T) @ (w.W_V[1, 2] @ w.W_O[1, 2]) @ read  # [vocab, vocab]
+    eig = torch.linalg.eigvals(circuit)
+    expected = (eig.sum().real / eig.abs().sum()).item()
+    got = ov_copying_scores(w.W_V, w.W_O, w_e.double(), w_u.double())[1, 2].item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_an_untied_unembedding_is_the_lm_head_not_the_embeddings(tmp_path):
+    """Llama and GPT-NeoX do not tie their read-out to the input embeddings: OV copying used W_E^T silently."""
+    from families import tiny_family
+
+    from attnlab.circuits.experiment import HEADS, HeadsConfig
+    from attnlab.circuits.scores import ov_copying_scores
+    from attnlab.core.runs import run_experiment
+    from attnlab.core.weights import head_weights, unembedding
+
+    model = tiny_family("gpt_neox")
+    lm = wrap_model(model)
+    w_u, source = unembedding(lm)
+    assert torch.equal(w_u, model.lm_head.weight.detach().T) and "tied" not in source
+    w = head_weights(lm, dtype=torch.float64)
+    emb = model.gpt_neox.embed_in.weight.double()
+    right = ov_copying_scores(w.W_V, w.W_O, emb, model.lm_head.weight.double().T)
+    tied_guess = ov_copying_scores(w.W_V, w.W_O, emb)  # what was computed before
+    meta = run_experiment(HEADS, HeadsConfig(model="neox", seq_len=10, trials=2, detector_trials=2), tmp_path, lm=lm)
+    got = {(a, b): v for a, b, v in meta["top_heads"]["ov_copying"]}
+    for (a, b), v in got.items():
+        assert v == pytest.approx(right[a, b].item(), abs=1e-5)
+    assert (right - tied_guess).abs().max() > 0.05  # the two differ: using the embeddings was wrong
+    assert "LM head" in meta["ov_sources"]["unembedding"]
+    # the encoder alone (no head loaded, untied): no unembedding at hand, so no OV copying score and a note
+    base = wrap_model(model.gpt_neox)
+    assert unembedding(base)[0] is None
+    meta = run_experiment(HEADS, HeadsConfig(model="neox-base", seq_len=10, trials=2, detector_trials=2),
+                          tmp_path / "base", lm=base)
+    assert "ov_copying" not in meta["top_heads"] and any("unembedding" in n for n in meta["notes"])
+
+
+def test_composition_is_not_bounded_by_one_over_sqrt_d_head(minilm):
+    """The README once said a composition score is at most 1/sqrt(rank): only a flat spectrum gives that. On the
+    real MiniLM weights some K-composition scores exceed 1/sqrt(d_head)."""
+    from attnlab.circuits.scores import composition
+    from attnlab.core.weights import head_weights
+
+    w = head_weights(minilm, device="cpu")
+    k_scores = composition((w.W_V[1], w.W_O[1]), (w.W_Q[2], w.W_K[2]), "K")
+    assert k_scores.max().item() > 1.2 / minilm.d_head ** 0.5
