@@ -70,7 +70,7 @@ def composition(ov1, qk_or_ov2, kind: str):
 
 
 def random_baseline(d_model: int, d_head: int, kind: str, *, target_se: float = 0.0, seed: int = 0,
-                    min_samples: int = 256, max_samples: int = 16384, batch: int = 64) -> dict:
+                    min_samples: int = 256, max_samples: int = 4096, batch: int = 64) -> dict:
     """The chance level of a composition score: its mean over random Gaussian factors of the same shapes.
 
     Samples are drawn ``batch`` at a time until the standard error of the mean is at most ``target_se`` (at
@@ -104,12 +104,14 @@ def _pair_scores(v1, o1, a2, b2, kind):
     return num / (factored_norm(v1, o1) * factored_norm(right_a, right_b))
 
 
-def composition_scores(weights, *, relative_se: float = 0.01, seed: int = 0) -> tuple[list, dict]:
+def composition_scores(weights, *, relative_se: float = 0.01, seed: int = 0, max_samples: int = 4096
+                       ) -> tuple[list, dict]:
     """Rows (layer1, head1, layer2, head2, kind, score, baseline, corrected) for every earlier -> later head pair,
     and the baseline of each kind: ``{kind: {"mean", "se", "samples", "median_corrected"}}``.
 
     The random baseline is sampled until its standard error is at most ``relative_se`` of the median absolute
-    corrected score of that kind (or 16384 samples), so the chance level does not move the scores it corrects.
+    corrected score of that kind (or ``max_samples``; the SE is reported either way), so the chance level does not
+    move the scores it corrects.
 
     weights: :class:`attnlab.HeadWeights` (W_Q, W_K, W_V ``[L, H, d, k]``, W_O ``[L, H, k, d]``)."""
     n_layers, n_heads, d_model, d_head = weights.W_Q.shape
@@ -125,7 +127,7 @@ def composition_scores(weights, *, relative_se: float = 0.01, seed: int = 0) -> 
         scores = torch.cat([m.flatten() for _, _, m in raw[kind]]) if raw[kind] else torch.zeros(0)
         first = random_baseline(d_model, d_head, kind, seed=seed, max_samples=256)
         median = float((scores - first["mean"]).abs().median()) if len(scores) else 0.0
-        b = random_baseline(d_model, d_head, kind, target_se=relative_se * median, seed=seed)
+        b = random_baseline(d_model, d_head, kind, target_se=relative_se * median, seed=seed, max_samples=max_samples)
         base[kind] = {**b, "median_corrected": float((scores - b["mean"]).abs().median()) if len(scores) else 0.0}
     rows = []
     for l1 in range(n_layers - 1):

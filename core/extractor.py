@@ -244,6 +244,17 @@ def _never_recorded(lm: LoadedModel, layers: list[int]):
         f"upgrade transformers or use a supported family ({', '.join(SUPPORTED_MODEL_TYPES)})")
 
 
+def _check_finite(lm, attention: torch.Tensor) -> None:
+    """NaN or inf in attention rows comes from the model (NaN or inf weights): say which model and where, rather
+    than let a figure or a histogram fail later."""
+    bad = ~torch.isfinite(attention)
+    if bad.any():
+        where = bad.reshape(-1, *attention.shape[-3:-1], attention.shape[-1]).any(-1).any(0)  # [L, H]
+        layer, head = (int(i) for i in torch.nonzero(where)[0])
+        raise InputError(f"model '{lm.name}' produced non-finite attention (NaN or inf), first in L{layer}H{head}; "
+                         "its weights may hold NaN or inf - check the checkpoint")
+
+
 def extract_attention(
     model,
     input_ids,
@@ -292,9 +303,9 @@ def extract_attention(
 
     starts = range(0, batch, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from attnlab.core.progress import bar
 
-        starts = tqdm(starts, desc="attention", unit="chunk")
+        starts = bar(starts, desc="attention", unit="chunk")
     with torch.inference_mode():
         for start in starts:
             stop = min(start + batch_size, batch)
@@ -331,6 +342,8 @@ def extract_attention(
         for name in ("attention", "scores"):
             if name in out:
                 out[name][padding_rows] = 0
+    if "attention" in out:
+        _check_finite(lm, out["attention"])
     return AttentionRows(
         attention=out.get("attention"),
         scores=out.get("scores"),

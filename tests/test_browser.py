@@ -1,4 +1,4 @@
-"""Issue #17: the interactive report in a real headless browser (Debian's chromium, driven by Playwright).
+"""The interactive views and the report in a real headless browser (Debian's chromium, driven by Playwright).
 
 The page must load with no console errors; hovering a map cell shows the values of scores.csv; clicking it
 draws that head's attention over the tokens; a UMAP point shows its token. Skips, saying how to install the
@@ -142,3 +142,50 @@ def test_view_of_a_causal_run_names_its_query(browser, tmp_path):
     assert {"the repeated token (query)", "prev", "after"} <= set(drawn["marks"])
     assert errors == []
     page.close()
+
+
+HOSTILE = ["</script><script>window.__pwned=1</script>", "<img src=x onerror=\"window.__pwned=2\">",
+           "\u2028x\u2029", "<b>bold</b>&amp;", "';window.__pwned=4;'"]
+
+
+def test_a_hostile_vocabulary_and_model_name_run_no_script(browser, tmp_path, bert_tokenizer):
+    """Everything from a model's files is data: a vocabulary of `</script>` and `onerror=` strings and a model folder
+    named like an <img> tag are shown as text in view.html, index.html and README.md - no script of theirs runs."""
+    from transformers import BertTokenizerFast
+
+    vocab = sorted(bert_tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [tok for tok, _ in vocab]
+    for i in range(2000, 9000):  # ordinary entries, which the clean protocol draws from
+        tokens[i] = f"{HOSTILE[i % len(HOSTILE)]}{i}"
+    tokenizer = BertTokenizerFast(vocab={tok: i for i, tok in enumerate(tokens)})
+    folder = tmp_path / "evil<img src=x onerror=window.__pwned=3>"
+    save_tiny_mlm(folder, tokenizer)
+    run, report = tmp_path / "run", tmp_path / "report"
+    assert main(["induction", "--model", str(folder), "--seq-len", "60", "--trials", "3", "--out", str(run),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["view", str(run)]) == 0
+    assert main(["reproduce", "--out", str(report), "--quick", "--no-progress", "--device", "cpu", "--model",
+                 f"bert={folder}", "--only", "figure7a"]) == 0
+    import re
+
+    readme = (report / "README.md").read_text()
+    prose = re.sub(r"`[^`\n]*`", "", readme)  # code spans are shown literally by every markdown renderer
+    assert "<img" not in prose and "&lt;img" in prose
+    for path in (run / "view.html", report / "index.html"):
+        html = path.read_text()
+        assert "window.__pwned" in html  # the tokens are in the page, as data...
+        assert html.count("<script") == 3  # ...and only attnlab's own script elements exist: plotly, glue, data
+        page, errors = _open(browser, path)
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        at = _cell(page, "attnlab-map-0", 0, 0)
+        page.mouse.click(at["x"], at["y"])  # draws the token view, full of hostile tokens
+        page.wait_for_function("document.getElementById('attnlab-detail-0').classList.contains('js-plotly-plot')",
+                               timeout=5000)
+        tokens = page.evaluate("document.getElementById('attnlab-detail-0').data[0].text")
+        assert any("__pwned" in t for t in tokens)
+        page.mouse.move(at["x"], at["y"] + 1)
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.__pwned") is None and not dialogs and errors == [], (path, errors)
+        assert page.evaluate("document.querySelectorAll('img[onerror]').length") == 0
+        page.close()
