@@ -149,6 +149,28 @@ def reuse_key(config: dict, **identity) -> tuple[str, dict]:
     return digest({"config": config, **identity}), identity
 
 
+def record_source(exp: Experiment) -> str:
+    """Digest of the source files of a record's functions that lie outside attnlab (a plugin's), so that an edited
+    plugin experiment is recomputed; "" for attnlab's own records (``code_fingerprint`` covers them)."""
+    from attnlab.core.provenance import digest, file_digest, package_root
+
+    import inspect
+
+    root = package_root()
+    files = set()
+    for part in ("compute", "save", "summary", "identity", "prepare", "check"):
+        ref = getattr(exp, part)
+        if ref is None:
+            continue
+        try:
+            path = inspect.getsourcefile(_resolve(ref))
+        except TypeError:
+            continue
+        if path and not Path(path).resolve().is_relative_to(root):
+            files.add(str(Path(path).resolve()))
+    return digest({f: file_digest(f) for f in sorted(files)}) if files else ""
+
+
 def render_key(exp: Experiment) -> str:
     from attnlab.core.provenance import render_fingerprint
 
@@ -194,6 +216,9 @@ def run_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, *, de
     slot = {name: config[name] for name in exp.slot}
     with RunFolder(out, exp.name, slot=slot) as run:
         extra = exp.fn("identity")(cfg, ctx) if exp.identity else {}
+        source = record_source(exp)
+        if source:
+            extra["record"] = source
         key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm), **extra)
         meta = run.finished(key) if reuse else None
         if meta is not None:

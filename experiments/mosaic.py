@@ -76,7 +76,7 @@ def write_mosaic(folder: Path, result: MosaicResult) -> list[str]:
     """mosaic.csv, mosaic.json and (when any model ran) mosaic.png and mosaic_summary.png into ``folder``."""
     import numpy as np
 
-    from attnlab.core.models import model_label
+    from attnlab.core.names import model_label
     from attnlab.core.outputs import write_csv, write_json
     from attnlab.figures.heatmap import small_multiples
     from attnlab.figures.mosaic import best_vs_parameters

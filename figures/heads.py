@@ -94,7 +94,7 @@ def _read_scores(path) -> dict:
 
 def plot(folder, meta: dict) -> dict:
     """heads.png and story.png from a heads run's saved heads.csv."""
-    from attnlab.core.models import model_label
+    from attnlab.core.names import model_label
 
     scores = _read_scores(folder / "heads.csv")
     label = model_label(meta["config"]["model"])
@@ -110,7 +110,7 @@ def plot_ablation(folder, meta: dict) -> dict:
     """A scan's layers x heads map of each metric's delta, from its saved ablation.csv (none for a head set)."""
     import csv
 
-    from attnlab.core.models import model_label
+    from attnlab.core.names import model_label
     from attnlab.figures.heatmap import head_heatmap
 
     cfg = meta["config"]

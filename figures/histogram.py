@@ -36,7 +36,8 @@ def plot_icl(folder, meta: dict) -> dict:
     """The ICL run's histogram, from its saved icl.csv and summary: ``{"histogram": file name}``."""
     import csv
 
-    from attnlab.core.models import model_label
+    from attnlab.core.names import model_label
+    from attnlab.experiments.paper import REPORTED_ICL_MEAN
     from attnlab.icl.experiment import LONG, SHORT
 
     with open(folder / "icl.csv", newline="", encoding="utf-8") as fh:
@@ -45,5 +46,5 @@ def plot_icl(folder, meta: dict) -> dict:
     ci = tuple(float("nan") if v is None else v for v in s["ci95"])
     icl_histogram(diffs, s["mean"], ci, f"Loss({SHORT} tokens) - Loss({LONG} tokens), {len(diffs)} trials\n"
                   f"{model_label(cfg['model'])}, protocol {cfg['protocol']}", folder / "icl_histogram.png",
-                  paper_mean=s.get("paper_reported_mean"))
+                  paper_mean=REPORTED_ICL_MEAN if cfg["protocol"] == "paper" else None)
     return {"histogram": "icl_histogram.png"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnlab.core.models import model_label
+from attnlab.core.names import model_label
 from attnlab.figures.heatmap import induction_map
 from attnlab.induction.experiment import figure_name, query_words, target_words
 

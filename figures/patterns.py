@@ -49,7 +49,7 @@ def plot(folder, meta: dict) -> dict:
     """patterns.png from a patterns run's saved patterns.csv: ``{"patterns": file name}``."""
     import csv
 
-    from attnlab.core.models import model_label
+    from attnlab.core.names import model_label
 
     with open(folder / "patterns.csv", newline="", encoding="utf-8") as fh:
         rows = [(r["input"], int(r["layer"]), int(r["head"]), r["kind"], int(r["rank"]), r["token"],

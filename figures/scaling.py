@@ -68,7 +68,7 @@ def _grid(rows, layers: int, heads: int, column: int) -> np.ndarray:
 
 def plot_scaling(folder, meta: dict) -> dict:
     """Figure 2 from a scaling run's saved optima: one map per metric, ``{metric: file name}``."""
-    from attnlab.core.models import model_label
+    from attnlab.core.names import model_label
     from attnlab.geometry.experiment import METRIC_TITLES
 
     cfg = meta["config"]
@@ -91,7 +91,7 @@ def plot_scaling(folder, meta: dict) -> dict:
 
 def plot_umap(folder, meta: dict) -> dict:
     """Figures 3-4 from a UMAP run's saved embeddings: ``{"umap": file name}``."""
-    from attnlab.core.models import model_label
+    from attnlab.core.names import model_label
     from attnlab.geometry.experiment import METRIC_TITLES
 
     cfg = meta["config"]

@@ -44,7 +44,9 @@ class ICLConfig:
 def describe(meta: dict) -> list[str]:
     s = meta["summary"]
     ci = ("95% CI " + " .. ".join(f"{v:.4f}" for v in s["ci95"])) if None not in s["ci95"] else "no CI: 1 trial"
-    paper = f"; the paper reports {s['paper_reported_mean']}" if s.get("paper_reported_mean") is not None else ""
+    from attnlab.experiments.paper import REPORTED_ICL_MEAN
+
+    paper = f"; the paper reports {REPORTED_ICL_MEAN:g}" if s.get("protocol") == "paper" else ""
     return [f"icl: loss(50) - loss(500) = {s['mean']:.4f} ({ci}), n = {s['n']}, improved in "
             f"{100 * s['share_improved']:.0f}% of trials{paper}"]
 

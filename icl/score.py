@@ -25,7 +25,6 @@ from attnlab.core.outputs import write_csv, write_json
 from attnlab.core.stats import bootstrap_ci
 from attnlab.icl.experiment import ICL_PROTOCOLS, LONG, SHORT  # noqa: F401  (the config's constants)
 
-from attnlab.experiments.paper import REPORTED_ICL_MEAN as PAPER_REPORTED_MEAN  # noqa: E402  (the paper's facts)
 
 
 @dataclass
@@ -164,7 +163,7 @@ class ICLResult:
         out = {"mean": float(diff.mean()), "ci95": [lo, hi] if np.isfinite([lo, hi]).all() else [None, None],
                "n": len(diff), "share_improved": float((diff > 0).mean()),
                "std": float(diff.std(ddof=1)) if len(diff) > 1 else None, "protocol": self.protocol,
-               "seed": self.seed, "paper_reported_mean": PAPER_REPORTED_MEAN if self.protocol == "paper" else None}
+               "seed": self.seed}
         if len(diff) < 2:
             out["note"] = "ci95 and std are null: a confidence interval needs at least 2 trials"
         return {**out, **(self.labels or {})}

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built in-process, the real MiniLM weights, the shared corpus."""
+"""Shared builders and fixtures: tiny models built in-process, the real MiniLM weights, the shared corpus, a folder
+of good and broken inputs, and ways to run the command line (in-process and as a subprocess)."""
 
 import copy
 import os
@@ -9,8 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import json
+import shutil
+import sys
+
 import pytest
 import torch
+
+from attnlab.experiments.cli import main  # noqa: E402
 
 SIMPLEWIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "simplewiki" / "articles-400.jsonl.gz"
 
@@ -110,3 +117,97 @@ def write_corpus(path, articles: int = 12, sentences: int = 60, seed: int = 0):
                             for _ in range(sentences))
             fh.write(json.dumps({"id": f"art,{a}", "title": f'Article "{a}", part one', "text": text}) + "\n")
     return path
+
+
+PLUGINS = {
+    "syntax_plugin.py": "def broken(:\n",
+    "import_plugin.py": "import no_such_module_xyz\n",
+    "dup_plugin.py": ("from attnlab.induction import register_variant\n"
+                      "@register_variant('standard', ['prev'])\ndef b(p, t, n, g): pass\n"),
+    "none_plugin.py": ("from attnlab.induction import register_variant\n"
+                       "@register_variant('nonev', ['prev'])\ndef b(p, t, n, g): return None\n"),
+    "shape_plugin.py": ("import torch\nfrom attnlab.induction import register_variant, RRTBatch\n"
+                        "@register_variant('shapev', ['prev'])\ndef b(p, t, n, g):\n    ids, off = p.frame(p.draw(t, n, g))\n"
+                        "    return RRTBatch(ids[:, :3], torch.zeros(t + 1, dtype=torch.long), ids[:, 0], "
+                        "{'prev': torch.zeros(t, dtype=torch.long)})\n"),
+    "past_plugin.py": ("import torch\nfrom attnlab.induction import register_variant, RRTBatch\n"
+                       "@register_variant('pastv', ['prev'])\ndef b(p, t, n, g):\n    ids, off = p.frame(p.draw(t, n, g))\n"
+                       "    return RRTBatch.masked(ids, torch.full((t,), ids.shape[1] + 5), p.mask_id, "
+                       "{'prev': torch.zeros(t, dtype=torch.long)})\n"),
+    "beyond_plugin.py": ("import torch\nfrom attnlab.induction import register_variant, RRTBatch\n"
+                         "@register_variant('beyondv', ['prev'])\ndef b(p, t, n, g):\n    ids, off = p.frame(p.draw(t, n, g))\n"
+                         "    return RRTBatch.masked(ids, torch.full((t,), 2), p.mask_id, "
+                         "{'prev': torch.full((t,), ids.shape[1] + 1)})\n"),
+    "float_plugin.py": ("import torch\nfrom attnlab.induction import register_variant, RRTBatch\n"
+                        "@register_variant('floatv', ['prev'])\ndef b(p, t, n, g):\n    ids, off = p.frame(p.draw(t, n, g))\n"
+                        "    return RRTBatch.masked(ids, torch.full((t,), 2), p.mask_id, {'prev': torch.full((t,), 1.5)})\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, bert_tokenizer):
+    """A folder with good and broken models, corpora and plugins; tests run inside it."""
+    root = tmp_path_factory.mktemp("hardening")
+    save_tiny_mlm(root / "mlm", bert_tokenizer)
+    tiny_bert(masked_lm=True, positions=512).save_pretrained(root / "notok")  # 120-token vocabulary, no tokenizer files
+    shutil.copytree(root / "mlm", root / "trunc")
+    weights = (root / "trunc" / "model.safetensors").read_bytes()
+    (root / "trunc" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    shutil.copytree(root / "mlm", root / "shapes")
+    cfg = json.loads((root / "shapes" / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128)
+    (root / "shapes" / "config.json").write_text(json.dumps(cfg))
+    (root / "empty").mkdir()
+    write_corpus(root / "corpus.jsonl.gz")
+    raw = (root / "corpus.jsonl.gz").read_bytes()
+    (root / "trunc.jsonl.gz").write_bytes(raw[: len(raw) // 2])
+    (root / "gz_named.jsonl").write_bytes(raw)
+    (root / "bad.jsonl").write_text("\n".join([json.dumps({"text": "fine text"})] * 4 + ["{bad json"]) + "\n")
+    (root / "afile").write_text("x")
+    for name, text in PLUGINS.items():
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.fixture
+def inside(work, monkeypatch):
+    monkeypatch.chdir(work)
+    yield work
+    from attnlab.induction.variants import _REGISTRY
+
+    for name in ("nonev", "shapev", "pastv", "beyondv", "floatv"):
+        _REGISTRY.pop(name, None)
+    from attnlab.experiments import cli
+
+    cli._LOADED_PLUGINS.clear()
+
+
+def run_cli(args, capsys):
+    """(exit status, stdout, stderr) of the command line run in-process with ``args``."""
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # argparse rejects a bad value itself (exit 2, usage + one error line)
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def cli_cmd(*args):
+    """The command line as a subprocess's argv (CPU, no progress bars)."""
+    return [sys.executable, "-m", "attnlab.experiments.cli", *map(str, args), "--device", "cpu", "--no-progress"]
+
+
+def cli_env():
+    """The environment of a command-line subprocess: offline, headless."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+
+
+def np_load(path):
+    import numpy as np
+
+    return np.load(path)
+
+
+def cli(*args):
+    """Exit status of the command line run in-process (CPU, no progress bars)."""
+    return main([*map(str, args), "--no-progress", "--device", "cpu"])

@@ -8,9 +8,6 @@ attention rows, the heads' outputs.
 
 import pytest
 import torch
-from conftest import eager_attention, eager_copy
-from families import FAMILIES, VOCAB, tiny_family
-
 from attnlab import extract_attention
 from attnlab.circuits.ablation import head_outputs
 from attnlab.core.activations import attention_inputs
@@ -18,6 +15,8 @@ from attnlab.core.errors import UnsupportedModelError
 from attnlab.core.extractor import pad_sequences
 from attnlab.core.models import check_supported, wrap_model
 from attnlab.core.weights import head_weights
+from conftest import eager_attention, eager_copy
+from families import FAMILIES, VOCAB, tiny_family
 
 
 def _batch(lengths, n_queries, seed):
@@ -236,7 +235,6 @@ def test_heads_runs_on_other_families_and_says_what_it_skipped(tmp_path, bert_to
     """`heads` on a RoBERTa masked LM (BERT-style layers: every score, DLA included) and on a Llama (weight and
     pattern scores; DLA and the scan are skipped with the reason)."""
     import transformers
-
     from attnlab.circuits.experiment import HEADS, HeadsConfig
     from attnlab.core.runs import run_experiment
 
@@ -257,7 +255,6 @@ def test_electra_discriminator_loads_as_encoder_and_has_no_masked_lm_head(tmp_pa
     """An ELECTRA discriminator checkpoint reads as an encoder; asking it for the masked-LM head (the
     generator's) is a MissingHeadError, not a randomly initialised head. The generator loads with its head."""
     import transformers
-
     from attnlab.core.errors import MissingHeadError
     from attnlab.core.models import load_model
 

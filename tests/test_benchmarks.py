@@ -1,4 +1,4 @@
-"""The roofline arithmetic of benchmarks/ (issue #16): FLOPs counted by torch against the analytic count of a
+"""The roofline arithmetic of benchmarks/: FLOPs counted by torch against the analytic count of a
 BERT forward pass, which also proves that the extractor stops after the last layer's queries and keys."""
 
 import sys
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import eager_copy, tiny_bert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

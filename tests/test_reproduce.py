@@ -1,14 +1,15 @@
 """``attnlab reproduce --quick`` end to end, every model role substituted by a tiny local model."""
 
+import csv
 import gzip
 import json
 import random
 
+import numpy as np
 import pytest
-from conftest import minilm_dir, tiny_bert, tiny_gpt2
-
 from attnlab.experiments.cli import main
 from attnlab.experiments.reproduce import ROLES, jobs
+from conftest import cli, minilm_dir, save_tiny_mlm, tiny_bert, tiny_gpt2
 
 WORDS = ("the cat dog house river city music people water history science small large old new green "
          "mountain school family language animal").split()
@@ -51,6 +52,7 @@ def _args(models, corpus, out, **override):
     return args
 
 
+@pytest.mark.slow
 def test_reproduce_quick_writes_every_figure_and_report(tmp_path, local_models):
     models, corpus = local_models
     out = tmp_path / "paper"
@@ -132,9 +134,8 @@ def test_captions_name_the_model_used_and_reuse_tracks_its_content(tmp_path, loc
     scores = out / "runs" / "induction_bert_large" / "scores.csv"
     first = scores.read_bytes()
     # overwrite the folder with another model: the rerun must not serve the old maps
-    from conftest import save_tiny_mlm
-
     from attnlab.core.models import load_tokenizer
+    from conftest import save_tiny_mlm
 
     save_tiny_mlm(one, load_tokenizer(str(models["bert"])), layers=4, heads=2, seed=9)
     assert main(args) == 0
@@ -148,3 +149,31 @@ def test_bad_role_and_figure_are_rejected(tmp_path, capsys):
     assert "unknown model role 'gpt3'" in capsys.readouterr().err
     assert main(["reproduce", "--out", str(tmp_path), "--only", "figure42"]) == 2
     assert "unknown figure id(s) figure42" in capsys.readouterr().err
+
+
+def test_share_of_r0_trials_is_reported(tmp_path, bert_tokenizer):
+    from attnlab.experiments.report import FigureResult, _top_table
+
+    folder = save_tiny_mlm(tmp_path / "m", bert_tokenizer)
+    assert cli("induction", "--model", folder, "--protocol", "paper", "--trials", 40, "--seq-len", 20,
+                "--out", tmp_path / "p") == 0
+    z = np.load(tmp_path / "p" / "trials.npz")
+    share = float(z["quirk"].mean())
+    assert share > 0  # 40 trials of r uniform in [0, 19]: some r = 0 trials (seeded)
+    assert (z["mask_index"][z["quirk"]] == 20).all() and (z["target_index_prev"][z["quirk"]] == 0).all()
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    assert all(float(r["share_r0"]) == pytest.approx(share) for r in rows)
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    r = FigureResult("figure7a", "", "j", "bert", "m", meta=meta, target="prev")
+    header, table, note = _top_table(r)
+    assert "SEM" in header and f"{share:.0%} of the trials are the paper protocol's r = 0 case" in note
+
+
+def test_quick_reproduce_uses_the_clean_protocol():
+    from pathlib import Path
+
+    from attnlab.experiments.reproduce import Settings, jobs
+
+    job = next(j for j in jobs() if j.name == "induction_standard")
+    assert job.config(Settings(out=Path("x"), quick=True), "m", {}).protocol == "clean"
+    assert job.config(Settings(out=Path("x"), quick=False), "m", {}).protocol == "paper"

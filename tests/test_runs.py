@@ -1,25 +1,32 @@
 """Run folders and the one runner: reuse keyed on what determines a result, verified outputs, one run at a time,
 nothing touched outside the folder or another run's files, nothing left behind by a failed run."""
 
+import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_tiny_mlm
-from planted import planted_lag_bert
-
 from attnlab.core.models import wrap_model
 from attnlab.core.runs import run_experiment
 from attnlab.experiments.cli import main
 from attnlab.induction.experiment import INDUCTION, InductionConfig
-
-
-def _cli(*args):
-    return main([*map(str, args), "--no-progress", "--device", "cpu"])
+from conftest import (
+    cli,
+    cli_cmd,
+    cli_env,
+    np_load,
+    run_cli,
+    save_tiny_mlm,
+    write_corpus,
+)
+from planted import planted_lag_bert
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +163,14 @@ def test_a_staging_folder_that_is_a_symlink_is_removed_not_followed(tmp_path, lm
 
 def test_a_failed_command_leaves_no_folder_it_created(tmp_path, capsys):
     out = tmp_path / "new" / "deeper"
-    assert _cli("induction", "--model", tmp_path / "no-such-model", "--out", out) == 2
+    assert cli("induction", "--model", tmp_path / "no-such-model", "--out", out) == 2
     assert not (tmp_path / "new").exists()
     existing = tmp_path / "existing"
     existing.mkdir()
-    assert _cli("induction", "--model", tmp_path / "no-such-model", "--out", existing) == 2
+    assert cli("induction", "--model", tmp_path / "no-such-model", "--out", existing) == 2
     # an existing folder stays, without a file of the failed run (its hidden run lock may stay, as lock files do)
     assert existing.is_dir() and [p.name for p in existing.iterdir()] in ([], [".attnlab-lock"])
-    assert _cli("reproduce", "--only", "figure99", "--out", tmp_path / "r") == 2 and not (tmp_path / "r").exists()
+    assert cli("reproduce", "--only", "figure99", "--out", tmp_path / "r") == 2 and not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------- one run at a time
@@ -224,7 +231,7 @@ def test_meta_json_fields_of_any_type_never_give_a_traceback(tmp_path, bert_toke
     folder = save_tiny_mlm(tmp_path / "m", bert_tokenizer, layers=2, heads=2)
     out = tmp_path / "run"
     args = ("induction", "--model", folder, "--trials", 2, "--seq-len", 10, "--out", out)
-    assert _cli(*args) == 0
+    assert cli(*args) == 0
     good = json.loads((out / "meta.json").read_text())
     bad_metas = [dict(good, **{field: value}) for field in FIELDS for value in VALUES]
     for bad in bad_metas:
@@ -240,7 +247,7 @@ def test_meta_json_fields_of_any_type_never_give_a_traceback(tmp_path, bert_toke
         assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, (bad, err)
     for bad in bad_metas[::17]:  # a few reruns end to end: recomputed, never a traceback
         (out / "meta.json").write_text(json.dumps(bad))
-        rc = _cli(*args)
+        rc = cli(*args)
         err = capsys.readouterr().err
         assert rc in (0, 2) and "Traceback" not in err, err
         assert rc == 2 or json.loads((out / "meta.json").read_text())["config"]["trials"] == 2
@@ -260,3 +267,195 @@ def test_meta_json_fields_of_any_type_never_give_a_traceback(tmp_path, bert_toke
         if meta.is_dir():
             meta.rmdir()
         meta.write_text(json.dumps(good))
+
+
+def _kill_when(proc, path: Path, sig, timeout=120):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and proc.poll() is None:
+        if path.exists():
+            proc.send_signal(sig)
+            break
+        time.sleep(0.005)
+    return proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("experiment, sig", [("induction", signal.SIGKILL), ("induction", signal.SIGINT),
+                                             ("icl", signal.SIGKILL)])
+def test_interrupted_rerun_never_mixes_two_runs(inside, capsys, experiment, sig):
+    out = inside / f"int-{experiment}-{int(sig)}"
+    if experiment == "induction":
+        base = ["induction", "--model", "mlm", "--seq-len", "10", "--out", out]
+        first, marker, table, n_col = [*base, "--trials", "2"], "scores.csv", "scores.csv", "n_trials"
+        second = [*base, "--trials", "3"]
+    else:
+        base = ["icl", "--model", "mlm", "--corpus", "corpus.jsonl.gz", "--out", out]
+        first, marker, table, n_col = [*base, "--trials", "2"], "icl.csv", "icl.csv", None
+        second = [*base, "--trials", "3"]
+    assert main([*map(str, first), "--device", "cpu", "--no-progress"]) == 0
+    before = (out / table).read_bytes()
+    (out / ".induction_standard_prev.png.x1y2.attnlab-tmp.png").write_bytes(b"stale")  # a killed write's leftover
+    proc = subprocess.Popen(cli_cmd(*second), cwd=inside, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    rc = _kill_when(proc, out / ".attnlab-staging" / marker, sig)
+    err = proc.stderr.read()
+    if sig == signal.SIGINT:
+        assert rc == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    else:
+        assert rc == -signal.SIGKILL
+    assert (out / table).read_bytes() == before  # the finished run is untouched
+    capsys.readouterr()
+    assert main([*map(str, first), "--device", "cpu", "--no-progress"]) == 0
+    assert "reused finished run" in capsys.readouterr().out
+    assert not list(out.glob(".*attnlab-tmp*")) and not (out / ".attnlab-staging").exists()
+    rows = list(csv.DictReader(open(out / table)))
+    summary = json.loads((out / "meta.json").read_text())
+    if n_col:
+        assert {r[n_col] for r in rows} == {"2"}
+    else:
+        assert len(rows) == 2 == summary["summary"]["n"]
+
+
+def test_interrupted_swap_is_rolled_back(tmp_path):
+    from attnlab.core.outputs import SWAP_MARKER, RunFolder
+
+    (tmp_path / "scores.csv").write_text("half of a new run")
+    (tmp_path / "old.png").write_text("from the run before")
+    (tmp_path / SWAP_MARKER).write_text(json.dumps({"files": ["scores.csv", "old.png"]}))  # meta.json already gone
+    with RunFolder(tmp_path, "induction"):
+        pass
+    assert not (tmp_path / "scores.csv").exists() and not (tmp_path / "old.png").exists()
+    assert not (tmp_path / SWAP_MARKER).exists()
+
+
+def test_edited_plugin_is_not_reused(inside):
+    plugin = inside / "edited_plugin.py"
+    source = (Path(__file__).resolve().parents[1] / "examples" / "gap_variant.py").read_text()
+    plugin.write_text(source)
+    out = inside / "plugin-run"
+    cmd = cli_cmd("--plugin", plugin, "induction", "--model", "mlm", "--variant", "gap", "--seq-len", 12,
+                   "--trials", 3, "--out", out)
+    first = subprocess.run(cmd, cwd=inside, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(cmd, cwd=inside, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert "reused finished run" in again.stdout
+    before = np_load(out / "trials.npz")["input_ids"].shape
+    plugin.write_text(source.replace("GAP = 10", "GAP = 4"))  # the builder changed
+    edited = subprocess.run(cmd, cwd=inside, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert edited.returncode == 0 and "reused" not in edited.stdout
+    assert np_load(out / "trials.npz")["input_ids"].shape[1] == before[1] - 6
+
+
+def test_another_experiment_in_the_same_folder_is_refused(inside, capsys):
+    out = inside / "shared-out"
+    assert run_cli(["induction", "--model", "mlm", "--out", str(out), "--trials", "2", "--seq-len", "10",
+                 "--device", "cpu", "--no-progress"], capsys)[0] == 0
+    files = sorted(p.name for p in out.iterdir())
+    rc, _, err = run_cli(["icl", "--model", "mlm", "--corpus", "corpus.jsonl.gz", "--out", str(out), "--trials", "2",
+                       "--device", "cpu"], capsys)
+    assert rc == 2 and "holds a finished 'induction' run" in err
+    assert sorted(p.name for p in out.iterdir()) == files
+
+
+def test_a_run_of_another_variant_never_deletes_the_first_runs_files(inside, capsys):
+    """Before, a `triple` run into a folder holding a `standard` run silently deleted the standard files."""
+    out = inside / "variants-out"
+    common = ["--model", "mlm", "--out", str(out), "--trials", "2", "--seq-len", "10", "--device", "cpu", "--no-progress"]
+    assert run_cli(["induction", "--variant", "standard", *common], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    for extra in ([], ["--force"]):
+        rc, _, err = run_cli(["induction", "--variant", "triple", *common, *extra], capsys)
+        assert rc == 2 and "variant 'standard'" in err and "another folder" in err and err.count("\n") == 1
+        assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
+    rc, out_text, _ = run_cli(["induction", "--variant", "standard", *common, "--force"], capsys)
+    assert rc == 0 and out_text.splitlines()[-1].startswith("wrote") and "meta.json" in out_text
+
+
+def _layers_heads(path):
+    rows = list(csv.DictReader(open(path / "scores.csv")))
+    return {int(r["layer"]) for r in rows}, {int(r["head"]) for r in rows}
+
+
+def test_overwritten_model_folder_is_not_reused(tmp_path, bert_tokenizer, capsys):
+    folder, out = tmp_path / "model", tmp_path / "run"
+    args = ["induction", "--model", folder, "--trials", 2, "--seq-len", 10, "--out", out]
+    save_tiny_mlm(folder, bert_tokenizer, layers=2, heads=2)
+    assert cli(*args) == 0 and _layers_heads(out) == ({0, 1}, {0, 1})
+    save_tiny_mlm(folder, bert_tokenizer, layers=4, heads=4, seed=1)  # another model, same folder
+    capsys.readouterr()
+    assert cli(*args) == 0
+    assert capsys.readouterr().out.startswith("induction: ") and _layers_heads(out) == ({0, 1, 2, 3}, {0, 1, 2, 3})
+    assert cli(*args) == 0 and "reused finished run" in capsys.readouterr().out  # unchanged now: reused
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["identity"]["model"].startswith("folder:") and "attnlab" in meta["identity"]
+
+
+def test_edited_corpus_and_new_attnlab_are_not_reused(tmp_path, bert_tokenizer, monkeypatch, capsys):
+    from attnlab.core import provenance
+
+    folder, corpus, out = save_tiny_mlm(tmp_path / "m", bert_tokenizer), tmp_path / "c.jsonl.gz", tmp_path / "g"
+    write_corpus(corpus)
+    args = ["geometry", "scaling", "--model", folder, "--corpus", corpus, "--sentences", 6, "--bootstrap", 0,
+            "--no-continuous", "--out", out]
+    assert cli(*args) == 0
+    assert cli(*args) == 0 and "reused finished run" in capsys.readouterr().out
+    before = json.loads((out / "sentences.json").read_text())
+    write_corpus(corpus, seed=1)  # same name, other text
+    assert cli(*args) == 0 and "reused" not in capsys.readouterr().out
+    assert json.loads((out / "sentences.json").read_text()) != before
+    monkeypatch.setattr(provenance, "code_fingerprint", lambda: "9.9.9+other")
+    assert cli(*args) == 0 and "reused" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_outputs_respect_the_umask(tmp_path, umask, mode):
+    from attnlab.core.models import wrap_model
+    from attnlab.core.runs import run_experiment
+    from attnlab.induction.experiment import INDUCTION, InductionConfig
+    from planted import planted_lag_bert
+
+    old = os.umask(umask)
+    try:
+        meta = run_experiment(INDUCTION, InductionConfig(model="planted", trials=2, seq_len=10), tmp_path,
+                             lm=wrap_model(planted_lag_bert(lag=10, heads=2)))
+    finally:
+        os.umask(old)
+    for name in meta["outputs"] + ["meta.json"]:
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_a_new_experiment_is_one_science_module_and_one_record(tmp_path, bert_tokenizer, capsys):
+    """The worked example of docs/experiments.md, end to end: a plugin file registers a record; the command line
+    gains a subcommand with generated options, the runner gives it a run folder, reuse (keyed on the plugin's own
+    source too) and meta.json."""
+    from pathlib import Path
+
+    from attnlab.core import runs
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "entropy_experiment.py"
+    plugin = tmp_path / "entropy_plugin.py"
+    plugin.write_text(example.read_text())
+    folder = save_tiny_mlm(tmp_path / "m", bert_tokenizer, layers=2, heads=2)
+    out = tmp_path / "run"
+    args = ["--plugin", str(plugin), "entropy", "--model", str(folder), "--trials", "3", "--seq-len", "10",
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    try:
+        assert main(args) == 0
+        text = capsys.readouterr().out
+        assert "entropy: sharpest head L" in text and "uniform attention: 3.091" in text  # log(22)
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["experiment"] == "entropy" and meta["identity"]["record"] and "entropy.csv" in meta["outputs"]
+        assert main(args) == 0 and "reused finished run" in capsys.readouterr().out
+        plugin.write_text(example.read_text().replace("1e-30", "1e-29"))  # the science changed
+        from attnlab.experiments import cli
+
+        cli._LOADED_PLUGINS.clear()
+        runs._PLUGIN_RECORDS.clear()
+        assert main(args) == 0 and "reused" not in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            main(["--plugin", str(plugin), "entropy", "--help"])
+        assert "(default: 16)" in capsys.readouterr().out
+    finally:
+        runs._PLUGIN_RECORDS.clear()
+        from attnlab.experiments import cli
+
+        cli._LOADED_PLUGINS.clear()

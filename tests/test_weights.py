@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
-
 from attnlab import extract_attention, head_weights
 from attnlab.core.activations import attention_inputs
 from attnlab.core.models import wrap_model
+from conftest import tiny_bert, tiny_gpt2
 
 
 def _attention_inputs(lm, ids):

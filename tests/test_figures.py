@@ -1,0 +1,52 @@
+"""Figures at the pixel level: what a reader sees on the fixed and auto-scaled panels, the ICL histogram's marks."""
+
+import numpy as np
+
+
+def _pixel(fig, ax, layer, head, dx=0.15):
+    """RGB of a cell near its left edge (clear of the annotation text), in display coordinates."""
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    x, y = ax.transData.transform((head + dx, layer + 0.5))
+    return rgba[int(rgba.shape[0] - y), int(x), :3].astype(int)
+
+
+def test_planted_map_is_visible_on_both_panels_and_weak_maps_on_the_companion():
+    """Image-level checks of the induction figure: a planted head is dark on the fixed 0-1 panel; a weak map
+    (values of a few thousandths) is blank there but shows its strongest head on the auto-scaled panel."""
+    from attnlab.figures.heatmap import induction_map
+
+    planted = np.full((3, 4), 0.01)
+    planted[1, 2] = 0.95
+    fig = induction_map(planted, np.full((3, 4), 0.01), "planted")
+    fig.canvas.draw()
+    fixed, auto = [ax for ax in fig.axes if ax.get_xlabel() == "Head"]
+    assert _pixel(fig, fixed, 1, 2).sum() < 250 and _pixel(fig, fixed, 0, 0).sum() > 700  # dark vs near white
+    weak = np.full((3, 4), 0.002)
+    weak[2, 3] = 0.006
+    fig = induction_map(weak, np.full((3, 4), np.nan), "weak", outline=[(2, 3)])
+    fig.canvas.draw()
+    fixed, auto = [ax for ax in fig.axes if ax.get_xlabel() == "Head"]
+    assert _pixel(fig, fixed, 2, 3).sum() > 700  # invisible on the paper's scale...
+    assert _pixel(fig, auto, 2, 3).sum() < 250 and _pixel(fig, auto, 0, 0).sum() > 700  # ...clear on the companion
+    texts = [t.get_text() for t in fixed.texts]
+    assert "0.006" in texts  # the named heads annotated (no SEM when unknown)
+    fig = induction_map(weak, np.full((3, 4), np.nan), "weak", finding="no head passes the verdict")
+    assert not fig.axes[0].texts and not fig.axes[0].patches  # nothing named: nothing outlined
+    assert "no head passes the verdict" in fig._suptitle.get_text()
+
+
+def test_icl_histogram_has_integer_counts_ci_lines_and_the_paper_mean():
+    from attnlab.figures.histogram import icl_histogram
+
+    fig = icl_histogram(np.array([0.1, 0.2, 0.25, 0.4, 0.3]), 0.25, (0.15, 0.35), "t", None, paper_mean=0.23)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    assert all(float(t).is_integer() for t in ticks)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "paper's mean 0.23" in labels and any(lab.startswith("95% CI") for lab in labels)
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 2  # the CI as two lines, not a band
+    from matplotlib.patches import Polygon
+
+    assert not any(isinstance(p, Polygon) for p in ax.patches)
