@@ -96,7 +96,7 @@ def offline(args):
     t = time.perf_counter()
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     total = time.perf_counter() - t
-    print(run.stdout.splitlines()[0] if run.stdout else run.stderr[-500:])
+    print(run.stdout.rstrip() if run.stdout else run.stderr[-500:])
     print(f"offline reproduce {'--quick ' if args.quick else ''}on {args.device}: {total:.0f} s wall "
           f"(process start and imports included), exit {run.returncode}")
     for meta_path in sorted(Path(args.out, "runs").glob("*/meta.json")):

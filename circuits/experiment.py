@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnlab.core.config import check_choice, check_whole, option
+from attnlab.core.config import check_fields, option
 from attnlab.core.corpus import DEFAULT_CORPUS
 from attnlab.core.errors import InputError
 from attnlab.core.runs import Experiment
-from attnlab.icl.experiment import CORPUS_HELP
-from attnlab.induction.experiment import DTYPES, dtype_option, model_option, revision_option
+from attnlab.icl.experiment import CORPUS_HELP, check_icl_fits
+from attnlab.induction.experiment import dtype_option, model_option, revision_option
 
 MODES = ("zero", "mean", "resample")
 TASKS = ("rrt", "icl")
@@ -36,10 +36,7 @@ class HeadsConfig:
     dtype: str = dtype_option()
 
     def __post_init__(self):
-        check_whole(self.trials, "trials", 2)
-        check_whole(self.detector_trials, "detector_trials")
-        check_whole(self.seq_len, "seq_len", 3)
-        check_choice(self.dtype, DTYPES, "dtype")
+        check_fields(self)
         _check_rrt_fits(self.trials, self.seq_len, 8, f"{self.trials} rrt trials of n = {self.seq_len}")
 
 
@@ -59,8 +56,6 @@ class AblationConfig:
     dtype: str = dtype_option()
 
     def __post_init__(self):
-        check_choice(self.task, TASKS, "task")
-        check_choice(self.dtype, DTYPES, "dtype")
         if self.mode not in MODES[:2]:
             raise InputError(f"mode {self.mode!r} is not available here; use zero or mean (resample: the Python API)")
         if not isinstance(self.heads, str):
@@ -71,15 +66,11 @@ class AblationConfig:
             raise InputError("scan runs the rrt task (its prefix reuse needs one fixed batch); use task rrt")
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 2:
             raise InputError(f"trials must be at least 2 (a confidence interval needs two), got {self.trials}")
-        check_whole(self.seq_len, "seq_len", 3)
+        check_fields(self)
         if self.task == "rrt":
             _check_rrt_fits(self.trials, self.seq_len, 8, f"{self.trials} rrt trials of n = {self.seq_len}")
         else:
-            from attnlab.core.resources import check_fits
-            from attnlab.icl.experiment import LONG, SHORT
-
-            per_trial = (LONG + SHORT) * 8 * 4
-            check_fits(self.trials * per_trial, f"{self.trials} ICL trials", per_trial, "trials")
+            check_icl_fits(self.trials)
 
 
 def describe_heads(meta: dict) -> list[str]:
@@ -136,7 +127,7 @@ composition.csv (layer1, head1, layer2, head2, kind, score, baseline, baseline_s
 every earlier head with every later head, the random-matrix baseline subtracted.
 heads.png: one layers x heads map per score. story.png (after Olsson et al.): per head, induction at [MASK] (x)
 against OV copying (y), coloured by the ablation delta (else DLA).""",
-    compute="attnlab.circuits.heads:compute", save="attnlab.circuits.heads:save",
+    check="attnlab.circuits.heads:check", compute="attnlab.circuits.heads:compute", save="attnlab.circuits.heads:save",
     summary="attnlab.circuits.heads:summary", plot="attnlab.figures.heads:plot", describe=describe_heads,
     lm_head="optional",
 )

@@ -42,6 +42,17 @@ def _specials(protocol) -> dict:
     return {"cls": spec.cls_id, "sep": spec.sep_id, "mask": None if protocol.causal else protocol.mask_id}
 
 
+def check(cfg: HeadsConfig, lm, ctx=None) -> None:
+    """Before anything is built: the sequences fit the model, and the detectors' full attention maps fit in memory."""
+    from attnlab.induction.variants import check_length
+
+    protocol = make_protocol("clean", token_spec_for(lm))
+    s = check_length(get_variant("standard"), protocol, cfg.seq_len, lm.max_positions)
+    per_seq = s * s * lm.n_layers * lm.n_heads * 4 * 2
+    check_fits(cfg.detector_trials * per_seq, f"full attention maps of {cfg.detector_trials} sequences of {s} tokens",
+               per_seq, "detector_trials")
+
+
 def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
     """Weight-based, pattern-based and (BERT-style masked LMs) causal scores of every head; nothing is written."""
     notes = []
@@ -58,11 +69,8 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
     variant = get_variant("standard")
     specials = _specials(protocol)
     # the other detectors: every query row of a few sequences
+    check(cfg, lm)
     batch = build_batch(variant, protocol, cfg.detector_trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
-    s = batch.input_ids.shape[1]
-    per_seq = s * s * lm.n_layers * lm.n_heads * 4 * 2
-    check_fits(cfg.detector_trials * per_seq, f"full attention maps of {cfg.detector_trials} sequences of {s} tokens",
-               per_seq, "detector_trials")
     att = extract_attention(lm, batch.input_ids).attention  # [B, S, L, H, S]: every query row
     detected = detector_scores(att, batch.input_ids, specials, causal=lm.is_causal,
                                names=[d for d in DETECTORS if d != "induction_at_mask"])

@@ -136,6 +136,24 @@ def config_from_args(config_type, args, **overrides):
     return config_type(**values)
 
 
+def check_fields(obj) -> None:
+    """The checks a config's fields declare, for configs built in Python as for the command line: a value among
+    the field's ``choices``; a whole number (not a bool) of at least ``minimum`` for int fields that state one; a
+    number for float fields. One-line errors that name the field."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        meta, value = _meta(f), getattr(obj, f.name)
+        kind, optional = _base_type(hints[f.name])
+        if value is None and (optional or f.default is None):
+            continue
+        if meta.get("choices"):
+            check_choice(value, meta["choices"], f.name.replace("_", " "))
+        if kind is int and meta.get("minimum") is not None:
+            check_whole(value, f.name, meta["minimum"])
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"{f.name} must be a number, got {value!r}")
+
+
 def check_choice(value, choices, what: str) -> None:
     """A one-line error for a value outside ``choices`` (configs built in Python get the same check as the CLI)."""
     if value not in choices:

@@ -162,8 +162,10 @@ def _command_of(argv: list[str]) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The error and its advice as one line, sentences kept apart."""
+    message = " ".join(str(exc).split())
     advice = getattr(exc, "advice", None)
-    return " ".join(str(exc).split()) + (f" {advice}" if advice else "")
+    return f"{message.rstrip('.')}. {advice}" if advice else message
 
 
 def main(argv: list[str] | None = None) -> int:

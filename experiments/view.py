@@ -1,10 +1,13 @@
 """Interactive, self-contained views of finished runs: ``attnlab view RUN_DIR`` and the report's index.html.
 
-An induction map becomes a plotly heatmap: hovering a cell shows layer, head, mean, SEM and the number of
-trials; clicking it draws that head's attention from the [MASK] query over every token of a few trials (the
-bertviz idea, from the rows ``trials.npz`` keeps), with the masked position and the targets marked. A UMAP
-run becomes a scatter of its framed panel with each point's token on hover. plotly.js is embedded once per
-page: no network, no CDN. The only hand-written JavaScript is the click handler that draws the token view.
+An induction map becomes a plotly heatmap: hovering a cell shows layer, head, mean, SEM, null, lift, chance,
+the number of trials and whether the verdict names the head; clicking it draws that head's attention from the
+query over every token of a few trials (the bertviz idea, from the rows ``trials.npz`` keeps), with the query
+and the targets marked. A UMAP run becomes a scatter of its framed panel with each point's token on hover.
+plotly.js is embedded once per page: no network, no CDN. The only hand-written JavaScript (the click handler
+that draws the token view) is ``experiments/static/view.js``, shipped as package data. Every string from a
+model's files, a corpus or a plugin enters the page through :func:`script_json` (and :func:`plot_text` for
+what plotly draws as text), so it is shown, never run. Only finished, intact runs are shown.
 
 Data in the page: maps from ``meta.json`` (what ``scores.csv`` holds, 6 significant digits); attention rows
 quantised to 1/255 (a drawing, not a measurement) and base64-encoded.

@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from attnlab.core.config import check_choice, check_whole, option
+from attnlab.core.config import check_fields, option
 from attnlab.core.corpus import DEFAULT_CORPUS
 from attnlab.core.errors import InputError
 from attnlab.core.runs import Experiment
 from attnlab.icl.experiment import CORPUS_HELP, prepare_corpus
-from attnlab.induction.experiment import DTYPES, dtype_option, model_option, revision_option
+from attnlab.induction.experiment import dtype_option, model_option, revision_option
 
 PAPER_CONSTANTS = (0.2, 0.4, 0.8, 1.0, 1.25, 2.5, 5.0)
 UMAP_CONSTANTS = (0.2, 0.4, 1.0, 1.25, 2.5, 5.0)
@@ -68,13 +68,9 @@ class GeometryConfig:
     bootstrap: int = option(20, "sentence resamples for the stability of each optimum (0 skips)", minimum=0)
 
     def __post_init__(self):
-        check_choice(self.protocol, GEOMETRY_PROTOCOLS, "geometry protocol")
-        check_choice(self.dtype, DTYPES, "dtype")
-        check_whole(self.sentences, "sentences")
+        check_fields(self)
         if self.min_tokens < 2 or self.max_tokens < self.min_tokens:
             raise InputError(f"need 2 <= min_tokens <= max_tokens, got {self.min_tokens} and {self.max_tokens}")
-        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 0:
-            raise InputError(f"bootstrap must be >= 0 resamples, got {self.bootstrap}")
         self.constants = check_constants(self.constants)
 
 
@@ -93,9 +89,6 @@ class UMAPConfig(GeometryConfig):
     def __post_init__(self):
         super().__post_init__()
         self.umap_constants = check_constants(self.umap_constants, "UMAP constants")
-        check_choice(self.metric, METRICS, "metric")
-        if self.max_points < 10:
-            raise InputError(f"max_points must be at least 10, got {self.max_points}")
         for name in ("layer", "head"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -130,8 +123,7 @@ class PatternsConfig:
         self.kinds = tuple(k.strip() for k in ((self.kinds,) if isinstance(self.kinds, str) else self.kinds))
         if not self.kinds or any(k not in KINDS for k in self.kinds):
             raise InputError(f"kinds takes {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
-        check_whole(self.top_k, "top_k")
-        check_choice(self.dtype, DTYPES, "dtype")
+        check_fields(self)
 
 
 def _corpus_identity(cfg, ctx) -> dict:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnlab.core.config import check_choice, check_whole, option
+from attnlab.core.config import check_fields, option
 from attnlab.core.corpus import DEFAULT_CORPUS
 from attnlab.core.runs import Experiment
-from attnlab.induction.experiment import DTYPES, dtype_option, model_option, revision_option
+from attnlab.induction.experiment import dtype_option, model_option, revision_option
 
 LONG, SHORT = 500, 50
 ICL_PROTOCOLS = ("masked-token", "paper")
@@ -31,14 +31,16 @@ class ICLConfig:
     dtype: str = dtype_option()
 
     def __post_init__(self):
-        from attnlab.core.resources import check_fits
+        check_fields(self)
+        check_icl_fits(self.trials)
 
-        check_choice(self.protocol, ICL_PROTOCOLS, "ICL protocol")
-        check_choice(self.dtype, DTYPES, "dtype")
-        check_whole(self.trials, "trials")
-        # both inputs of every trial ([T, 500] and [T, 50] ids, a few copies) must fit before any is drawn
-        per_trial = (LONG + SHORT) * 8 * 4
-        check_fits(self.trials * per_trial, f"{self.trials} ICL trials", per_trial, "trials")
+
+def check_icl_fits(trials: int) -> None:
+    """Both inputs of every trial ([T, 500] and [T, 50] ids, a few copies) must fit before any is drawn."""
+    from attnlab.core.resources import check_fits
+
+    per_trial = (LONG + SHORT) * 8 * 4
+    check_fits(trials * per_trial, f"{trials} ICL trials", per_trial, "trials")
 
 
 def describe(meta: dict) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnlab.core.config import check_choice, check_whole, option
+from attnlab.core.config import check_fields, option
 from attnlab.core.errors import InputError
 from attnlab.core.runs import Experiment
 
@@ -49,13 +49,11 @@ class InductionConfig:
     dtype: str = dtype_option()
 
     def __post_init__(self):
-        check_choice(self.protocol, PROTOCOLS, "protocol")
-        check_choice(self.dtype, DTYPES, "dtype")
-        check_whole(self.trials, "trials")
         if self.seq_len is not None and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int)
                                          or self.seq_len < 3):
             raise InputError(f"seq_len must be at least 3 (a masked token needs both neighbours), got {self.seq_len}")
-        if not isinstance(self.min_lift, (int, float)) or isinstance(self.min_lift, bool) or not 0 < self.min_lift <= 1:
+        check_fields(self)
+        if not 0 < self.min_lift <= 1:
             raise InputError(f"min_lift must be a number in (0, 1], got {self.min_lift!r}")
 
 
