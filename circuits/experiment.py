@@ -96,9 +96,9 @@ def describe_ablation(meta: dict) -> list[str]:
 
 
 def _ablation_identity(cfg: AblationConfig, ctx) -> dict:
-    from attnlab.core.provenance import corpus_fingerprint
+    from attnlab.icl.experiment import corpus_identity
 
-    return {"corpus": corpus_fingerprint(cfg.corpus, ctx.docs) if cfg.task == "icl" else "-"}
+    return corpus_identity(cfg, ctx) if cfg.task == "icl" else {"corpus": "-"}
 
 
 def _ablation_prepare(cfg: AblationConfig, ctx) -> None:

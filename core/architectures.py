@@ -13,6 +13,10 @@ one place. Nothing else in attnlab branches on ``model_type``; it asks the recor
     unembed(model)            the LM head's linear read-out ``[d_model, vocab]`` (its nonlinear transform skipped;
                               a factorised head's dense layer and decoder multiplied), or None without a head
     embed_projection(base)    the Linear that maps factorised token embeddings (ALBERT, ELECTRA) to d_model, or None
+    stream(base, l)           absolute-position families: how layer l's attention input is made from token and
+                              position embeddings (``Stream``: the tables, the LayerNorm, a projection), or None
+    mlp_in(base, l)           layer l's MLP input: (the norm it applies to the residual stream after attention,
+                              the input Linear) - the first-layer neurons read through these
     causal / positions        decoder or encoder; "absolute" or "rotary" (q and k are rotated before the dot
                               product: what the extractor records is the rotated q/k)
     rotate(lm, l, q, k, pos)  rotary families: apply layer l's rotation to pre-rotary per-head q/k
@@ -32,6 +36,41 @@ from typing import Callable
 import torch
 
 from attnlab.core.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Stream:
+    """How a layer's attention input is made from embeddings: ``x = projection(norm(token[t] + position[p +
+    offset] + constant))`` - exact at layer 0 of post-LN families (the embedding LayerNorm) and pre-LN ones
+    (the layer's own attention norm of the raw stream)."""
+
+    token: torch.Tensor  # [vocab, E]
+    position: torch.Tensor  # [positions, E]
+    constant: torch.Tensor | None  # [E] added to every token (BERT's token type 0), or None
+    norm: torch.nn.Module  # the LayerNorm over E
+    projection: torch.nn.Module | None  # E -> d_model (ALBERT, ELECTRA), or None
+    offset: int = 0  # position ids start here (RoBERTa)
+
+
+def _bert_stream(base, layer):
+    emb = base.embeddings
+    types = getattr(emb, "token_type_embeddings", None)
+    projection = getattr(base, "embeddings_project", None) or getattr(getattr(base, "encoder", None),
+                                                                      "embedding_hidden_mapping_in", None)
+    return Stream(emb.word_embeddings.weight, emb.position_embeddings.weight,
+                  types.weight[0] if types is not None else None, emb.LayerNorm, projection,
+                  architecture_of(base.config).position_offset(base.config))
+
+
+def _gpt2_stream(base, layer):
+    return Stream(base.wte.weight, base.wpe.weight, None, base.h[layer].ln_1, None)
+
+
+def _linear_in(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear (``[out, in]``) or GPT-2's Conv1D (``[in, out]``) as ``x @ W + b``: ``([in, out], [out])``."""
+    if isinstance(module, torch.nn.Linear):
+        return module.weight.detach().T, module.bias.detach()
+    return module.weight.detach(), module.bias.detach()
 
 
 @dataclass(frozen=True)
@@ -56,6 +95,10 @@ class Architecture:
     unembed: Callable = lambda model: None
     #: factorised embeddings (ALBERT, ELECTRA): the Linear from the embedding size up to d_model; None: none
     embed_projection: Callable = lambda base: None
+    #: absolute-position families: (base, layer) -> Stream; None where position enters by rotating q and k
+    stream: Callable | None = None
+    #: (base, layer) -> (norm module, (W_in [d_model, F], b_in [F])): what the layer's MLP reads
+    mlp_in: Callable | None = None
     notes: str = ""
     #: the first transformers release whose implementation of this family routes attention through the
     #: attention-function registry that attnlab hooks, with the attributes the record reads (found by running
@@ -174,6 +217,9 @@ BERT_LIKE = Architecture(
                            _through(model.generator_predictions.dense, model.generator_lm_head)
                            if hasattr(model, "generator_lm_head") else None),
     embed_projection=lambda base: getattr(base, "embeddings_project", None),  # ELECTRA with embedding_size < hidden
+    stream=_bert_stream,
+    mlp_in=lambda base, layer: (base.encoder.layer[layer].attention.output.LayerNorm,
+                                _linear_in(base.encoder.layer[layer].intermediate.dense)),
     notes="BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA (discriminator: no LM head; generator: masked LM)",
 )
 
@@ -195,6 +241,9 @@ DISTILBERT = Architecture(
     lm_head=lambda model: ((lambda h: model.vocab_projector(model.vocab_layer_norm(model.activation(
         model.vocab_transform(h))))) if hasattr(model, "vocab_projector") else None),
     unembed=lambda model: _read_out(model.vocab_projector.weight) if hasattr(model, "vocab_projector") else None,
+    stream=_bert_stream,
+    mlp_in=lambda base, layer: (base.transformer.layer[layer].sa_layer_norm,
+                                _linear_in(base.transformer.layer[layer].ffn.lin1)),
 )
 
 
@@ -203,6 +252,11 @@ def _albert_modules(base):
     groups = base.encoder.albert_layer_groups
     per_group = cfg.num_hidden_layers / cfg.num_hidden_groups
     return [groups[int(i / per_group)].albert_layers[0].attention for i in range(cfg.num_hidden_layers)]
+
+
+def _albert_layer(base, layer):
+    cfg = base.config
+    return base.encoder.albert_layer_groups[int(layer / (cfg.num_hidden_layers / cfg.num_hidden_groups))].albert_layers[0]
 
 
 def _albert_check(config):
@@ -224,6 +278,9 @@ ALBERT = Architecture(
     unembed=lambda model: (_through(model.predictions.dense, model.predictions.decoder)
                            if hasattr(model, "predictions") else None),
     embed_projection=lambda base: base.encoder.embedding_hidden_mapping_in,
+    stream=_bert_stream,
+    mlp_in=lambda base, layer: (_albert_modules(base)[layer].LayerNorm,
+                                _linear_in(_albert_layer(base, layer).ffn)),
     check=_albert_check,
     notes="layers share parameters (num_hidden_groups groups); layer l's attention is its group's module",
 )
@@ -288,6 +345,8 @@ GPT2 = Architecture(
     qkvo=_gpt2_qkvo,
     lm_head=lambda model: getattr(model, "lm_head", None),
     unembed=lambda model: _read_out(model.lm_head.weight) if hasattr(model, "lm_head") else None,
+    stream=_gpt2_stream,
+    mlp_in=lambda base, layer: (base.h[layer].ln_2, _linear_in(base.h[layer].mlp.c_fc)),
     min_transformers="5.4.0",  # GPT2Attention.scaling (read by qkvo) arrives in 5.4
 )
 

@@ -67,8 +67,11 @@ class _RowRecorder:
     each device-to-host copy would stall the queue of kernels behind it).
     """
 
-    def __init__(self, layer_of, n_layers, query_positions, want_attention, want_scores, want_qk, out_device):
+    def __init__(self, layer_of, n_layers, query_positions, want_attention, want_scores, want_qk, out_device,
+                 layers: list[int] | None = None):
         self.layer_of = layer_of
+        self.layers = list(range(n_layers)) if layers is None else list(layers)  # what is kept, in this order
+        self.last = max(self.layers)
         self.qpos = query_positions  # [B, Q] on the model's device
         self.want_attention, self.want_scores, self.want_qk = want_attention, want_scores, want_qk
         self.out_device = out_device
@@ -83,9 +86,10 @@ class _RowRecorder:
         if k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads key head h // (H / KV)
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         self.recorded.add(layer)
-        self._record(layer, q, k, mask, scaling, causal)
+        if layer in self.layers:
+            self._record(layer, q, k, mask, scaling, causal)
         # (shared layers under a head edit: the editor counts calls too, so the pass must finish its last call)
-        if layer == len(self.attention) - 1 and not (self.layer_of.shared and head_edits_active()):
+        if layer == self.last and not (self.layer_of.shared and head_edits_active()):
             raise _LastLayerRecorded
 
     def _record(self, layer, q, k, mask, scaling, causal):
@@ -126,7 +130,7 @@ class _RowRecorder:
         return scores + m[:, :, None, :].float()
 
     def stacked(self, name):
-        parts = getattr(self, name)
+        parts = [getattr(self, name)[layer] for layer in self.layers]
         if any(p is None for p in parts):
             return None
         if len({p.device for p in parts}) > 1:  # a device-mapped model: gather the layers on out_device first
@@ -268,6 +272,7 @@ def extract_attention(
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     out_device: str | torch.device = "cpu",
     progress: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> AttentionRows:
     """Attention probabilities of the chosen query rows for every layer and head.
 
@@ -280,6 +285,8 @@ def extract_attention(
         return_scores: also return pre-softmax scores ``q.k * scaling`` (before masking).
         return_qk: also return per-head queries and keys ``[B, S, L, H, d_head]``.
         batch_size: sequences per forward pass; default chosen from ``memory_budget_mb``.
+        layers: only these layers (0-based, in this order; default all): the forward pass stops after the last of
+            them, so the first layer alone costs one layer's work. The layer axis then has ``len(layers)`` entries.
 
     Returns:
         :class:`AttentionRows`; ``attention`` is ``[B, Q, L, H, S]`` float32.
@@ -290,6 +297,10 @@ def extract_attention(
     if not isinstance(memory_budget_mb, (int, float)) or not memory_budget_mb > 0:
         raise InputError(f"memory_budget_mb must be a positive number of megabytes, got {memory_budget_mb!r}")
     query_positions_given = query_positions
+    if layers is not None:
+        layers = [int(_as_index_tensor(layer, "layers")) for layer in layers]
+        if not layers or any(not 0 <= layer < lm.n_layers for layer in layers):
+            raise InputError(f"layers must name at least one of the model's layers 0..{lm.n_layers - 1}, got {layers}")
     input_ids, attention_mask, query_positions = validate_inputs(lm, input_ids, attention_mask, query_positions)
     batch, seq = input_ids.shape
     if batch_size is None:
@@ -314,14 +325,14 @@ def extract_attention(
             mask = attention_mask[start:stop, :width].to(device)
             recorder = _RowRecorder(
                 layer_of, lm.n_layers, query_positions[start:stop].to(device),
-                return_attention, return_scores, return_qk, out_device,
+                return_attention, return_scores, return_qk, out_device, layers,
             )
             try:
                 with recording(recorder):
                     lm.base(input_ids=ids, attention_mask=mask)
             except _LastLayerRecorded:
                 pass
-            missing = set(range(lm.n_layers)) - recorder.recorded
+            missing = set(range(recorder.last + 1)) - recorder.recorded
             if missing:
                 _never_recorded(lm, sorted(missing))
             for name in pieces:

@@ -50,9 +50,15 @@ def load_plugins(specs: list[str]) -> None:
                 path = Path(spec)
                 if not path.is_file():
                     raise AttnlabError(f"plugin file {spec} does not exist; pass an existing .py file or a module name")
-                module_spec = importlib.util.spec_from_file_location(f"attnlab_plugin_{path.stem}", path)
+                name = f"attnlab_plugin_{path.stem}"
+                module_spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(module_spec)
-                module_spec.loader.exec_module(module)
+                sys.modules[name] = module  # dataclasses (a plugin experiment's config) look their module up here
+                try:
+                    module_spec.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(name, None)
+                    raise
             else:
                 importlib.import_module(spec)
         except AttnlabError as exc:

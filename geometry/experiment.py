@@ -17,7 +17,7 @@ from attnlab.core.config import check_fields, option
 from attnlab.core.corpus import DEFAULT_CORPUS
 from attnlab.core.errors import InputError
 from attnlab.core.runs import Experiment
-from attnlab.icl.experiment import CORPUS_HELP, prepare_corpus
+from attnlab.icl.experiment import CORPUS_HELP, corpus_identity, prepare_corpus
 from attnlab.induction.experiment import dtype_option, model_option, revision_option
 
 PAPER_CONSTANTS = (0.2, 0.4, 0.8, 1.0, 1.25, 2.5, 5.0)
@@ -126,12 +126,6 @@ class PatternsConfig:
         check_fields(self)
 
 
-def _corpus_identity(cfg, ctx) -> dict:
-    from attnlab.core.provenance import corpus_fingerprint
-
-    return {"corpus": corpus_fingerprint(cfg.corpus, ctx.docs)}
-
-
 def _prepare_geometry(cfg, ctx) -> None:
     from attnlab.geometry.study import HF_DOC_LIMIT
 
@@ -177,7 +171,7 @@ SCALING = Experiment(
     "n_under_threshold, optimum, continuous_optimum, status), optima.csv (layer, head, metric, optimum, "
     "continuous_optimum, stability, status), sentences.json, figure2_<metric>.png (unstable cells hatched), "
     "meta.json.",
-    identity=_corpus_identity, prepare=_prepare_geometry,
+    identity=corpus_identity, prepare=_prepare_geometry,
     compute="attnlab.geometry.study:compute_scaling", save="attnlab.geometry.study:save_scaling",
     summary="attnlab.geometry.study:summary_scaling", plot="attnlab.figures.scaling:plot_scaling",
     describe=describe_scaling,
@@ -188,7 +182,7 @@ UMAP = Experiment(
     help="joint UMAP embeddings of one head's queries and keys (Figures 3-4)",
     description=__doc__.split("\n\n", 1)[1] + "\nOutputs: umap_L<l>H<h>.png (a grid of joint UMAP embeddings, one "
     "panel per constant, the optimal one framed), umap_L<l>H<h>.npz (the embeddings), meta.json.",
-    identity=_corpus_identity, prepare=_prepare_geometry,
+    identity=corpus_identity, prepare=_prepare_geometry,
     check="attnlab.geometry.study:check_umap",
     compute="attnlab.geometry.study:compute_umap", save="attnlab.geometry.study:save_umap",
     summary="attnlab.geometry.study:summary_umap", plot="attnlab.figures.scaling:plot_umap",

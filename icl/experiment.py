@@ -53,7 +53,8 @@ def describe(meta: dict) -> list[str]:
             f"{100 * s['share_improved']:.0f}% of trials{paper}"]
 
 
-def _identity(cfg: ICLConfig, ctx) -> dict:
+def corpus_identity(cfg, ctx) -> dict:
+    """The corpus part of a reuse key: the documents passed in, else the file or folder ``cfg.corpus`` names."""
     from attnlab.core.provenance import corpus_fingerprint
 
     return {"corpus": corpus_fingerprint(cfg.corpus, ctx.docs)}
@@ -82,7 +83,7 @@ ICL = Experiment(
     config=ICLConfig,
     help="in-context learning score of a masked LM (Figure 5)",
     description=_description(),
-    identity=_identity,
+    identity=corpus_identity,
     prepare=prepare_corpus,
     compute="attnlab.icl.score:compute",
     save="attnlab.icl.score:save",

@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-
 from attnlab.experiments.cli import main  # noqa: E402
 
 SIMPLEWIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "simplewiki" / "articles-400.jsonl.gz"
@@ -195,6 +194,14 @@ def run_cli(args, capsys):
 def cli_cmd(*args):
     """The command line as a subprocess's argv (CPU, no progress bars)."""
     return [sys.executable, "-m", "attnlab.experiments.cli", *map(str, args), "--device", "cpu", "--no-progress"]
+
+
+def default_sigint():
+    """``preexec_fn`` of a subprocess that is sent SIGINT: a shell's background job inherits SIGINT ignored, and
+    Python then never installs its KeyboardInterrupt handler; restore the default so the child sees Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli_env():

@@ -145,3 +145,66 @@ def planted_induction_circuit(positions: int = 64, seed: int = 0, tiny: float = 
         tr.dense.bias.fill_(50.0)  # GELU(x + 50) = x + 50 here; the LayerNorm then removes the 50
         tr.LayerNorm.weight.fill_(3.0)  # sharpen the logits
     return model
+
+
+def planted_first_layer_gpt2(decay: float = 10.0, vocab_size: int = 500, positions: int = 128, seed: int = 0):
+    """A GPT-2 whose first layer holds three heads with known behaviour, built so that LayerNorm is exactly linear
+    (every part of the residual stream is mirrored, so its mean is 0, and has a constant norm, so sigma is constant):
+
+    - L0H0, previous-token: query = the position code rotated one step back, key = the position code (as in
+      :func:`planted_lag_gpt2`);
+    - L0H1, contextual: a constant query (its bias) meets a key that reads sin(w p) ~ w p (w tiny) and the token
+      code: the score is p / ``decay`` + b(token), so the attention decays exponentially with decay length
+      ``decay`` and the normaliser factorises exactly;
+    - L0H2, duplicate-token: query and key read the token code: a token meets itself with +10 logits.
+
+    Residual stream (d_model 192 = 3 heads x 64): token code [0, 24) and its negative [24, 48); position code
+    (cos, sin at 16 frequencies) [48, 80) and its negative [80, 112); (cos w p, sin w p) at 112, 113 and negatives
+    at 114, 115; the rest zero."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_heads, d_head = 3, 64
+    d_model = n_heads * d_head
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=1, n_head=n_heads, n_positions=positions,
+                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.nn.functional.normalize(torch.randn(vocab_size, 24, generator=g), dim=-1)
+    freqs = torch.rand(16, generator=g) * (math.pi - 0.3) + 0.15
+    p = torch.arange(positions, dtype=torch.float32)[:, None]
+    code = torch.cat([torch.cos(freqs * p), torch.sin(freqs * p)], dim=1)  # [P, 32], norm 4
+    omega = 5e-4
+    ramp = torch.cat([torch.cos(omega * p), torch.sin(omega * p)], dim=1)  # [P, 2], norm 1
+    wte, wpe = torch.zeros(vocab_size, d_model), torch.zeros(positions, d_model)
+    wte[:, 0:24], wte[:, 24:48] = tok, -tok
+    wpe[:, 48:80], wpe[:, 80:112] = code, -code
+    wpe[:, 112:114], wpe[:, 114:116] = ramp, -ramp
+    sigma = math.sqrt((2 * 1 + 2 * 16 + 2 * 1) / d_model)  # |r|^2 / d_model, constant; mean 0
+    c, s = torch.cos(freqs), torch.sin(freqs)
+    rot = torch.zeros(32, 32)
+    idx = torch.arange(16)
+    rot[idx, idx], rot[idx, idx + 16] = c, s
+    rot[idx + 16, idx], rot[idx + 16, idx + 16] = -s, c
+    scaling = d_head ** -0.5
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.ones_like(param) if name.endswith("ln_1.weight") or name.endswith("ln_2.weight")
+                        or name.endswith("ln_f.weight") else torch.zeros_like(param))
+        model.transformer.wte.weight.copy_(wte)
+        model.transformer.wpe.weight.copy_(wpe)
+        w, b = model.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.bias  # [D, 3D]
+        q, k, v = slice(0, d_model), slice(d_model, 2 * d_model), slice(2 * d_model, 3 * d_model)
+        h0, h1, h2 = (slice(h * d_head, h * d_head + d_head) for h in range(3))
+        # L0H0: (4 rot code_p) . code_p' / sqrt(d) = 4 sum cos(w_i (p - 1 - p')) / 8 peaks at p' = p - 1
+        w[48:80, q][:, h0.start:h0.start + 32] = sigma * 4.0 * rot.T
+        w[48:80, k][:, h0.start:h0.start + 32] = sigma * torch.eye(32)
+        # L0H1: query = its bias (constant); key = sin(w p) (the ramp) and the token code
+        b[q][h1.start] = 1.0
+        w[113, k][h1.start] = sigma / (omega * decay * scaling)  # score = sin(w p) / (w decay) ~ p / decay
+        w[0:24, k][:, h1.start] = 0.5 * sigma / scaling * torch.linspace(-1, 1, 24)  # a token-dependent part
+        w[0:24, v][:, h1] = torch.eye(24, d_head) * sigma  # it reads the token (its value) ...
+        # L0H2: query and key read the token code; a token meets itself with 10 logits
+        w[0:24, q][:, h2] = torch.eye(24, d_head) * sigma * math.sqrt(10.0 / scaling)
+        w[0:24, k][:, h2] = torch.eye(24, d_head) * sigma * math.sqrt(10.0 / scaling)
+        model.transformer.h[0].attn.c_proj.weight.copy_(torch.eye(d_model))  # [in, out]: head outputs as they are
+    return model

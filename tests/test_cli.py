@@ -17,6 +17,7 @@ from conftest import (
     cli,
     cli_cmd,
     cli_env,
+    default_sigint,
     run_cli,
     save_tiny_mlm,
     tiny_bert,
@@ -247,7 +248,7 @@ def test_a_plugin_named_twice_is_loaded_once(inside, capsys, monkeypatch):
 def test_sigint_prints_one_line_and_exits_130(inside):
     proc = subprocess.Popen(cli_cmd("induction", "--model", "mlm", "--trials", 400, "--seq-len", 200,
                                      "--out", inside / "sigint"), cwd=inside, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     t0 = time.monotonic()
     while proc.poll() is None and not (inside / "sigint").exists() and time.monotonic() - t0 < 60:
         time.sleep(0.01)

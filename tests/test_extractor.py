@@ -172,3 +172,22 @@ def test_api_rejects_silent_truncation_and_bad_sizes(inside):
             extract_attention(lm, **call)
     rows = extract_attention(lm, ids, query_positions=torch.zeros(2, 0, dtype=torch.long))  # [B, 0]: empty rows
     assert rows.attention.shape == (2, 0, 3, 4, 10)
+
+
+def test_chosen_layers_only_and_the_pass_stops_after_the_last(monkeypatch):
+    """``layers=`` keeps those layers' rows (in the order given) and stops the forward pass after the last of them."""
+    from attnlab.core import extractor
+
+    lm = wrap_model(tiny_bert(layers=3))
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    full = extractor.extract_attention(lm, ids, return_scores=True)
+    calls = []
+    real = extractor._RowRecorder.record
+    monkeypatch.setattr(extractor._RowRecorder, "record", lambda self, *a: calls.append(1) or real(self, *a))
+    part = extractor.extract_attention(lm, ids, return_scores=True, layers=[1, 0])
+    assert part.attention.shape == (2, 12, 2, 4, 12) and len(calls) == 2  # layer 2 never ran
+    assert torch.equal(part.attention[:, :, 0], full.attention[:, :, 1])
+    assert torch.equal(part.scores[:, :, 1], full.scores[:, :, 0])
+    for bad in ([], [3], [-1]):
+        with pytest.raises(InputError, match="layers must name"):
+            extractor.extract_attention(lm, ids, layers=bad)

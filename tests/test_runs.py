@@ -21,6 +21,7 @@ from conftest import (
     cli,
     cli_cmd,
     cli_env,
+    default_sigint,
     np_load,
     run_cli,
     save_tiny_mlm,
@@ -295,7 +296,7 @@ def test_interrupted_rerun_never_mixes_two_runs(inside, capsys, experiment, sig)
     before = (out / table).read_bytes()
     (out / ".induction_standard_prev.png.x1y2.attnlab-tmp.png").write_bytes(b"stale")  # a killed write's leftover
     proc = subprocess.Popen(cli_cmd(*second), cwd=inside, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_sigint)
     rc = _kill_when(proc, out / ".attnlab-staging" / marker, sig)
     err = proc.stderr.read()
     if sig == signal.SIGINT:
