@@ -17,6 +17,8 @@ one place. Nothing else in attnlab branches on ``model_type``; it asks the recor
                               position embeddings (``Stream``: the tables, the LayerNorm, a projection), or None
     mlp_in(base, l)           layer l's MLP input: (the norm it applies to the residual stream after attention,
                               the input Linear) - the first-layer neurons read through these
+    final_norm(base)          the norm applied to the last layer's residual before the LM head (pre-LN families), or
+                              None (post-LN families: every layer's output is already normed; the logit lens reads it)
     causal / positions        decoder or encoder; "absolute" or "rotary" (q and k are rotated before the dot
                               product: what the extractor records is the rotated q/k)
     rotate(lm, l, q, k, pos)  rotary families: apply layer l's rotation to pre-rotary per-head q/k
@@ -99,6 +101,8 @@ class Architecture:
     stream: Callable | None = None
     #: (base, layer) -> (norm module, (W_in [d_model, F], b_in [F])): what the layer's MLP reads
     mlp_in: Callable | None = None
+    #: base -> the norm between the last layer and the LM head, or None (post-LN: outputs are normed already)
+    final_norm: Callable = lambda base: None
     notes: str = ""
     #: the first transformers release whose implementation of this family routes attention through the
     #: attention-function registry that attnlab hooks, with the attributes the record reads (found by running
@@ -323,6 +327,7 @@ MODERNBERT = Architecture(
     lm_head=lambda model: (lambda h: model.decoder(model.head(h))) if hasattr(model, "decoder") else None,
     unembed=lambda model: _read_out(model.decoder.weight) if hasattr(model, "decoder") else None,
     rotate=_rotate_with(_modernbert_rotate, needs_layer_type=True),
+    final_norm=lambda base: base.final_norm,
     notes="rotary positions; local (sliding-window) layers alternate with global ones",
     min_transformers="5.7.0",  # before it ModernBERT calls its own attention functions
 )
@@ -347,6 +352,7 @@ GPT2 = Architecture(
     unembed=lambda model: _read_out(model.lm_head.weight) if hasattr(model, "lm_head") else None,
     stream=_gpt2_stream,
     mlp_in=lambda base, layer: (base.h[layer].ln_2, _linear_in(base.h[layer].mlp.c_fc)),
+    final_norm=lambda base: base.ln_f,
     min_transformers="5.4.0",  # GPT2Attention.scaling (read by qkvo) arrives in 5.4
 )
 
@@ -380,6 +386,7 @@ GPT_NEOX = Architecture(
     unembed=lambda model: (_read_out((getattr(model, "lm_head", None) or model.embed_out).weight)
                            if hasattr(model, "lm_head") or hasattr(model, "embed_out") else None),
     rotate=_rotate_with(_neox_rotate),
+    final_norm=lambda base: base.final_layer_norm,
     notes="the Pythia suite; partial rotary (rotary_pct of each head's dimensions); training checkpoints as revisions",
 )
 
@@ -401,6 +408,7 @@ LLAMA_LIKE = Architecture(
     lm_head=lambda model: getattr(model, "lm_head", None),
     unembed=lambda model: _read_out(model.lm_head.weight) if hasattr(model, "lm_head") else None,
     rotate=_rotate_with(_llama_rotate),
+    final_norm=lambda base: base.norm,
     notes="rotary positions, grouped-query attention (W_K / W_V repeated per query head), RMSNorm",
 )
 

@@ -40,6 +40,18 @@ class AttentionRows:
     query_positions: torch.Tensor
     attention_mask: torch.Tensor
 
+    def to_bertviz(self) -> tuple[torch.Tensor, ...]:
+        """The layout bertviz's ``head_view``/``model_view`` and CircuitsVis take: one ``[batch, heads, q, k]`` tensor
+        per layer (CircuitsVis: ``rows.to_bertviz()[layer][0]`` with the tokens). Needs every query row (extract with
+        ``query_positions=None``)."""
+        batch, n_q, _, _, n_k = self.attention.shape
+        full = torch.arange(n_k).expand(batch, n_k)
+        real = self.attention_mask.bool().cpu()
+        if n_q != n_k or not torch.equal(self.query_positions.cpu()[real], full[real]):
+            raise InputError("to_bertviz needs every query row: extract with query_positions=None")
+        return tuple(self.attention[:, :, layer].permute(0, 2, 1, 3).contiguous()
+                     for layer in range(self.attention.shape[2]))
+
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into ``input_ids [B, S]`` and ``attention_mask [B, S]``."""

@@ -41,3 +41,17 @@ def top_share(values) -> np.ndarray:
     total = values.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, values.max(0) / np.where(total > 0, total, 1.0), np.nan)
+
+
+def bootstrap_ratio_ci(numerators, denominators, seed: int, n_boot: int = 10000, level: float = 0.95):
+    """Percentile bootstrap CI of ``sum(numerators) / sum(denominators)`` over groups (e.g. an accuracy over
+    sentences: correct words and words per sentence), resampling the groups; NaN for fewer than two groups."""
+    num = np.asarray(numerators, dtype=np.float64)
+    den = np.asarray(denominators, dtype=np.float64)
+    if len(num) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed + 1)
+    idx = rng.integers(len(num), size=(n_boot, len(num)))
+    ratios = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-300)
+    lo_n, hi_n = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo_n), float(hi_n)

@@ -515,6 +515,7 @@ def _reproduce(settings: Settings, only: list[str] | None, say):
     if "induction_standard" in runner.context["results"] and not only:
         sections.append(_patterns_section(runner))
         sections.append(_heads_section(runner))
+        sections += _text_sections(runner)
     sizes = [(r.model_used, r.meta) for r in results if r.id.startswith("figure9") and r.meta is not None]
     if len(sizes) >= 2:
         sections.append(_sizes_section(settings, sizes))
@@ -621,6 +622,47 @@ def csv_rows(path):
 
     with open(path, newline="", encoding="utf-8") as fh:
         yield from csv.DictReader(fh)
+
+
+SENTENCE = "The cat sat on the mat because it was tired."
+
+
+def _text_sections(runner: Runner) -> list[dict]:
+    """Beyond the paper: the bert role's attention on a sentence (which head links "it" to "cat"?) and its logit
+    lens on the same sentence (needs the LM head)."""
+    from attnlab.text.experiment import AttentionConfig, LensConfig
+
+    s = runner.settings
+    model = runner.context["results"]["induction_standard"]["config"]["model"]
+    title = "Attention on a sentence: which head links \"it\" to \"cat\"? (beyond the paper)"
+    try:
+        meta = runner.run_record("attention", AttentionConfig(model=model, text=SENTENCE, source="it", target="cat",
+                                                              dtype=s.dtype),
+                                 s.out / "runs" / "attention", lambda: runner.cache.get(model, False))
+        f = meta["finder"]
+        rows = [(h["head"], f"{h['value']:.3f}", str(h["rank"])) for h in f["heads"][:5]]
+        attention = {"title": title, "job": "attention", "rows": rows,
+                     "header": ["head", "attention from 'it' to 'cat'", "rank among its keys"],
+                     "image": "runs/attention/" + meta["figures"]["L%d" % f["heads"][0]["layer"]],
+                     "text": f"{model_label(model)} on \"{SENTENCE}\": every head ranked by the attention from \"it\" "
+                             f"(position {f['from_index']}) to \"cat\" (position {f['to_index']}); uniform attention "
+                             f"over the {meta['n_tokens']} tokens would give {f['chance']:.3f}. The interactive page "
+                             "with the tokens as text: runs/attention/attention.html; every layer's grid: "
+                             "runs/attention/attention_L<l>.png."}
+    except AttnlabError as exc:
+        attention = {"title": title, "job": "attention", "error": str(exc)}
+    title = "The logit lens on the same sentence (beyond the paper)"
+    try:
+        meta = runner.run_record("lens", LensConfig(model=model, text=SENTENCE, dtype=s.dtype), s.out / "runs" / "lens",
+                                 lambda: runner.cache.get(model, True))
+        kl = meta["kl_by_layer"]["logit"]
+        lens = {"title": title, "job": "lens", "image": f"runs/lens/{meta['figures']['lens']}",
+                "text": f"{model_label(model)}: each layer's residual stream at a masked position read through the "
+                        f"model's own LM head ({meta['unembedding']}); mean KL to the final distribution by layer: "
+                        + ", ".join(f"{v:.2f}" for v in kl) + " nats. Tables: runs/lens/lens.csv."}
+    except AttnlabError as exc:
+        lens = {"title": title, "job": "lens", "error": str(exc)}
+    return [attention, lens]
 
 
 PATTERN_WORDS = ("dog", "river", "run", "happy")

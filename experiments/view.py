@@ -204,6 +204,33 @@ class Page:
                 + "\n".join(self.scripts) + "\n});</script>")
 
 
+def text_attention_page(run_dir, meta: dict) -> str:
+    """The page of an ``attention`` run: the tokens as text, coloured by the attention a hovered or clicked token gives
+    or receives in the chosen layer and head (linear or log scale). The attention enters as float16 (a drawing
+    accurate to 3 significant digits; attention.npz keeps float32)."""
+    import numpy as np
+
+    z = np.load(Path(run_dir) / "attention.npz")
+    att = z["attention"].astype(np.float16)
+    data = {"attention": base64.b64encode(att.tobytes()).decode(), "shape": list(att.shape[:3]),
+            "tokens": [str(t) for t in z["tokens"].tolist()]}
+    label = model_label(str(meta["config"].get("model", "?")))
+    controls = ("<div class='controls'><select class='layer' aria-label='layer'></select> "
+                "<select class='head' aria-label='head'></select> <select class='mode' aria-label='direction'>"
+                "<option value='given'>attention given by the token</option><option value='received'>attention "
+                "received by the token</option></select> <select class='scale' aria-label='scale'><option "
+                "value='linear'>linear scale</option><option value='log'>log scale (1e-4 .. 1)</option></select></div>")
+    body = (f"<h1>{html.escape(label)}: attention on your text</h1><p class='hint'>Hover a token to colour the others "
+            "by the attention it gives (or receives); click it to pin. Darker blue: more attention.</p>"
+            f"<div id='attnlab-text'>{controls}<p class='info'></p><div class='tokens'></div></div>")
+    style = (STYLE + "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             ".tokens{line-height:2.2;font-size:1.05em}.tok{padding:2px 3px;border-radius:3px;cursor:pointer;"
+             "border:1px solid #ddd}.tok.focus{outline:2px solid #d95f02}.info{color:#333;min-height:1.2em}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(label)} - attention on "
+            f"text - attnlab</title><style>{style}</style><script>{_static('attention.js')}</script></head><body>{body}"
+            f"<script>attnlabTextView('attnlab-text', {script_json(data)});</script></body></html>\n")
+
+
 STYLE = (".interactive{margin:.5em 0 1.5em}.map{width:100%}.detail{width:100%}.hint{color:#666;font-size:.9em}"
          ".umap{width:100%}")
 
@@ -219,16 +246,20 @@ def write_view(run_dir) -> Path:
         raise InputError(f"{run_dir} holds no finished, intact run (its meta.json is malformed or an output changed "
                          "since it was written); rerun it with --force")
     try:
-        page, body = _view_body(run_dir, meta)
+        if meta["experiment"] == "attention":
+            page_text = text_attention_page(run_dir, meta)
+        else:
+            page, body = _view_body(run_dir, meta)
+            label = model_label(str(meta["config"].get("model", "?")))
+            page_text = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(label)} - "
+                         f"{html.escape(meta['experiment'])} - attnlab view</title><style>body{{font-family:system-ui,"
+                         f"sans-serif;max-width:1100px;margin:2em auto}}{STYLE}</style>{page.head()}</head><body><h1>"
+                         f"{html.escape(label)}</h1>{''.join(body)}{page.tail()}</body></html>\n")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError) as exc:
         raise InputError(f"{run_dir}'s results cannot be shown ({type(exc).__name__}: {exc}); rerun it with "
                          "--force") from None
-    label = model_label(str(meta["config"].get("model", "?")))
     out = run_dir / "view.html"
-    write_text(out, f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(label)} - "
-               f"{html.escape(meta['experiment'])} - attnlab view</title>"
-               f"<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}}{STYLE}</style>"
-               f"{page.head()}</head><body><h1>{html.escape(label)}</h1>{''.join(body)}{page.tail()}</body></html>\n")
+    write_text(out, page_text)
     return out
 
 
@@ -251,7 +282,8 @@ def _view_body(run_dir: Path, meta: dict):
             raise InputError(f"{run_dir} was written by an attnlab without token text; rerun it with --force")
         body.append(f"<h2>{html.escape(label)}: joint UMAP of queries and keys</h2>" + page.add_umap(spec))
     else:
-        raise InputError(f"{run_dir} holds a '{meta['experiment']}' run; `view` shows induction and UMAP runs")
+        raise InputError(f"{run_dir} holds a '{meta['experiment']}' run; `view` shows induction, attention and UMAP "
+                         "runs")
     return page, body
 
 

@@ -208,3 +208,42 @@ def planted_first_layer_gpt2(decay: float = 10.0, vocab_size: int = 500, positio
         w[0:24, k][:, h2] = torch.eye(24, d_head) * sigma * math.sqrt(10.0 / scaling)
         model.transformer.h[0].attn.c_proj.weight.copy_(torch.eye(d_model))  # [in, out]: head outputs as they are
     return model
+
+
+def planted_probe_bert(types: int = 64, positions: int = 32, seed: int = 0, dense: int | None = None):
+    """A 2-layer BERT whose hidden state after layer 2 (and only there) carries, in one dimension, a label of the
+    PREVIOUS token: tokens are one-hot types (ids 0..types-1) in dims [0, types) - or, with ``dense``, random codes
+    in ``dense`` dims, so that a linear probe cannot memorise arbitrary labels of the types - positions one-hot in the
+    next ``positions`` dims; block 0 does nothing; in block 1 head 0 attends from every position to the one before
+    and writes the previous token's label (+-1; dense: u . code, whose sign is the label) into dim 127.
+    Returns (model, labels [types] in {0, 1})."""
+    from transformers import BertConfig, BertModel
+
+    d_model, d_head = 128, 64
+    cfg = BertConfig(vocab_size=types, hidden_size=d_model, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=positions, layer_norm_eps=1e-12)
+    model = BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    width = dense or types
+    code = torch.eye(types) if dense is None else torch.randn(types, dense, generator=g)
+    if dense is None:
+        labels = torch.randint(0, 2, (types,), generator=g)
+        read = labels.float() * 2 - 1  # the value reads the one-hot type's label directly
+    else:
+        u = torch.randn(dense, generator=g)
+        labels = (code @ u > 0).long()
+        read = u  # the value reads u . code: linear in the code, its sign the label
+    pos = slice(width, width + positions)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "LayerNorm.weight" in name else torch.zeros_like(p))
+        model.embeddings.word_embeddings.weight[:, :width] = code
+        model.embeddings.position_embeddings.weight[:, pos] = torch.eye(positions)
+        a = model.encoder.layer[1].attention
+        shift = torch.zeros(positions, positions)
+        shift[torch.arange(1, positions), torch.arange(positions - 1)] = 1.0  # position p -> key code p - 1
+        a.self.query.weight[:positions, pos] = 60.0 * shift.T
+        a.self.key.weight[:positions, pos] = torch.eye(positions)
+        a.self.value.weight[0, :width] = read  # the attended token's label
+        a.output.dense.weight[127, 0] = 5.0
+    return model, labels

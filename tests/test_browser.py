@@ -8,6 +8,7 @@ browser, where chromium or playwright is missing (``.ci/run`` installs both).
 import csv
 import shutil
 
+import numpy as np
 import pytest
 from attnlab.experiments.cli import main
 from conftest import minilm_dir, save_tiny_mlm, write_corpus
@@ -187,3 +188,42 @@ def test_a_hostile_vocabulary_and_model_name_run_no_script(browser, tmp_path, be
         assert page.evaluate("window.__pwned") is None and not dialogs and errors == [], (path, errors)
         assert page.evaluate("document.querySelectorAll('img[onerror]').length") == 0
         page.close()
+
+
+def test_the_text_page_colours_tokens_by_attention_offline(browser, tmp_path, bert_tokenizer):
+    """attnlab attention's page: the tokens are text; hovering one colours the others by the attention it gives,
+    clicking pins it, the direction and layer can be switched - with no console error and no network request."""
+    model = save_tiny_mlm(tmp_path / "m", bert_tokenizer, layers=2, heads=2)
+    out = tmp_path / "run"
+    assert main(["attention", "--model", str(model), "--text", "The cat sat on the mat because it was tired.",
+                 "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    page = browser.new_page()
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url) if not r.url.startswith("file:") else None)
+    page.goto((out / "attention.html").resolve().as_uri())
+    page.wait_for_selector(".tok")
+    tokens = page.evaluate("Array.from(document.querySelectorAll('.tok')).map(s => s.textContent)")
+    assert tokens[:3] == ["[CLS]", "the", "cat"] and tokens[-1] == "[SEP]"
+    colours = lambda: page.evaluate(  # noqa: E731
+        "Array.from(document.querySelectorAll('.tok')).map(s => s.style.backgroundColor)")
+    page.hover(".tok[data-i='2']")
+    first = colours()
+    page.hover(".tok[data-i='8']")
+    second = colours()
+    assert first != second and len(set(second)) > 1  # hovering another token recolours the text
+    values = page.evaluate("Array.from(document.querySelectorAll('.tok')).map(s => +s.dataset.value)")
+    z = np.load(out / "attention.npz")["attention"]
+    np.testing.assert_allclose(values, z[0, 0, 8], atol=1e-3)  # layer 0, head 0, given by token 8 (float16)
+    page.click(".tok[data-i='8']")  # pin
+    page.hover(".tok[data-i='3']")
+    assert colours() == second and "pinned" in page.inner_text(".info")
+    page.select_option(".mode", "received")
+    received = page.evaluate("Array.from(document.querySelectorAll('.tok')).map(s => +s.dataset.value)")
+    np.testing.assert_allclose(received, z[0, 0, :, 8], atol=1e-3)
+    page.select_option(".layer", "1")
+    page.select_option(".scale", "log")
+    assert colours() != second
+    assert errors == [] and requests == []
+    page.close()

@@ -1,0 +1,119 @@
+"""Figures of the experiments on a researcher's own text, from their saved results: a grid of every head's map per
+layer with the tokens as ticks, the interactive token page, and the lens's layers x positions picture and KL."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+
+from attnlab.figures.style import plt, save
+
+
+@contextmanager
+def _token_text():
+    """Tokens in scripts the default font lacks are drawn as boxes; that is not worth a warning per glyph."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        yield
+
+
+def _ticks(ax, tokens, every: int) -> None:
+    idx = np.arange(0, len(tokens), every)
+    labels = [tokens[i] for i in idx]
+    ax.set_xticks(idx, labels, rotation=90, fontsize=6)
+    ax.set_yticks(idx, labels, fontsize=6)
+
+
+def plot_attention(folder, meta: dict) -> dict:
+    """attention_L<l>.png (every head's map, tokens as ticks) per layer, and attention.html."""
+    with _token_text():
+        return _plot_attention(folder, meta)
+
+
+def _plot_attention(folder, meta: dict) -> dict:
+    from attnlab.core.names import model_label
+    from attnlab.core.outputs import write_text
+    from attnlab.experiments.view import text_attention_page
+
+    z = np.load(folder / "attention.npz")
+    att, tokens = z["attention"], [str(t) for t in z["tokens"].tolist()]
+    layers, heads, s, _ = att.shape
+    every = max(1, math.ceil(s / 40))
+    cols = min(4, heads)
+    rows = math.ceil(heads / cols)
+    label = model_label(meta["config"]["model"])
+    out = {}
+    for layer in range(layers):
+        size = max(3.0, min(6.0, 0.12 * s + 1.5))
+        fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
+        for h, ax in enumerate(axes.flat):
+            if h >= heads:
+                ax.axis("off")
+                continue
+            ax.imshow(att[layer, h], cmap="Blues", vmin=0, vmax=max(float(att[layer, h].max()), 1e-9))
+            _ticks(ax, tokens, every)
+            ax.set_title(f"L{layer}H{h}", fontsize=9)
+        fig.suptitle(f"{label}: layer {layer}, attention from each token (rows) to each token (columns)", fontsize=10)
+        fig.tight_layout()
+        name = f"attention_L{layer}.png"
+        save(fig, folder / name)
+        out[f"L{layer}"] = name
+    write_text(folder / "attention.html", text_attention_page(folder, meta))
+    out["page"] = "attention.html"
+    return out
+
+
+def plot_lens(folder, meta: dict) -> dict:
+    """lens.png: for each lens, layers x positions coloured by the top-1 probability, the top-1 token written in each
+    cell (up to 40 positions); kl.png: the mean KL to the final distribution by layer, logit vs tuned lens."""
+    with _token_text():
+        return _plot_lens(folder, meta)
+
+
+def _plot_lens(folder, meta: dict) -> dict:
+    from attnlab.core.names import model_label
+
+    with open(folder / "lens.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    label = model_label(meta["config"]["model"])
+    lenses = list(dict.fromkeys(r["lens"] for r in rows))
+    layers = 1 + max(int(r["layer"]) for r in rows)
+    queries = list(dict.fromkeys((r["position"], r["token"]) for r in rows if r["lens"] == lenses[0]))[:40]
+    index = {q: i for i, q in enumerate(queries)}
+    fig, axes = plt.subplots(len(lenses), 1, figsize=(max(6, 0.55 * len(queries) + 2), (0.45 * layers + 1.6) * len(lenses)),
+                             squeeze=False)
+    for ax, lens in zip(axes[:, 0], lenses):
+        prob = np.full((layers, len(queries)), np.nan)
+        text = [["" for _ in queries] for _ in range(layers)]
+        for r in rows:
+            q = index.get((r["position"], r["token"]))
+            if r["lens"] != lens or q is None:
+                continue
+            top = r["top_tokens"].split(" ")[0] if r["top_tokens"] else ""
+            prob[int(r["layer"]), q] = float(r["top_probs"].split(" ")[0]) if r["top_probs"] else np.nan
+            text[int(r["layer"])][q] = top
+        ax.imshow(prob, cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
+        for layer in range(layers):
+            for q in range(len(queries)):
+                ax.text(q, layer, text[layer][q][:8], ha="center", va="center", fontsize=6,
+                        color="white" if prob[layer, q] > 0.6 else "black")
+        ax.set_xticks(range(len(queries)), [t or p for p, t in queries], rotation=60, fontsize=7, ha="right")
+        ax.set_ylabel("layer (0: embeddings)")
+        ax.set_title(f"{lens} lens: top-1 token and its probability", fontsize=10)
+    fig.suptitle(f"{label}: what each layer would predict ({meta.get('target', '')})", fontsize=11)
+    fig.tight_layout()
+    save(fig, folder / "lens.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lens, values in meta["kl_by_layer"].items():
+        ax.plot(range(len(values)), values, marker="o", label=f"{lens} lens")
+    ax.set_xlabel("layer (0: embeddings)")
+    ax.set_ylabel("KL(final || lens), nats (mean over positions)")
+    ax.set_title(f"{label}: how far each layer is from the final distribution", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    save(fig, folder / "kl.png")
+    return {"lens": "lens.png", "kl": "kl.png"}
