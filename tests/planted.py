@@ -219,7 +219,7 @@ def planted_probe_bert(types: int = 64, positions: int = 32, seed: int = 0, dens
     Returns (model, labels [types] in {0, 1})."""
     from transformers import BertConfig, BertModel
 
-    d_model, d_head = 128, 64
+    d_model = 128  # two heads of 64
     cfg = BertConfig(vocab_size=types, hidden_size=d_model, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=16, max_position_embeddings=positions, layer_norm_eps=1e-12)
     model = BertModel(cfg).eval()
