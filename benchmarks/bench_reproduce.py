@@ -12,11 +12,18 @@ only the timings matter.
 
 ``--offline`` measures the README's main job as a newcomer without Hub access gets it: a subprocess with the
 Hub made unreachable (``HF_ENDPOINT`` on a closed local port, an empty ``HF_HOME``), no ``--model``, so the
-embedded all-MiniLM-L6-v2 stands in where it can.
+embedded all-MiniLM-L6-v2 stands in where it can; it prints the time of every step (each run's meta.json). With
+``--baseline [REF]`` the previous release's main job (a git worktree of REF) runs right after on the same machine
+and the table gains its times and the ratio this / baseline:
+
+    python benchmarks/bench_reproduce.py --out /tmp/bench-offline --offline --baseline
 """
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +68,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--offline", action="store_true", help="the main job with no Hub and no --model (embedded model)")
+    ap.add_argument("--baseline", default=None, const=BASELINE, nargs="?", metavar="REF",
+                    help=f"with --offline: also run the main job of git commit REF (default {BASELINE}, the last "
+                    "before the speed work) in a worktree, right after, and print the ratios")
     ap.add_argument("--tokenizer", default=None, help="folder with bert-base-uncased's tokenizer files (default: the "
                     "embedded model's; the GPU machine gets them carried, see gpu_session.sh)")
     args = ap.parse_args()
@@ -83,25 +93,68 @@ def main():
         print(f"  {meta_path.parent.name:28s} {meta['timings']['total_s']:8.1f} s")
 
 
+BASELINE = "c807cb1"  # the last commit before the main job's speed work (issue 29): "the previous release"
+
+
 def offline(args):
+    """The README's main job offline, timed step by step; with ``--baseline REF`` the same job of that commit (a git
+    worktree) runs right after, in the same benchmark run, and the ratios are printed."""
+    runs = [("this tree", _offline_run(args, args.out, None))]
+    if args.baseline:
+        with tempfile.TemporaryDirectory(prefix="attnlab-baseline-") as tmp:
+            pythonpath = _worktree(args.baseline, Path(tmp))
+            runs.append((f"baseline {args.baseline}", _offline_run(args, args.out.rstrip("/") + "-baseline",
+                                                                   pythonpath)))
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(Path(tmp) / "attnlab")],
+                           capture_output=True)
+    steps = sorted({name for _, r in runs for name in r["steps"]})
+    print(f"\n{'step':28s}" + "".join(f"{label:>22s}" for label, _ in runs) + ("   ratio" if len(runs) > 1 else ""))
+    for name in steps + ["total (wall)"]:
+        values = [r["wall"] if name == "total (wall)" else r["steps"].get(name) for _, r in runs]
+        cells = "".join(f"{v:21.1f}s" if v is not None else f"{'-':>22s}" for v in values)
+        ratio = (f"{values[0] / values[1]:8.2f}" if len(values) > 1 and values[0] and values[1] else "")
+        print(f"{name:28s}{cells}{ratio}")
+    for label, r in runs:
+        print(f"{label}: exit {r['rc']}, {r['figures']}")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _worktree(ref: str, tmp: Path) -> str:
+    """A git worktree of ``ref`` importable as ``attnlab`` (the repository root is the package): returns the
+    PYTHONPATH entry that puts it first."""
+    folder = tmp / "attnlab"
+    run = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), ref],
+                         capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"bench_reproduce: cannot check out baseline {ref!r}: {run.stderr.strip()}")
+    return str(tmp)
+
+
+def _offline_run(args, out: str, pythonpath: str | None) -> dict:
     import os
-    import subprocess
-    import sys
-    import tempfile
 
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=tempfile.mkdtemp(prefix="empty-hf-home-"))
-    cmd = [sys.executable, "-m", "attnlab.experiments.cli", "reproduce", "--out", args.out, "--corpus", args.corpus,
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "attnlab.experiments.cli", "reproduce", "--out", out, "--corpus", args.corpus,
            "--device", args.device, "--no-progress", "--force"] + (["--quick"] if args.quick else [])
+    check = subprocess.run([sys.executable, "-c", "import attnlab, os; print(os.path.dirname(attnlab.__file__))"],
+                           env=env, capture_output=True, text=True)
     t = time.perf_counter()
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    total = time.perf_counter() - t
-    print(run.stdout.rstrip() if run.stdout else run.stderr[-500:])
-    print(f"offline reproduce {'--quick ' if args.quick else ''}on {args.device}: {total:.0f} s wall "
-          f"(process start and imports included), exit {run.returncode}")
-    for meta_path in sorted(Path(args.out, "runs").glob("*/meta.json")):
-        meta = json.loads(meta_path.read_text())
-        print(f"  {meta_path.parent.name:28s} {meta['timings']['total_s']:8.1f} s")
+    wall = time.perf_counter() - t
+    lines = run.stdout.strip().splitlines()
+    print(f"== {check.stdout.strip()}: offline reproduce {'--quick ' if args.quick else ''}on {args.device}: "
+          f"{wall:.0f} s wall (process start and imports included), exit {run.returncode}")
+    print(run.stdout.rstrip() if run.returncode == 0 else run.stderr[-800:])
+    steps = {}
+    for meta_path in sorted(Path(out, "runs").glob("*/meta.json")):
+        steps[meta_path.parent.name] = json.loads(meta_path.read_text())["timings"]["total_s"]
+    produced = next((line for line in lines if " figures produced" in line), "")
+    return {"wall": wall, "steps": steps, "rc": run.returncode, "figures": produced.split(";")[0]}
 
 
 if __name__ == "__main__":

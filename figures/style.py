@@ -12,11 +12,13 @@ import matplotlib.pyplot as plt
 from attnlab.core.outputs import atomic_path
 
 
-def save(fig, path, dpi: int = 150) -> None:
+def save(fig, path, dpi: int = 150, close: bool = True) -> None:
+    """Write ``fig`` as a PNG atomically (tight bounding box); ``close=False`` keeps it for the next frame."""
     import warnings
 
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # vocabulary tokens in scripts the default font lacks are drawn as boxes; that is not worth a warning
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
+    if close:
+        plt.close(fig)

@@ -21,11 +21,12 @@ def _token_text():
         yield
 
 
-def _ticks(ax, tokens, every: int) -> None:
+def _ticks(ax, tokens, every: int, *, x: bool = True, y: bool = True) -> None:
+    """Token ticks; labelled only where asked (the outer panels of a grid: every panel shares the tokens)."""
     idx = np.arange(0, len(tokens), every)
     labels = [tokens[i] for i in idx]
-    ax.set_xticks(idx, labels, rotation=90, fontsize=6)
-    ax.set_yticks(idx, labels, fontsize=6)
+    ax.set_xticks(idx, labels if x else [], rotation=90, fontsize=6)
+    ax.set_yticks(idx, labels if y else [], fontsize=6)
 
 
 def plot_attention(folder, meta: dict) -> dict:
@@ -47,20 +48,28 @@ def _plot_attention(folder, meta: dict) -> dict:
     rows = math.ceil(heads / cols)
     label = model_label(meta["config"]["model"])
     out = {}
+    size = max(3.0, min(6.0, 0.12 * s + 1.5))
+    height = size * rows + 0.6
+    # one figure for every layer: its axes, ticks and labels are built once, and each layer only swaps the images
+    # and titles (building them was most of the time); a fixed layout, as tight_layout costs a full draw
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, height), squeeze=False)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.04, top=1 - 0.6 / height, wspace=0.08, hspace=0.18)
+    images = []
+    for h, ax in enumerate(axes.flat):
+        if h >= heads:
+            ax.axis("off")
+            continue
+        images.append(ax.imshow(att[0, h], cmap="Blues", vmin=0, vmax=1))
+        row, col = divmod(h, cols)
+        _ticks(ax, tokens, every, x=row == rows - 1 or h + cols >= heads, y=col == 0)
     for layer in range(layers):
-        size = max(3.0, min(6.0, 0.12 * s + 1.5))
-        fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
-        for h, ax in enumerate(axes.flat):
-            if h >= heads:
-                ax.axis("off")
-                continue
-            ax.imshow(att[layer, h], cmap="Blues", vmin=0, vmax=max(float(att[layer, h].max()), 1e-9))
-            _ticks(ax, tokens, every)
+        for h, (ax, image) in enumerate(zip(axes.flat, images)):
+            image.set_data(att[layer, h])
+            image.set_clim(0, max(float(att[layer, h].max()), 1e-9))
             ax.set_title(f"L{layer}H{h}", fontsize=9)
         fig.suptitle(f"{label}: layer {layer}, attention from each token (rows) to each token (columns)", fontsize=10)
-        fig.tight_layout()
         name = f"attention_L{layer}.png"
-        save(fig, folder / name)
+        save(fig, folder / name, close=layer == layers - 1)
         out[f"L{layer}"] = name
     write_text(folder / "attention.html", text_attention_page(folder, meta))
     out["page"] = "attention.html"

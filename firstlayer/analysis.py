@@ -79,6 +79,25 @@ def _empirical(cfg, lm, docs, n: int, causal: bool) -> np.ndarray:
     return (total / len(seqs)).numpy()
 
 
+class _Moments:
+    """Per-head count, mean, sum of squared deviations and sum of absolute values of values streamed in ``[H, n]``
+    blocks (Chan et al.'s pairwise update: exact, and stable where sum-of-squares formulas cancel)."""
+
+    def __init__(self, n_heads: int):
+        self.n = 0
+        self.mean = self.m2 = self.abs_sum = torch.zeros(n_heads, dtype=torch.float64)
+
+    def add(self, block) -> None:
+        n_b = block.shape[1]
+        mean_b = block.mean(1)
+        m2_b = (block - mean_b[:, None]).square_().sum(1)
+        delta, total = mean_b - self.mean, self.n + n_b
+        self.m2 = self.m2 + m2_b + delta * delta * self.n * n_b / total
+        self.mean = self.mean + delta * n_b / total
+        self.abs_sum = self.abs_sum + block.abs().sum(1)
+        self.n = total
+
+
 def compute(cfg: DecomposeConfig, lm, ctx) -> DecomposeResult:
     t0 = time.perf_counter()
     if cfg.layer >= lm.n_layers:
@@ -111,28 +130,27 @@ def compute(cfg: DecomposeConfig, lm, ctx) -> DecomposeResult:
 
     # the terms and how well the linearised sum reproduces the model's own scores
     real = [_real_scores(lm, cfg.layer, seq) for seq in fit_seqs]
-    stats = {k: [] for k in D.TERMS}
-    res, tot, worst, exact_worst = (np.zeros(lm.n_heads) for _ in range(4))
-    flat = []
+    stats = {k: _Moments(lm.n_heads) for k in D.TERMS}  # streamed: the terms of 16 texts of 400 tokens are ~1 GB
+    res, worst, exact_worst = (np.zeros(lm.n_heads) for _ in range(3))
+    real_moments = _Moments(lm.n_heads)
     for seq, r in zip(fit_seqs, real):
         lin = D.sequence_terms(aff, w, seq, torch.as_tensor(scale_p))
         exact = sum(D.sequence_terms(aff, w, seq).values())
         approx = sum(lin.values())
         for k, v in lin.items():
-            stats[k].append(v.reshape(lm.n_heads, -1))
+            stats[k].add(v.reshape(lm.n_heads, -1))
         worst = np.maximum(worst, (approx - r).abs().amax((1, 2)).numpy())
         exact_worst = np.maximum(exact_worst, (exact - r).abs().amax((1, 2)).numpy())
-        res += ((approx - r) ** 2).sum((1, 2)).numpy()
-        flat.append(r.reshape(lm.n_heads, -1))
-    flat = torch.cat(flat, 1)
-    tot = ((flat - flat.mean(1, keepdim=True)) ** 2).sum(1).numpy()
+        res += ((approx - r).square_()).sum((1, 2)).numpy()
+        real_moments.add(r.reshape(lm.n_heads, -1))
+    tot = real_moments.m2.numpy()
     r2 = 1 - res / np.maximum(tot, 1e-300)
     fit = [(h, float(r2[h]), float(worst[h]), float(exact_worst[h])) for h in range(lm.n_heads)]
     term_rows = []
-    for k, parts in stats.items():
-        v = torch.cat(parts, 1)
+    for k, m in stats.items():
+        std = torch.sqrt(m.m2 / (m.n - 1))
         for h in range(lm.n_heads):
-            term_rows.append((h, k, float(v[h].mean()), float(v[h].std()), float(v[h].abs().mean())))
+            term_rows.append((h, k, float(m.mean[h]), float(std[h]), float(m.abs_sum[h] / m.n)))
     t2 = time.perf_counter()
 
     # positional patterns, classes

@@ -439,20 +439,3 @@ def continuous_optimum(queries, keys, lengths, *, causal: bool, translate: bool 
     return scaling_metrics(queries, keys, lengths, (1.0,), causal=causal, translate=translate,
                            heads_per_chunk=heads_per_chunk, continuous=True, low=low, high=high,
                            grid_points=grid_points, refine_steps=refine_steps).continuous
-
-
-def bootstrap_stability(compute, n_sentences: int, reported: dict, *, resamples: int, seed: int) -> dict:
-    """Share of sentence resamples (drawn with replacement, seeded) whose optimum equals the reported one.
-
-    compute(index [N'] of sentences) -> ScalingMetrics; reported: {metric: [G] optimum (NaN: none)}.
-    Returns {metric: [G]} in [0, 1]; NaN where the reported optimum is NaN or ``resamples`` is 0.
-    """
-    g = torch.Generator().manual_seed(seed + 7919)
-    agree = {m: torch.zeros_like(v) for m, v in reported.items()}
-    for _ in range(resamples):
-        idx = torch.randint(0, n_sentences, (n_sentences,), generator=g)
-        m = compute(idx)
-        for metric, best in reported.items():
-            agree[metric] += (m.best(metric) == best).double()
-    return {metric: torch.where(torch.isnan(best) | (resamples == 0), torch.nan, agree[metric] / max(resamples, 1))
-            for metric, best in reported.items()}

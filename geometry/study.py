@@ -7,6 +7,7 @@ Records: :data:`attnlab.geometry.experiment.SCALING` and ``UMAP``; figures: :mod
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ from attnlab.core.outputs import atomic_path, write_csv, write_json
 from attnlab.core.provenance import digest
 from attnlab.geometry.experiment import METRICS, GeometryConfig, UMAPConfig
 from attnlab.geometry.qk import check_head, collect_qk, sample_sentences
-from attnlab.geometry.scaling import bootstrap_stability, scaling_metrics, transform_qk
+from attnlab.geometry.scaling import scaling_metrics, transform_qk
+from attnlab.geometry.stability import ResampledMetrics, bootstrap_stability
 
 HF_DOC_LIMIT = 2000  # streamed datasets: documents to read before sampling sentences
 UNSTABLE = 0.5  # cells whose optimum fewer than half of the resamples agree on are hatched in Figure 2
@@ -121,8 +123,12 @@ def compute_scaling(cfg: GeometryConfig, lm, ctx) -> ScalingResult:
     metrics = cached_metrics(qk, cfg, ctx.cache, key, continuous)
     t2 = time.perf_counter()
     reported = {m: metrics.best(m) for m in METRICS}
-    stability = bootstrap_stability(lambda idx: compute_metrics(qk, cfg, index=idx), len(qk.lengths), reported,
-                                    resamples=cfg.bootstrap, seed=cfg.seed) if cfg.bootstrap else None
+    stability = None
+    if cfg.bootstrap:  # the text protocol recomputes a resample from its smallest distances (stability.py)
+        resampled = (ResampledMetrics(qk.queries, qk.keys, qk.lengths, cfg.constants, causal=qk.causal,
+                                      translate=cfg.translate_keys) if cfg.protocol == "text"
+                     else (lambda idx: compute_metrics(qk, cfg, index=idx)))
+        stability = bootstrap_stability(resampled, len(qk.lengths), reported, resamples=cfg.bootstrap, seed=cfg.seed)
     t3 = time.perf_counter()
     return ScalingResult(metrics, stability, sample, qk.n_layers, qk.n_heads, qk_note(lm), qk_note(lm, short=True),
                          {"collect_s": round(t1 - t0, 3), "metrics_s": round(t2 - t1, 3),
@@ -236,20 +242,42 @@ class UMAPResult:
     key_tokens: np.ndarray
     qk: str
     qk_short: str
+    timings: dict
 
 
 def check_umap(cfg: UMAPConfig, lm, ctx) -> None:
     check_head(cfg.layer, cfg.head, lm.n_layers, lm.n_heads)  # before the forward pass
 
 
+def umap_subsample(cfg: UMAPConfig, qk):
+    """The plotted queries and keys of the head: indices into ``qk.head(layer, head)``'s rows (seeded)."""
+    from attnlab.geometry.embedding import subsample
+
+    queries, keys = qk.head(cfg.layer, cfg.head)
+    return subsample(len(queries), cfg.max_points, cfg.seed), subsample(len(keys), cfg.max_points, cfg.seed + 1)
+
+
+def umap_panels(cfg: UMAPConfig, qk, shown):
+    """Yield ``(c, queries [n_q, d], keys [n_k, d])`` float64 numpy per displayed constant: the plotted points,
+    scaled and translated. The translation uses the centroids of ALL tokens (as the metrics do)."""
+    queries, keys = qk.head(cfg.layer, cfg.head)
+    q_idx, k_idx = umap_subsample(cfg, qk)
+    translate = cfg.translate_keys and cfg.protocol == "text"
+    for c in shown:
+        q_c, k_c = transform_qk(queries.double(), keys.double(), c, translate=translate)
+        yield c, q_c[q_idx].numpy(), k_c[k_idx].numpy()
+
+
 def compute_umap(cfg: UMAPConfig, lm, ctx) -> UMAPResult:
     """Joint UMAP embeddings of one head's queries and keys at several constants. With a ``ctx.cache`` shared
     with the scaling run, the q/k collection and the optimum are taken from it."""
-    from attnlab.geometry.embedding import joint_embedding, subsample
+    from attnlab.geometry.embedding import panel_embeddings
 
+    t0 = time.perf_counter()
     cache = ctx.cache
     key = data_key(cfg, lm)
     sample, qk = collect(cfg, lm, key, ctx.docs, ctx.batch_size, ctx.progress, cache)
+    t1 = time.perf_counter()
     g = cfg.layer * qk.n_heads + cfg.head
     if ((cache is not None and cache.find_metrics(key, cfg, False) is not None) or cfg.metric == "scaled_weighted_corr"
             or cfg.protocol == "notebook"):
@@ -259,27 +287,23 @@ def compute_umap(cfg: UMAPConfig, lm, ctx) -> UMAPResult:
         optimum = scaling_metrics(qk.queries[sl], qk.keys[sl], qk.lengths, cfg.constants, causal=qk.causal,
                                   translate=cfg.translate_keys).best(cfg.metric)[0].item()
     shown = displayed_constants(cfg.umap_constants, optimum)
-    queries, keys = qk.head(cfg.layer, cfg.head)
-    q_idx = subsample(len(queries), cfg.max_points, cfg.seed)
-    k_idx = subsample(len(keys), cfg.max_points, cfg.seed + 1)
-    # the translation uses the centroids of ALL tokens (as the metrics do), not only the plotted ones
-    iterator = shown
+    t2 = time.perf_counter()
+    panels = list(umap_panels(cfg, qk, shown))
     if ctx.progress:
-        from attnlab.core.progress import bar
-
-        iterator = bar(shown, desc=f"umap L{cfg.layer}H{cfg.head}", unit="constant")
-    translate = cfg.translate_keys and cfg.protocol == "text"
-    embeddings = {}
-    for c in iterator:
-        q_c, k_c = transform_qk(queries.double(), keys.double(), c, translate=translate)
-        embeddings[f"c_{c:g}"] = joint_embedding(q_c[q_idx].numpy(), k_c[k_idx].numpy(), seed=cfg.seed,
-                                                 n_neighbors=cfg.n_neighbors, min_dist=cfg.min_dist)
+        print(f"umap L{cfg.layer}H{cfg.head}: {len(shown)} constants, {len(panels[0][1]) + len(panels[0][2])} points "
+              "each", file=sys.stderr, flush=True)
+    layouts = panel_embeddings([(q, k) for _, q, k in panels], seed=cfg.seed, n_neighbors=cfg.n_neighbors,
+                               min_dist=cfg.min_dist)
+    embeddings = {f"c_{c:g}": layout for c, layout in zip(shown, layouts)}
+    q_idx, k_idx = umap_subsample(cfg, qk)
+    timings = {"collect_s": round(t1 - t0, 3), "optimum_s": round(t2 - t1, 3),
+               "umap_s": round(time.perf_counter() - t2, 3)}
     # token text of every embedded point, in qk.head()'s order (sentences, then positions): the hover view
     flat = [t for ids in sample.token_ids for t in ids]
     text = lm.tokenizer.convert_ids_to_tokens(flat) if lm.tokenizer is not None else [str(t) for t in flat]
     text = np.array(text, dtype=np.str_)
     return UMAPResult(cfg.layer, cfg.head, optimum, shown, embeddings, len(q_idx), len(k_idx), text[q_idx], text[k_idx], qk_note(lm),
-                      qk_note(lm, short=True))
+                      qk_note(lm, short=True), timings)
 
 
 def save_umap(folder, result: UMAPResult, ctx=None) -> list[str]:
@@ -293,4 +317,4 @@ def save_umap(folder, result: UMAPResult, ctx=None) -> list[str]:
 def summary_umap(result: UMAPResult, ctx=None) -> dict:
     optimum = result.optimum if math.isfinite(result.optimum) else None
     return {"qk": result.qk, "qk_short": result.qk_short, "optimum": optimum, "shown_constants": result.shown,
-            "n_queries": result.n_queries, "n_keys": result.n_keys}
+            "n_queries": result.n_queries, "n_keys": result.n_keys, "timings": dict(result.timings)}

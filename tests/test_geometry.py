@@ -15,6 +15,7 @@ from attnlab.geometry import scaling as S
 from attnlab.geometry import scaling_reference as R
 from attnlab.geometry.experiment import SCALING, UMAP, GeometryConfig, UMAPConfig
 from attnlab.geometry.qk import collect_qk, sample_sentences, split_sentences
+from attnlab.geometry.stability import ResampledMetrics, bootstrap_stability
 from attnlab.geometry.study import displayed_constants
 from conftest import cli, minilm_dir, save_tiny_mlm, tiny_bert, tiny_gpt2, write_corpus
 
@@ -200,6 +201,43 @@ def test_scaling_run_end_to_end_and_reuse(tmp_path, tiny_lm_with_tokenizer):
     rerun = run_experiment(SCALING, cfg, tmp_path / "b", lm=lm, docs=DOCS)
     assert (tmp_path / "b" / "scaling.csv").read_bytes() == first  # seeded: byte-identical
     assert not rerun.get("reused")
+
+
+def test_cosine_neighbours_are_the_exact_neighbours():
+    from attnlab.geometry.embedding import cosine_neighbours
+
+    x = np.random.default_rng(0).normal(size=(300, 8))
+    x[10] = x[11]  # a duplicate: a tie at distance 0
+    idx, dist = cosine_neighbours(x, 15, chunk=64)  # chunks that do not divide the rows
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    full = np.clip(1 - unit @ unit.T, 0, 2)
+    np.fill_diagonal(full, 0)
+    want = np.argsort(full, axis=1, kind="stable")[:, :15]
+    np.testing.assert_allclose(dist, np.take_along_axis(full, want, 1), atol=1e-12)
+    assert (idx[:, 0] == np.arange(300)).all() or {idx[10, 0], idx[10, 1]} == {10, 11}
+    assert all(set(idx[i]) == set(want[i]) for i in range(300) if i not in (10, 11))
+
+
+def test_umap_panels_are_seeded_thread_independent_and_as_trustworthy_as_umap_defaults():
+    """The grid's shortcuts (exact neighbours, warm starts outwards from the middle, two threads) against
+    umap-learn's defaults on the same points: the same layouts whatever the threads, and trustworthiness held."""
+    import umap
+    from sklearn.manifold import trustworthiness
+
+    from attnlab.geometry.embedding import cached_numba, panel_embeddings
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(6, 12)) * 3
+    base = centres[rng.integers(0, 6, 300)] + rng.normal(size=(300, 12))
+    panels = [(base[:150] * c, base[150:] / c) for c in (0.5, 1.0, 2.0)]
+    one = panel_embeddings(panels, seed=0, threads=1)
+    two = panel_embeddings(panels, seed=0, threads=2)
+    assert all(a.shape == (300, 2) and np.array_equal(a, b) for a, b in zip(one, two))
+    with cached_numba():
+        default = umap.UMAP(n_components=2, metric="cosine", random_state=0).fit_transform(base)
+    points = np.concatenate(panels[1])
+    ours = trustworthiness(points, one[1], n_neighbors=10, metric="cosine")
+    assert ours >= trustworthiness(base, default, n_neighbors=10, metric="cosine") - 0.01
 
 
 def test_umap_run_frames_the_optimum(tmp_path, tiny_lm_with_tokenizer):
@@ -394,14 +432,45 @@ def test_stability_is_one_when_the_optimum_is_forced_and_hatched_when_low(tmp_pa
         return S.scaling_metrics(q[idx], k[idx], lengths[idx], causal=False)
 
     reported = {m: compute(torch.arange(12)).best(m) for m in ("norm_ratio", "weighted_corr")}
-    stab = S.bootstrap_stability(compute, 12, reported, resamples=8, seed=0)
+    stab = bootstrap_stability(compute, 12, reported, resamples=8, seed=0)
     assert reported["norm_ratio"][0].item() == 2.5 and stab["norm_ratio"][0].item() == 1.0
     assert all(0 <= v <= 1 for v in stab["weighted_corr"].tolist())
-    again = S.bootstrap_stability(compute, 12, reported, resamples=8, seed=0)
+    again = bootstrap_stability(compute, 12, reported, resamples=8, seed=0)
     assert all(torch.equal(stab[m], again[m]) for m in stab)  # seeded
     fig = optimum_heatmap(np.array([[0.2, 5.0]]), S.PAPER_CONSTANTS, "t", None, stability=np.array([[1.0, 0.3]]))
     hatched = [p for p in fig.axes[0].patches if p.get_hatch()]
     assert len(hatched) == 1 and hatched[0].get_xy() == (1, 0)
+
+
+@pytest.mark.parametrize("causal,translate", [(False, True), (True, True), (False, False)])
+def test_resampled_metrics_equal_a_full_recomputation_of_the_resample(causal, translate):
+    """The bootstrap's shortcut (candidates of one pass, reweighted) against scaling_metrics on the resampled
+    sentences: every value, count and median, with few candidates (cells fall back to every pair), the default,
+    and every pair a candidate."""
+    g = torch.Generator().manual_seed(5)
+    n = 24
+    lengths = torch.randint(3, 13, (n,), generator=g)
+    q = torch.randn(n, 12, 2, 3, 6, generator=g, dtype=torch.float64)
+    k = 0.5 * q + torch.randn(n, 12, 2, 3, 6, generator=g, dtype=torch.float64) + 1.5  # an offset to translate away
+    q[:, :, 1, 2] *= 4  # one head on another scale: the pooled threshold is uneven across heads
+    mask = torch.arange(12)[None, :] < lengths[:, None]
+    q, k = q * mask[..., None, None, None], k * mask[..., None, None, None]
+    constants = (0.2, 0.5, 1.0, 2.0, 5.0)
+    for spare, margin, expect_fallback in ((1, 0, True), (16, 64, None), (10**6, 0, False)):
+        fast = ResampledMetrics(q, k, lengths, constants, causal=causal, translate=translate, spare=spare,
+                                margin=margin, percentile=5.0)  # tens of pairs under it, not copies of one
+        for r in range(4):
+            idx = torch.randint(0, n, (n,), generator=g)
+            got = fast(idx)
+            want = S.scaling_metrics(q[idx], k[idx], lengths[idx], constants, causal=causal, translate=translate,
+                                     percentile=5.0)
+            for metric in want.values:
+                torch.testing.assert_close(got.values[metric], want.values[metric], rtol=0, atol=1e-10,
+                                           equal_nan=True)
+            assert torch.equal(got.n_under, want.n_under) and torch.equal(got.pooled_counts, want.pooled_counts)
+            assert torch.equal(got.median_q_norm, want.median_q_norm) and got.n_pairs == want.n_pairs
+        if expect_fallback is not None:
+            assert (fast.fallbacks > 0) == expect_fallback, (spare, fast.fallbacks)
 
 
 def test_optima_csv_has_a_stability_column(tmp_path, bert_tokenizer):
