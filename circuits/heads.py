@@ -37,6 +37,15 @@ class HeadsResult:
     notes: list
 
 
+    def _repr_html_(self) -> str:
+        """Jupyter: every score as a layers x heads map, with its chance level."""
+        from attnlab.core.notebook import block, heat_table
+
+        parts = [heat_table(np.asarray(v, dtype=float), name, ".3f",
+                            note=f"uniform attention gives {self.chance[name]:.3g}" if name in self.chance else "")
+                 for name, v in self.scores.items()]
+        return block("attnlab heads", *parts)
+
 def _specials(protocol) -> dict:
     spec = protocol.spec
     return {"cls": spec.cls_id, "sep": spec.sep_id, "mask": None if protocol.causal else protocol.mask_id}

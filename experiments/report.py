@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -301,15 +302,34 @@ def _interactive(r: FigureResult, page, root) -> str:
     return ""
 
 
+def _img(src: str, alt: str, root) -> str:
+    """An <img>: with ``root`` (the report folder) the PNG is embedded as a data URI, so index.html shows every
+    image when copied alone; the PNG files stay beside it for other documents."""
+    e = html.escape
+    path = Path(root) / src if root is not None else None
+    if path is not None and path.is_file() and path.suffix.lower() == ".png":
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f"<img src='data:image/png;base64,{data}' alt='{e(alt)}' data-file='{e(src)}'>"
+    return f"<img src='{e(src)}' alt='{e(alt)}'>"
+
+
+def _alt(title: str, caption: str) -> str:
+    """Alt text that says what a figure shows: its title and the caption's first sentences (about 300 characters)."""
+    text = f"{title}: {' '.join(caption.split())}"
+    return text if len(text) <= 300 else text[:297].rsplit(" ", 1)[0] + "..."
+
+
 def _figure_html(r: FigureResult, paper_dir: str | None, page=None, root=None) -> str:
     e = html.escape
     anchor = f"<h2 id='{e(r.id)}'>{e(_title(r.id))}</h2>"
     if r.error:
         return anchor + (f"<p class='err'><b>Not produced</b> ({e(r.role)} = <code>{e(r.model)}</code>): "
                          f"{e(r.error)}</p>")
-    ours = f"<figure><img src='{e(r.path)}' alt='{e(r.id)}'><figcaption>{e(r.caption)}</figcaption></figure>"
+    ours = (f"<figure>{_img(r.path, _alt(_title(r.id), r.caption), root)}<figcaption>{e(r.caption)}</figcaption>"
+            "</figure>")
     if paper_dir and r.paper_image:
-        paper = (f"<figure><img src='{e(paper_dir)}/{e(r.paper_image)}' alt='paper {e(r.id)}'>"
+        alt = f"The paper's own {_title(r.id)}, for comparison with ours above ({r.paper_image})"
+        paper = (f"<figure>{_img(f'{paper_dir}/{r.paper_image}', alt, root)}"
                  f"<figcaption>The paper's figure ({e(r.paper_image)})</figcaption></figure>")
         body = f"<div class='pair'>{ours}{paper}</div>"
     else:
@@ -328,8 +348,9 @@ def _figure_html(r: FigureResult, paper_dir: str | None, page=None, root=None) -
     return anchor + body
 
 
-def to_html(blocks, paper_dir=None, root=None) -> str:
-    """index.html; with ``root`` (the report folder) the induction maps and UMAPs are interactive too."""
+def to_html(blocks, paper_dir=None, root=None, page_title: str = "attnlab report") -> str:
+    """index.html; with ``root`` (the report folder) the induction maps and UMAPs are interactive too and every
+    image is embedded (the page is complete when copied alone)."""
     from attnlab.experiments.view import STYLE, Page
 
     e = html.escape
@@ -355,7 +376,7 @@ def to_html(blocks, paper_dir=None, root=None) -> str:
             else:
                 body.append(f"<p>{e(payload['text'])}</p>")
                 if payload.get("image"):
-                    body.append(f"<figure><img src='{e(payload['image'])}' alt='{e(title)}'></figure>")
+                    body.append(f"<figure>{_img(payload['image'], _alt(title, payload['text']), root)}</figure>")
                 if payload.get("rows"):
                     body.append(_html_table(payload["header"], payload["rows"]))
         else:
@@ -365,10 +386,10 @@ def to_html(blocks, paper_dir=None, root=None) -> str:
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
              "th{background:#f3f3f3}.err{color:#a00}figcaption{margin-top:.4em}.note{color:#555}"
              ".banner{background:#fff4d6;border:2px solid #e0a800;border-radius:6px;padding:.8em 1em;margin:1em 0}"
-             ".pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}nav ol{columns:3}"
+             ".pair{display:grid;grid-template-columns:1fr;gap:1em}nav ol{columns:3}"
              "td{overflow-wrap:anywhere}")
     head, tail = (page.head(), page.tail()) if page else ("", "")
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>attnlab report</title>"
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(page_title)}</title>"
             f"<style>{style}</style>{head}</head><body>{''.join(body)}{tail}</body></html>\n")
 
 
@@ -392,4 +413,6 @@ def write_report(settings, results, *, total_s: float, versions: dict, substitut
     paper_dir = _copy_paper_figures(settings, results)
     blocks = _sections(settings, results, total_s, versions, substituted or {}, advice, sections or [], given or {})
     write_text(settings.out / "README.md", to_markdown(blocks, paper_dir))
-    write_text(settings.out / "index.html", to_html(blocks, paper_dir, root=settings.out))
+    used = sorted({model_label(r.model_used or r.model) for r in results if r.meta is not None})
+    title = "attnlab report: the paper's figures" + (f" with {', '.join(used)}" if used else "")
+    write_text(settings.out / "index.html", to_html(blocks, paper_dir, root=settings.out, page_title=title))

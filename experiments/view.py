@@ -9,8 +9,8 @@ that draws the token view) is ``experiments/static/view.js``, shipped as package
 model's files, a corpus or a plugin enters the page through :func:`script_json` (and :func:`plot_text` for
 what plotly draws as text), so it is shown, never run. Only finished, intact runs are shown.
 
-Data in the page: maps from ``meta.json`` (what ``scores.csv`` holds, 6 significant digits); attention rows
-quantised to 1/255 (a drawing, not a measurement) and base64-encoded.
+Data in the page: maps from ``meta.json`` (what ``scores.csv`` holds, 6 significant digits); attention rows as
+float16 (3 significant digits, what ``trials.npz`` keeps), base64-encoded.
 """
 
 from __future__ import annotations
@@ -48,17 +48,23 @@ def plot_text(text: str) -> str:
     return html.escape(str(text), quote=False)
 
 
+PLOTLY_BUNDLE = "plotly-cartesian-4.1.1.min.js.gz"  # the heatmap and scatter traces, no map tiles: 1.5 of 4.8 MB
+
+
 def _plotly_js() -> str:
-    from plotly.offline import get_plotlyjs
+    """plotly.js's cartesian bundle (MIT; ``static/plotly-LICENSE.txt``), the same plotly.js version as the plotly
+    package's full bundle; the report draws only heatmaps and scatters."""
+    import gzip
+    from importlib.resources import files
 
-    return get_plotlyjs()
+    return gzip.decompress(files("attnlab.experiments").joinpath("static", PLOTLY_BUNDLE).read_bytes()).decode("utf-8")
 
 
-def _encode_rows(rows) -> str:
+def _encode_f16(rows) -> str:
+    """float16 bytes, base64: the page's attention values (3 significant digits; trials.npz holds the same)."""
     import numpy as np
 
-    q = np.clip(np.rint(rows.astype(np.float32) * 255), 0, 255).astype(np.uint8)
-    return base64.b64encode(q.tobytes()).decode()
+    return base64.b64encode(np.ascontiguousarray(rows, dtype="<f2").tobytes()).decode()
 
 
 def finished_meta(run_dir) -> dict | None:
@@ -78,7 +84,12 @@ def finished_meta(run_dir) -> dict | None:
 
 
 def induction_run_data(run_dir, meta: dict | None = None) -> dict | None:
-    """The view data of one induction run folder (meta.json + trials.npz), or None if it has no view rows."""
+    """The view data of one induction run folder (meta.json + trials.npz), or None if it has no view rows.
+
+    ``run``: ``rows`` (float16, base64) ``[n, L, H, S]`` of the first n trials; ``trials``: per trial shown, its
+    tokens (ids into ``vocab``), query position, target positions and masked token; ``top``: per target, per head
+    the trial that contributes most to the mean, that head's row of it (float16 ``[L, H, S]``) and its share of
+    the sum over all trials. Token text enters as data (``script_json``) and is shown as text, never markup."""
     import numpy as np
 
     run_dir = Path(run_dir)
@@ -86,15 +97,39 @@ def induction_run_data(run_dir, meta: dict | None = None) -> dict | None:
     if not meta or meta.get("experiment") != "induction" or "trials.npz" not in meta["outputs"]:
         return None
     z = np.load(run_dir / "trials.npz")
-    if "view_rows" not in z.files:
+    if "view_rows" not in z.files or "view_vocab_ids" not in z.files:
         return None
     rows = z["view_rows"]
     n = rows.shape[0]
-    targets = {k[len("target_index_"):]: z[k][:n].tolist() for k in z.files if k.startswith("target_index_")}
-    tokens = [[plot_text(t) for t in row] for row in z["view_tokens"].tolist()]
-    masked = [plot_text(t) for t in z["view_masked"].tolist()] if "view_masked" in z.files else None
-    return {"meta": meta, "run": {"rows": _encode_rows(rows), "shape": list(rows.shape), "tokens": tokens,
-                                  "mask": z["mask_index"][:n].tolist(), "targets": targets, "masked": masked,
+    ids, mask = z["input_ids"], z["mask_index"]
+    names = [k[len("target_index_"):] for k in z.files if k.startswith("target_index_")]
+    vocab = dict(zip(z["view_vocab_ids"].tolist(), z["view_vocab_tokens"].tolist()))
+    masked_all = z["masked_token"] if not meta.get("causal") and "masked_token" in z.files else None
+    top, shown = {}, set(range(n))
+    for name in names:
+        if f"top_trial_{name}" not in z.files:
+            continue
+        which = z[f"top_trial_{name}"]
+        per_trial = z[f"attention_{name}"].astype(np.float64)  # [T, L, H]
+        total = per_trial.sum(0)
+        best = np.take_along_axis(per_trial, which[None], 0)[0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(total > 0, best / total, np.nan)
+        top[name] = {"trial": which.tolist(), "rows": _encode_f16(z[f"top_rows_{name}"]),
+                     "share": [[None if not np.isfinite(v) else round(float(v), 4) for v in r] for r in share]}
+        shown |= set(which.flatten().tolist())
+    trials = {}
+    wide = int(ids.max(initial=0)) >= 2 ** 16 or int(ids.min(initial=0)) < 0
+    id_type = "<i4" if wide else "<u2"  # token ids as little-endian base64: a third of JSON's size
+    for t in sorted(shown):
+        trials[str(t)] = {"ids": base64.b64encode(ids[t].astype(id_type).tobytes()).decode(), "mask": int(mask[t]),
+                          "targets": {k: int(z[f"target_index_{k}"][t]) for k in names}}
+        if masked_all is not None:  # the token [MASK] replaced (masked LMs only)
+            trials[str(t)]["masked"] = vocab.get(int(masked_all[t]), str(int(masked_all[t])))
+    return {"meta": meta, "run": {"rows": _encode_f16(rows), "shape": list(rows.shape), "trials": trials,
+                                  "vocab": {str(k): v for k, v in vocab.items()}, "top": top,
+                                  "ids_type": "i32" if wide else "u16",
+                                  "n_trials": int(ids.shape[0]), "causal": bool(meta.get("causal")),
                                   # decoders have no [MASK]: the query is a token of the second copy
                                   "query": "the repeated token" if meta.get("causal") else "[MASK]"}}
 
@@ -183,7 +218,8 @@ class Page:
         query = html.escape(data["run"]["query"])
         return (f"<div class='interactive'><div id='attnlab-map-{i}' class='map'></div>"
                 f"<div id='attnlab-detail-{i}' class='detail'><p class='hint'>Click a cell to see that head's "
-                f"attention from {query} over the tokens of a few trials.</p></div></div>")
+                f"attention from {query} over the tokens of one trial (pick another, or the trial that contributes most).</p>"
+                f"</div></div>")
 
     def add_umap(self, spec: dict) -> str:
         i = len(self.scripts)
@@ -232,15 +268,23 @@ def text_attention_page(run_dir, meta: dict) -> str:
 
 
 STYLE = (".interactive{margin:.5em 0 1.5em}.map{width:100%}.detail{width:100%}.hint{color:#666;font-size:.9em}"
-         ".umap{width:100%}")
+         ".umap{width:100%}.tv-title{font-weight:600;margin:.4em 0}.tv-tokens{line-height:2.1;font-size:.95em;"
+         "max-height:26em;overflow-y:auto;border:1px solid #eee;padding:.4em}.tv-tok{padding:1px 2px;border-radius:3px;"
+         "border:1px solid transparent}.tv-query{outline:2px solid #d95f02}.tv-target{outline:2px solid #1b9e77}"
+         ".tv-other{outline:1px dotted #777}.tv-info{color:#333;margin:.3em 0}")
 
 
 def write_view(run_dir) -> Path:
-    """``RUN_DIR/view.html`` for an induction or UMAP run folder (``attnlab view``)."""
+    """The page of a folder (``attnlab view``): ``view.html`` of an induction or UMAP run folder or of a mosaic
+    folder (every model's interactive map); a report folder's own ``index.html``."""
     run_dir = Path(run_dir)
+    if (run_dir / "report.json").is_file() and (run_dir / "index.html").is_file():
+        return run_dir / "index.html"  # a report: its page is already complete
+    if (run_dir / "mosaic.json").is_file():
+        return _write_mosaic_view(run_dir)
     if not (run_dir / "meta.json").exists():
-        raise InputError(f"{run_dir} holds no finished run (no meta.json); pass a run folder of `attnlab induction` "
-                         "or `attnlab geometry umap`")
+        raise InputError(f"{run_dir} holds no finished run (no meta.json); pass a run folder of `attnlab induction`, "
+                         "`attnlab attention` or `attnlab geometry umap`, a mosaic folder or a report folder")
     meta = finished_meta(run_dir)
     if meta is None:
         raise InputError(f"{run_dir} holds no finished, intact run (its meta.json is malformed or an output changed "
@@ -260,6 +304,37 @@ def write_view(run_dir) -> Path:
                          "--force") from None
     out = run_dir / "view.html"
     write_text(out, page_text)
+    return out
+
+
+def _write_mosaic_view(folder: Path) -> Path:
+    """``FOLDER/view.html`` of a mosaic: each model's interactive induction map (its own run folder's data)."""
+    from attnlab.experiments.jobs import sweep_folders
+    from attnlab.induction.experiment import target_words
+
+    mosaic = read_json(folder / "mosaic.json")
+    try:
+        entries = [e for e in mosaic["entries"] if e.get("status") == "ok"]
+        runs = sweep_folders([e["model"] for e in mosaic["entries"]], folder / "models")
+    except (KeyError, TypeError, AttributeError):
+        raise InputError(f"{folder}/mosaic.json is malformed; rerun the mosaic with --force") from None
+    page, body = Page(), []
+    for i, entry in enumerate(entries):
+        label = model_label(str(entry["model"]))
+        data = induction_run_data(runs[entry["model"]])
+        if data is None:
+            body.append(f"<h2>{html.escape(label)}</h2><p class='hint'>its run folder holds no view data; rerun the "
+                        "mosaic with --force</p>")
+            continue
+        target = entry.get("target") or "prev"
+        title = f"{label}: {target_words(target, bool(entry.get('causal')))}"
+        body.append(f"<h2>{html.escape(title)}</h2>" + page.add_induction(f"m{i}", data, target, title))
+    text = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>induction mosaic of {len(entries)} "
+            f"models - attnlab view</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em "
+            f"auto}}{STYLE}</style>{page.head()}</head><body><h1>Induction mosaic: each model's map</h1>"
+            f"{''.join(body)}{page.tail()}</body></html>\n")
+    out = folder / "view.html"
+    write_text(out, text)
     return out
 
 
@@ -290,10 +365,11 @@ def _view_body(run_dir: Path, meta: dict):
 def add_parser(sub) -> None:
     import argparse
 
-    p = sub.add_parser("view", help="interactive page (view.html) of an induction or UMAP run folder",
+    p = sub.add_parser("view", help="interactive page of a run, mosaic or report folder",
                        description=__doc__.split("Data in the page")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run folder written by `attnlab induction` or `attnlab geometry umap`")
+    p.add_argument("run_dir", help="a run folder of `attnlab induction`, `attention` or `geometry umap`; a mosaic "
+                                   "folder; or a report folder (its index.html)")
     p.set_defaults(func=_run)
 
 

@@ -81,6 +81,10 @@ def induction_map(mean, sem, title: str, path=None, *, outline=(), finding: str 
     width = max(5.0, 0.42 * heads + 2.2)
     height = max(4.2, 0.36 * layers + 1.6)
     fig, axes = plt.subplots(1, 2, figsize=(2 * width, height))
+    # the report shows the figure ~1,070 px wide: 9.5 pt at 150 dpi stays >= 9 px on screen up to 14.6 inches;
+    # wider figures (many heads) get larger type to match
+    k = max(1.0, 2 * width / 14.6)
+    small = 9.5 * k
     finite = mean[np.isfinite(mean)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1e-12
@@ -95,16 +99,18 @@ def induction_map(mean, sem, title: str, path=None, *, outline=(), finding: str 
             value, err = mean[layer, head], sem[layer, head]
             text = f"{value:.2g}" + (f"\n±{err:.1g}" if math.isfinite(err) else "")
             shade = (value - vmin) / (vmax - vmin) if vmax > vmin else 0
-            ax.text(head + 0.5, layer + 0.5, text, ha="center", va="center", fontsize=6.5,
+            ax.text(head + 0.5, layer + 0.5, text, ha="center", va="center", fontsize=small,
                     color="white" if shade > 0.6 else "black", fontweight="bold")
             ax.add_patch(Rectangle((head, layer), 1, 1, fill=False, edgecolor="#d95f02", lw=1.6))
-        ax.set_xlabel("Head", fontsize=12)
-        ax.set_ylabel("Layer", fontsize=12)
-        ax.set_title(label, fontsize=10)
-        ax.set_xticks(np.arange(heads) + 0.5, [str(h) for h in range(heads)], rotation=0, fontsize=8)
-        ax.set_yticks(np.arange(layers) + 0.5, [str(layer) for layer in range(layers)], rotation=0, fontsize=8)
+        ax.set_xlabel("Head", fontsize=12 * k)
+        ax.set_ylabel("Layer", fontsize=12 * k)
+        ax.set_title(label, fontsize=11 * k)
+        ax.set_xticks(np.arange(heads) + 0.5, [str(h) for h in range(heads)], rotation=0, fontsize=small)
+        ax.set_yticks(np.arange(layers) + 0.5, [str(layer) for layer in range(layers)], rotation=0, fontsize=small)
+        ax.collections[0].colorbar.ax.tick_params(labelsize=small)
+        ax.collections[0].colorbar.ax.yaxis.label.set_size(11 * k)
     note = f"\noutlined: {finding}" if outline else (f"\n{finding}" if finding else "")
-    fig.suptitle(title + note, fontsize=11)
+    fig.suptitle(title + note, fontsize=11 * k)
     fig.tight_layout()
     if path is None:
         return fig

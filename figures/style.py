@@ -12,13 +12,28 @@ import matplotlib.pyplot as plt
 from attnlab.core.outputs import atomic_path
 
 
+MIN_TEXT_KEY = "attnlab:min_text_px"  # PNG text chunk: the smallest text's height in the image, in pixels
+
+
+def min_text_px(fig, dpi: int) -> float:
+    """The smallest font size of any visible, non-empty text in ``fig``, in pixels of a PNG saved at ``dpi``.
+    A page that shows the PNG at ``w`` of its ``W`` pixels shows that text at ``min_text_px * w / W`` px: the
+    report's browser test checks that this is at least 9 px."""
+    from matplotlib.text import Text
+
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * dpi / 72 if sizes else float("nan")
+
+
 def save(fig, path, dpi: int = 150, close: bool = True) -> None:
-    """Write ``fig`` as a PNG atomically (tight bounding box); ``close=False`` keeps it for the next frame."""
+    """Write ``fig`` as a PNG atomically (tight bounding box), recording its smallest text size in the PNG's
+    metadata (:data:`MIN_TEXT_KEY`); ``close=False`` keeps it for the next frame."""
     import warnings
 
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # vocabulary tokens in scripts the default font lacks are drawn as boxes; that is not worth a warning
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png",
+                    metadata={MIN_TEXT_KEY: f"{min_text_px(fig, dpi):.2f}"})
     if close:
         plt.close(fig)

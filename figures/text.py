@@ -13,6 +13,10 @@ import numpy as np
 from attnlab.figures.style import plt, save
 
 
+REPORT_WIDTH_IN = 14.6  # inches at 150 dpi that the report shows at ~1,070 px: 9.5 pt stays >= 9 px on screen
+TICK_PT = 9.5
+
+
 @contextmanager
 def _token_text():
     """Tokens in scripts the default font lacks are drawn as boxes; that is not worth a warning per glyph."""
@@ -25,8 +29,8 @@ def _ticks(ax, tokens, every: int, *, x: bool = True, y: bool = True) -> None:
     """Token ticks; labelled only where asked (the outer panels of a grid: every panel shares the tokens)."""
     idx = np.arange(0, len(tokens), every)
     labels = [tokens[i] for i in idx]
-    ax.set_xticks(idx, labels if x else [], rotation=90, fontsize=6)
-    ax.set_yticks(idx, labels if y else [], fontsize=6)
+    ax.set_xticks(idx, labels if x else [], rotation=90, fontsize=TICK_PT)
+    ax.set_yticks(idx, labels if y else [], fontsize=TICK_PT)
 
 
 def plot_attention(folder, meta: dict) -> dict:
@@ -43,12 +47,14 @@ def _plot_attention(folder, meta: dict) -> dict:
     z = np.load(folder / "attention.npz")
     att, tokens = z["attention"], [str(t) for t in z["tokens"].tolist()]
     layers, heads, s, _ = att.shape
-    every = max(1, math.ceil(s / 40))
     cols = min(4, heads)
     rows = math.ceil(heads / cols)
     label = model_label(meta["config"]["model"])
     out = {}
-    size = max(3.0, min(6.0, 0.12 * s + 1.5))
+    # at most REPORT_WIDTH_IN wide, so that the report (about 1,070 px) shows its TICK_PT type at >= 9 px; as many
+    # token ticks as fit at that size
+    size = max(2.5, min(REPORT_WIDTH_IN / cols, 0.12 * s + 1.5))
+    every = max(1, math.ceil(s / max(1, int(size * 72 / (TICK_PT * 1.5)))))
     height = size * rows + 0.6
     # one figure for every layer: its axes, ticks and labels are built once, and each layer only swaps the images
     # and titles (building them was most of the time); a fixed layout, as tight_layout costs a full draw
@@ -66,8 +72,9 @@ def _plot_attention(folder, meta: dict) -> dict:
         for h, (ax, image) in enumerate(zip(axes.flat, images)):
             image.set_data(att[layer, h])
             image.set_clim(0, max(float(att[layer, h].max()), 1e-9))
-            ax.set_title(f"L{layer}H{h}", fontsize=9)
-        fig.suptitle(f"{label}: layer {layer}, attention from each token (rows) to each token (columns)", fontsize=10)
+            ax.set_title(f"L{layer}H{h}", fontsize=TICK_PT)
+        fig.suptitle(f"{label}: layer {layer}, attention from each token (rows) to each token (columns)",
+                     fontsize=TICK_PT + 1.5)
         name = f"attention_L{layer}.png"
         save(fig, folder / name, close=layer == layers - 1)
         out[f"L{layer}"] = name

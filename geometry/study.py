@@ -114,6 +114,18 @@ class ScalingResult:
     timings: dict
 
 
+    def _repr_html_(self) -> str:
+        """Jupyter: every metric's optimal constant c per head (queries x c, keys / c)."""
+        from attnlab.core.notebook import block, heat_table, paragraph
+        from attnlab.geometry.experiment import METRICS
+
+        parts = [paragraph(f"{len(self.sample.texts)} sentences; {self.qk}; optimal c per head, queries x c and "
+                           "keys / c ('-': no optimum).")]
+        for metric in METRICS:
+            best = self.metrics.best(metric).reshape(self.n_layers, self.n_heads).numpy()
+            parts.append(heat_table(best, f"optimal c by {metric}", ".3g"))
+        return block("attnlab geometry scaling", *parts)
+
 def compute_scaling(cfg: GeometryConfig, lm, ctx) -> ScalingResult:
     t0 = time.perf_counter()
     key = data_key(cfg, lm)
@@ -244,6 +256,22 @@ class UMAPResult:
     qk_short: str
     timings: dict
 
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the framed (optimal) panel, queries green and keys orange."""
+        import matplotlib.pyplot as plt
+
+        from attnlab.core.notebook import block, figure_png
+
+        c = min(self.shown, key=lambda x: abs(np.log(x / self.optimum))) if self.optimum and self.optimum > 0 \
+            else self.shown[len(self.shown) // 2]
+        emb = self.embeddings[f"c_{c:g}"]
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(emb[self.n_queries:, 0], emb[self.n_queries:, 1], s=3, c="#d95f02", alpha=0.6, label="keys")
+        ax.scatter(emb[:self.n_queries, 0], emb[:self.n_queries, 1], s=3, c="#1b9e77", alpha=0.6, label="queries")
+        ax.set_xticks([]), ax.set_yticks([]), ax.legend(fontsize=8, markerscale=3)
+        ax.set_title(f"L{self.layer}H{self.head}, c = {c:g}", fontsize=10)
+        return block("attnlab geometry umap", figure_png(fig))
 
 def check_umap(cfg: UMAPConfig, lm, ctx) -> None:
     check_head(cfg.layer, cfg.head, lm.n_layers, lm.n_heads)  # before the forward pass

@@ -19,7 +19,8 @@ from attnlab.induction.protocols import make_protocol, token_spec_for
 from attnlab.induction.scores import InductionScores, TargetStats, induction_scores, target_stats, top_heads, verdict
 from attnlab.induction.variants import RRTBatch, build_batch, build_null, check_length, get_variant
 
-VIEW_TRIALS = 3  # trials whose full query attention rows are kept for the interactive view
+VIEW_TRIALS = 6  # trials whose full query attention rows are kept for the interactive view (plus, per head,
+# the trial that contributes most)
 SCORES_HEADER = ["model", "variant", "protocol", "target", "layer", "head", "mean", "sem", "ci_low", "ci_high",
                  "chance", "null_mean", "lift", "top_trial_share", "named", "n_trials", "share_r0"]
 
@@ -45,6 +46,25 @@ class InductionResult:
         quirk = self.batch.quirk
         return None if quirk is None else float(quirk.float().mean())
 
+    def _repr_html_(self) -> str:
+        """Jupyter: each target's verdict and layers x heads map of mean attention (named heads framed)."""
+        from attnlab.core.notebook import block, heat_table, paragraph
+        from attnlab.induction.experiment import query_words, target_words
+        from attnlab.induction.scores import VERDICT_RULE, verdict, verdict_line
+
+        cfg = self.config
+        from attnlab.core.names import model_label
+
+        parts = [paragraph(f"{model_label(cfg.model)}: {cfg.variant} RRT, n = {self.seq_len}, {self.scores.n_trials} trials; "
+                           f"attention from {query_words(self.causal)} to each target.")]
+        for target, st in self.stats.items():
+            v = verdict(st, cfg.min_lift)
+            named = [tuple(int(x) for x in name[1:].split("H")) for name in v["heads"]]  # "L9H0" -> (9, 0)
+            parts.append(heat_table(st.mean, f"{target}: {target_words(target, self.causal)}", ".3f", named,
+                                    f"{verdict_line(target, v)}; chance {st.chance:.3g}"))
+        parts.append(paragraph("Framed: the heads the verdict names (" + VERDICT_RULE.format(min_lift=cfg.min_lift) + ")."))
+        return block("attnlab induction", *parts)
+
 
 def check_trials_fit(trials: int, seq: int, n_layers: int, n_heads: int, n_targets: int) -> None:
     """Token ids (a few copies, trials and null) and the per-target scores must fit in memory."""
@@ -52,15 +72,19 @@ def check_trials_fit(trials: int, seq: int, n_layers: int, n_heads: int, n_targe
     check_fits(trials * per_trial, f"{trials} trials of {seq} tokens", per_trial, "trials")
 
 
-def _view_tokens(lm, batch, n: int) -> dict:
+def _view_tokens(lm, batch, n: int, top: dict | None = None) -> dict:
+    """The text the view shows: the first ``n`` trials' tokens, and every token of those trials and of the trials
+    that contribute most to a head (``top``) as a small vocabulary (``view_vocab_ids`` -> ``view_vocab_tokens``)."""
+    def text(ids):
+        return lm.tokenizer.convert_ids_to_tokens(ids) if lm.tokenizer is not None else [str(i) for i in ids]
+
     ids = batch.input_ids[:n]
-    if lm.tokenizer is not None:
-        tokens = [lm.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
-        masked = lm.tokenizer.convert_ids_to_tokens(batch.masked_token[:n].tolist())
-    else:
-        tokens = [[str(i) for i in row.tolist()] for row in ids]
-        masked = [str(i) for i in batch.masked_token[:n].tolist()]
-    return {"view_tokens": tokens, "view_masked": masked}
+    tokens = [text(row.tolist()) for row in ids]
+    masked = text(batch.masked_token[:n].tolist())
+    trials = set(range(n)) | {int(t) for which, _ in (top or {}).values() for t in which.flatten().tolist()}
+    chosen = sorted(trials)
+    used = sorted(set(batch.input_ids[chosen].flatten().tolist()) | set(batch.masked_token[chosen].tolist()))
+    return {"view_tokens": tokens, "view_masked": masked, "view_vocab_ids": used, "view_vocab_tokens": text(used)}
 
 
 def compute(cfg: InductionConfig, lm, ctx=None, *, keep_rows: int = VIEW_TRIALS) -> InductionResult:
@@ -79,7 +103,8 @@ def compute(cfg: InductionConfig, lm, ctx=None, *, keep_rows: int = VIEW_TRIALS)
     stats = {t: target_stats(scores.per_trial[t].numpy(), scores.null_per_trial[t].numpy(), scores.chance.numpy(),
                              cfg.seed) for t in scores.per_trial}
     kept = 0 if scores.rows is None else scores.rows.shape[0]
-    return InductionResult(cfg, batch, null_ids, scores, stats, n, seq, lm.is_causal, _view_tokens(lm, batch, kept),
+    return InductionResult(cfg, batch, null_ids, scores, stats, n, seq, lm.is_causal,
+                           _view_tokens(lm, batch, kept, scores.top),
                            {"extract_s": round(time.perf_counter() - t1, 3)})
 
 
@@ -105,7 +130,8 @@ def save(folder: Path, result: InductionResult, ctx=None) -> list[str]:
     batch, scores = result.batch, result.scores
     write_csv(folder / "scores.csv", SCORES_HEADER, score_rows(result))
     arrays = {"input_ids": batch.input_ids.numpy(), "null_input_ids": result.null_ids.numpy(),
-              "mask_index": batch.mask_index.numpy(), "chance": scores.chance.numpy()}
+              "mask_index": batch.mask_index.numpy(), "masked_token": batch.masked_token.numpy(),
+              "chance": scores.chance.numpy()}
     if batch.quirk is not None:
         arrays["quirk"] = batch.quirk.numpy()
     for target, pos in batch.targets.items():
@@ -116,6 +142,11 @@ def save(folder: Path, result: InductionResult, ctx=None) -> list[str]:
         arrays["view_rows"] = scores.rows.numpy().astype(np.float16)
         arrays["view_tokens"] = np.array(result.tokens["view_tokens"], dtype=np.str_)
         arrays["view_masked"] = np.array(result.tokens["view_masked"], dtype=np.str_)
+        arrays["view_vocab_ids"] = np.array(result.tokens["view_vocab_ids"], dtype=np.int64)
+        arrays["view_vocab_tokens"] = np.array(result.tokens["view_vocab_tokens"], dtype=np.str_)
+    for target, (which, row) in (scores.top or {}).items():  # per head: the trial that contributes most
+        arrays[f"top_trial_{target}"] = which.numpy().astype(np.int64)
+        arrays[f"top_rows_{target}"] = row.numpy().astype(np.float16)
     with atomic_path(folder / "trials.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     return ["scores.csv", "trials.npz"]

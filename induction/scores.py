@@ -36,12 +36,15 @@ VERDICT_RULE = ("named when lift = mean - null >= {min_lift:g}, the 95% CI's low
 class InductionScores:
     """per_trial and null_per_trial: target -> ``[T, L, H]`` attention on the trials and on their control
     sequences; chance: ``[T]`` uniform attention's share per key for each trial's query; rows: the full query
-    attention rows ``[k, L, H, S]`` of the first ``k`` trials when asked for (``keep_rows``), else None."""
+    attention rows ``[k, L, H, S]`` of the first ``k`` trials when asked for (``keep_rows``), else None;
+    top: target -> (``[L, H]`` the trial with the most attention on the target, ``[L, H, S]`` that trial's row
+    of that head) - the trial that contributes most to each head's mean, for the view (with ``keep_rows``)."""
 
     per_trial: dict[str, torch.Tensor]
     null_per_trial: dict[str, torch.Tensor] | None
     chance: torch.Tensor
     rows: torch.Tensor | None = None
+    top: dict | None = None
 
     @property
     def n_trials(self) -> int:
@@ -103,6 +106,7 @@ def _read_targets(model, ids, batch: RRTBatch, *, batch_size, progress, trials_p
     n = ids.shape[0]
     parts = {name: [] for name in batch.targets}
     kept = None
+    top: dict = {}  # target -> (best value [L, H], its trial [L, H], its row [L, H, S])
     starts = range(0, n, trials_per_pass)
     if progress:
         from attnlab.core.progress import bar
@@ -116,8 +120,20 @@ def _read_targets(model, ids, batch: RRTBatch, *, batch_size, progress, trials_p
             kept = att[:keep_rows].clone()
         trial = torch.arange(e - s)
         for name, pos in batch.targets.items():
-            parts[name].append(att[trial, :, :, pos[s:e]])  # [t, L, H]
-    return {name: torch.cat(p) for name, p in parts.items()}, kept
+            values = att[trial, :, :, pos[s:e]]  # [t, L, H]
+            parts[name].append(values)
+            if keep_rows:  # strictly greater: the earliest trial wins ties, as an argmax over all trials would
+                best, which = values.max(0)
+                row = att.gather(0, which[None, :, :, None].expand(1, *att.shape[1:]))[0]  # [L, H, S]
+                if name not in top:
+                    top[name] = (best, which + s, row.clone())
+                else:
+                    old_best, old_which, old_row = top[name]
+                    better = best > old_best
+                    top[name] = (torch.where(better, best, old_best), torch.where(better, which + s, old_which),
+                                 torch.where(better[..., None], row, old_row))
+    top = {name: (which, row) for name, (_, which, row) in top.items()} if keep_rows else None
+    return {name: torch.cat(p) for name, p in parts.items()}, kept, top
 
 
 def induction_scores(model, batch: RRTBatch, *, null_ids: torch.Tensor | None = None, batch_size=None,
@@ -127,17 +143,18 @@ def induction_scores(model, batch: RRTBatch, *, null_ids: torch.Tensor | None = 
 
     Trials stream through the extractor ``trials_per_pass`` at a time and only the target entries are kept,
     so memory holds ``[T, L, H]`` per target, never the ``[T, L, H, S]`` rows - except the full rows of the
-    first ``keep_rows`` trials (for the interactive view), taken from the first pass.
+    first ``keep_rows`` trials (for the interactive view), taken from the first pass, and per head and target the
+    row of the trial that contributes most (``top``).
     """
     from attnlab.core.models import as_loaded
 
     lm = as_loaded(model)
     kwargs = dict(batch_size=batch_size, progress=progress, trials_per_pass=trials_per_pass)
-    per_trial, kept = _read_targets(lm, batch.input_ids, batch, keep_rows=keep_rows, desc="induction", **kwargs)
+    per_trial, kept, top = _read_targets(lm, batch.input_ids, batch, keep_rows=keep_rows, desc="induction", **kwargs)
     null = None
     if null_ids is not None:
-        null, _ = _read_targets(lm, null_ids, batch, keep_rows=0, desc="induction null", **kwargs)
-    return InductionScores(per_trial, null, chance_levels(batch, lm.is_causal), kept)
+        null, _, _ = _read_targets(lm, null_ids, batch, keep_rows=0, desc="induction null", **kwargs)
+    return InductionScores(per_trial, null, chance_levels(batch, lm.is_causal), kept, top)
 
 
 def head_name(layer: int, head: int) -> str:

@@ -75,16 +75,37 @@ def test_view_hover_shows_scores_and_click_draws_tokens(browser, tmp_path):
     assert f"± {float(expected['sem']):.4f}" in hover and "n = 6 trials" in hover
     assert float(expected["mean"]) > 0.9  # the planted head
     page.mouse.click(at["x"], at["y"])
-    page.wait_for_function("document.getElementById('attnlab-detail-0').classList.contains('js-plotly-plot')",
-                           timeout=5000)
-    drawn = page.evaluate("""() => { const gd = document.getElementById('attnlab-detail-0');
-        return {n: gd.data.length, tokens: gd.data[0].text, y: gd.data[0].y,
-                marks: gd.layout.annotations.map(a => a.text)}; }""")
-    assert drawn["n"] == 3 and "[MASK]" in drawn["tokens"] and "[CLS]" in drawn["tokens"]
-    assert {"[MASK] (query)", "prev", "before", "after"} <= set(drawn["marks"])
-    assert max(drawn["y"]) > 0.8  # the planted head's attention to the previous instance, drawn
+    page.wait_for_selector("#attnlab-detail-0 .tv-tok", timeout=5000)
+    drawn = _token_view(page, 0)
+    # tokens as text, the query marked and showing the token it hides, the target framed
+    assert "[CLS]" in drawn["tokens"] and any(t.startswith("[MASK] (") for t in drawn["tokens"])
+    assert len(drawn["query"]) == 1 and drawn["query"][0].startswith("[MASK]") and len(drawn["target"]) == 1
+    # the planted head gives ~all its attention to the previous instance: darkest there, value in the tooltip
+    assert drawn["target"][0] == drawn["tokens"][drawn["darkest"]]
+    value = float(drawn["titles"][drawn["darkest"]].split("attention ")[1])
+    z = np.load(out / "trials.npz")
+    assert abs(value - float(z["view_rows"][0, 0, 0].max())) < 1e-3  # float16 in the page, not 1/255 steps
+    assert len(drawn["trials"]) == 6 + 1 and "contributes most" in drawn["trials"][-1]
+    # the trial that contributes most, one click away: its attention on the target is the largest of all trials
+    page.click("#attnlab-detail-0 .tv-top")
+    info = page.evaluate("document.querySelector('#attnlab-detail-0 .tv-info').textContent")
+    best = int(np.argmax(z["attention_prev"][:, 0, 0]))
+    assert info.startswith(f"trial {best + 1} of 6") and f"{z['attention_prev'][best, 0, 0]:.3g}"[:4] in info
     assert errors == []
     page.close()
+
+
+def _token_view(page, i):
+    """What the token view under map ``i`` shows: token texts, the query's and target's, the darkest token."""
+    return page.evaluate(r"""(i) => { const box = document.getElementById('attnlab-detail-' + i);
+        const toks = Array.from(box.querySelectorAll('.tv-tok'));
+        const alpha = s => parseFloat((s.style.background.match(/rgba\([^)]*,\s*([0-9.]+)\)/) || [0, 0])[1]);
+        let darkest = 0; toks.forEach((s, k) => { if (alpha(s) > alpha(toks[darkest])) darkest = k; });
+        return {tokens: toks.map(s => s.textContent), titles: toks.map(s => s.title),
+                query: toks.filter(s => s.classList.contains('tv-query')).map(s => s.textContent),
+                target: toks.filter(s => s.classList.contains('tv-target')).map(s => s.textContent),
+                title: box.querySelector('.tv-title').textContent, darkest: darkest,
+                trials: Array.from(box.querySelectorAll('select')[0].options).map(o => o.text)}; }""", i)
 
 
 def test_report_page_loads_clean_with_interactive_maps_and_umap(browser, tmp_path, bert_tokenizer):
@@ -99,9 +120,31 @@ def test_report_page_loads_clean_with_interactive_maps_and_umap(browser, tmp_pat
     if paper.is_dir():
         args += ["--paper-figures", str(paper)]
     assert main(args) == 0
+    assert main(["view", str(out)]) == 0 and not (out / "view.html").exists()  # a report folder: its own page
     if paper.is_dir():  # each figure beside the paper's, copied into the report folder
         assert (out / "paper" / "ind_score_rrt.png").is_file()
-        assert "src='paper/ind_score_rrt.png'" in (out / "index.html").read_text()
+        assert "data-file='paper/ind_score_rrt.png'" in (out / "index.html").read_text()
+    # index.html copied alone into an empty folder is complete: every image (ours and the paper's) loads
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copyfile(out / "index.html", alone / "index.html")
+    page, errors = _open(browser, alone / "index.html")
+    images = page.evaluate("Array.from(document.images).map(i => [i.complete && i.naturalWidth > 0, i.alt])")
+    assert len(images) >= 2 + paper.is_dir() and all(ok for ok, _ in images), images
+    assert all(len(alt) > 40 for _, alt in images)  # alt text says what the figure shows, not just its id
+    # legible as shown: each figure's smallest text (recorded in its PNG) at the width the page gives the image
+    from PIL import Image
+
+    from attnlab.figures.style import MIN_TEXT_KEY
+
+    shown = page.evaluate("Array.from(document.images).map(i => [i.dataset.file, i.clientWidth, i.naturalWidth])")
+    for name, width, natural in shown:
+        if name.startswith("paper/"):
+            continue
+        smallest = float(Image.open(out / name).info[MIN_TEXT_KEY]) * width / natural
+        assert smallest >= 9, (name, smallest)
+    assert errors == []
+    page.close()
     page, errors = _open(browser, out / "index.html")
     page.wait_for_timeout(500)
     assert errors == []
@@ -133,12 +176,12 @@ def test_view_of_a_causal_run_names_its_query(browser, tmp_path):
     assert errors == []
     at = _cell(page, "attnlab-map-0", 0, 0)
     page.mouse.click(at["x"], at["y"])
-    page.wait_for_function("document.getElementById('attnlab-detail-0').classList.contains('js-plotly-plot')",
-                           timeout=5000)
-    drawn = page.evaluate("""() => { const gd = document.getElementById('attnlab-detail-0');
-        return {title: gd.layout.title.text, marks: gd.layout.annotations.map(a => a.text), y: gd.data[0].y}; }""")
+    page.wait_for_selector("#attnlab-detail-0 .tv-tok", timeout=5000)
+    drawn = _token_view(page, 0)
     assert "attention from the repeated token" in drawn["title"] and "[MASK]" not in drawn["title"]
-    assert {"the repeated token (query)", "prev", "after"} <= set(drawn["marks"])
+    assert not any("[MASK]" in t for t in drawn["tokens"]) and len(drawn["query"]) == 1
+    legend = page.evaluate("document.querySelector('#attnlab-detail-0 .hint').textContent")
+    assert "the query (the repeated token)" in legend and "[MASK]" not in legend
     assert errors == []
     page.close()
 
@@ -179,10 +222,11 @@ def test_a_hostile_vocabulary_and_model_name_run_no_script(browser, tmp_path, be
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         at = _cell(page, "attnlab-map-0", 0, 0)
         page.mouse.click(at["x"], at["y"])  # draws the token view, full of hostile tokens
-        page.wait_for_function("document.getElementById('attnlab-detail-0').classList.contains('js-plotly-plot')",
-                               timeout=5000)
-        tokens = page.evaluate("document.getElementById('attnlab-detail-0').data[0].text")
+        page.wait_for_selector("#attnlab-detail-0 .tv-tok", timeout=5000)
+        tokens = _token_view(page, 0)["tokens"]
         assert any("__pwned" in t for t in tokens)
+        page.click("#attnlab-detail-0 .tv-top")  # and the trial that contributes most, also hostile
+        assert any("__pwned" in t for t in _token_view(page, 0)["tokens"])
         page.mouse.move(at["x"], at["y"] + 1)
         page.wait_for_timeout(300)
         assert page.evaluate("window.__pwned") is None and not dialogs and errors == [], (path, errors)

@@ -50,3 +50,20 @@ def test_icl_histogram_has_integer_counts_ci_lines_and_the_paper_mean():
     from matplotlib.patches import Polygon
 
     assert not any(isinstance(p, Polygon) for p in ax.patches)
+
+
+def test_induction_maps_stay_legible_at_the_reports_width(tmp_path):
+    """The report shows a map about 1,070 px wide: its smallest text (the named heads' annotations, the ticks) must
+    be at least 9 px there, for 12 heads and for 32 (a wider figure gets larger type)."""
+    from PIL import Image
+
+    from attnlab.figures.heatmap import induction_map
+    from attnlab.figures.style import MIN_TEXT_KEY
+
+    for layers, heads in ((12, 12), (24, 32)):
+        mean = np.random.default_rng(0).uniform(0, 0.5, (layers, heads))
+        path = tmp_path / f"map{heads}.png"
+        induction_map(mean, mean / 10, "planted", path, outline=[(1, 2), (3, 4)], finding="two heads")
+        image = Image.open(path)
+        smallest = float(image.info[MIN_TEXT_KEY]) * min(1.0, 1070 / image.size[0])
+        assert smallest >= 9, (heads, smallest)

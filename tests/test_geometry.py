@@ -480,3 +480,23 @@ def test_optima_csv_has_a_stability_column(tmp_path, bert_tokenizer):
     rows = list(csv.DictReader(open(tmp_path / "s" / "optima.csv")))
     values = [float(r["stability"]) for r in rows if r["stability"]]
     assert values and all(0 <= v <= 1 for v in values) and any(v in (0.25, 0.5, 0.75, 1.0) for v in values)
+
+
+def test_results_render_in_a_notebook(tiny_lm_with_tokenizer):
+    """Jupyter: the scaling result shows every metric's optima (the numbers of ``best``); the UMAP result its
+    framed panel as an embedded PNG."""
+    import re
+
+    from attnlab.core.runs import RunContext
+    from attnlab.geometry.study import compute_scaling, compute_umap
+
+    lm, ctx = tiny_lm_with_tokenizer, RunContext(docs=DOCS, progress=False)
+    result = compute_scaling(GeometryConfig(model="tiny-gpt2", sentences=12, seed=0, bootstrap=0), lm, ctx)
+    page = result._repr_html_()
+    for metric in ("weighted_corr", "scaled_weighted_corr", "norm_ratio"):
+        table = page[page.index(f"optimal c by {metric}"):]
+        cells = re.findall(r"<td[^>]*>([^<]*)</td>", table[:table.index("</table>")])
+        best = result.metrics.best(metric).numpy()
+        assert cells == ["-" if not np.isfinite(v) else f"{v:.3g}" for v in best]
+    umap = compute_umap(UMAPConfig(model="tiny-gpt2", sentences=12, layer=1, head=2, max_points=40), lm, ctx)
+    assert "data:image/png;base64," in umap._repr_html_()

@@ -122,12 +122,22 @@ def test_outputs_and_reuse(tmp_path):
     assert row["sem"] == pytest.approx(z["attention_prev"][:, 0, 0].std(ddof=1) / np.sqrt(6), abs=1e-6)
     assert json.loads((tmp_path / "meta.json").read_text())["config"]["seed"] == 1
     # the interactive view's rows are the scored rows: read at a target they give that target's scores
-    rows = z["view_rows"].astype(np.float32)  # [3, L, H, S]
+    rows = z["view_rows"].astype(np.float32)  # [6, L, H, S]: VIEW_TRIALS (6 of the 6 trials here)
     for t in range(rows.shape[0]):
         for target in ("prev", "before", "after"):
             np.testing.assert_allclose(rows[t, :, :, z[f"target_index_{target}"][t]], z[f"attention_{target}"][t],
                                        atol=2e-3)  # float16 storage
-    assert z["view_tokens"].shape == (3, 52) and z["view_masked"].shape == (3,)
+    assert z["view_tokens"].shape == (6, 52) and z["view_masked"].shape == (6,)
+    # per head and target, the trial that contributes most: the argmax over all trials, and its row of that head
+    for target in ("prev", "before", "after"):
+        scores, which, top = z[f"attention_{target}"], z[f"top_trial_{target}"], z[f"top_rows_{target}"]
+        np.testing.assert_array_equal(which, scores.argmax(0))
+        for layer in range(2):
+            for head in range(2):
+                t = which[layer, head]
+                np.testing.assert_array_equal(top[layer, head], z["view_rows"][t, layer, head])
+    assert set(z["input_ids"][:6].ravel()) <= set(z["view_vocab_ids"]) and len(z["view_vocab_tokens"]) == len(
+        z["view_vocab_ids"])
     again = run_experiment(INDUCTION, cfg, tmp_path, lm=lm)  # the same model (by content): finished work is reused
     assert again["reused"] and again["reuse_key"] == meta["reuse_key"]
 
@@ -300,3 +310,20 @@ def test_one_outlier_trial_is_flagged_and_kept_out_of_the_verdict():
     v = verdict(stats, 0.05)
     assert v["heads"] == ["L0H1"]  # the outlier head's mean 0.095 passes the lift, but one trial is all of it
     assert stats.mean[0, 0] == pytest.approx(0.095) and stats.lift[0, 0] > 0.05
+
+
+def test_the_top_trial_is_the_same_however_trials_are_streamed():
+    """The trial that contributes most (per head and target) and its row do not depend on how many trials go
+    through the extractor at a time: the running maximum over passes equals the argmax over all trials."""
+    from attnlab.induction.protocols import token_spec_for
+    from planted import planted_induction_circuit
+
+    lm = wrap_model(planted_induction_circuit())
+    protocol = make_protocol("clean", token_spec_for(lm))
+    batch = build_batch(get_variant("standard"), protocol, 9, 20, 3, max_positions=lm.max_positions)
+    whole = induction_scores(lm, batch, keep_rows=2)
+    streamed = induction_scores(lm, batch, keep_rows=2, trials_per_pass=2)
+    for target, (which, row) in whole.top.items():
+        np.testing.assert_array_equal(which.numpy(), whole.per_trial[target].argmax(0).numpy())
+        np.testing.assert_array_equal(streamed.top[target][0].numpy(), which.numpy())
+        torch.testing.assert_close(streamed.top[target][1], row)

@@ -65,6 +65,13 @@ def test_mosaic_draws_every_model_that_runs_and_lists_the_failures(zoo, tmp_path
     again = json.loads((out / "mosaic.json").read_text())
     assert [e["map"] for e in again["entries"]] == [e["map"] for e in first["entries"]]
     assert all(e["reused"] for e in again["entries"] if e["status"] == "ok")
+    # `attnlab view` opens the mosaic: one interactive map per model that ran, each with its own run's data
+    capsys.readouterr()
+    assert main(["view", str(out)]) == 0
+    page = (out / "view.html").read_text()
+    assert f"wrote {out / 'view.html'}" in capsys.readouterr().out
+    assert page.count("class='interactive'") == 3 and "<title>induction mosaic of 3 models" in page
+    assert "prefix matching" in page and "previous instance of the masked token" in page  # causal and masked
 
 
 def test_mosaic_with_no_model_that_runs_fails_with_the_reasons(tmp_path, capsys):

@@ -30,6 +30,15 @@ class TextAttention:
     finder: dict | None
 
 
+    def _repr_html_(self) -> str:
+        """Jupyter: per layer, the text shaded by the attention each token receives (mean over heads and queries)."""
+        from attnlab.core.notebook import block, paragraph, token_strip
+
+        received = self.attention.mean(axis=(1, 2))  # [L, S]
+        parts = [paragraph("Each token shaded by the attention it receives, averaged over heads and queries.")]
+        parts += [token_strip(self.tokens, received[layer], f"L{layer}") for layer in range(received.shape[0])]
+        return block("attnlab attention", *parts)
+
 def tokenize(lm, text: str) -> tuple[list[int], list[str]]:
     """The text as the model sees it: its tokenizer, its special tokens; a one-line error when it is too long."""
     if lm.tokenizer is None:
