@@ -42,7 +42,8 @@ class HeadsConfig:
 
 @dataclass
 class AblationConfig:
-    model: str = model_option("bert-base-uncased", "masked LM: Hub id or local folder")
+    model: str = model_option("bert-base-uncased", "a model with its LM head (masked or causal): Hub id or local "
+                              "folder")
     heads: str = option("", "heads to ablate together, e.g. L9H0,L10H9")
     scan: bool = option(False, "ablate every head alone (task rrt)")
     mode: str = option("zero", "zero, or mean (each head's mean output over a reference batch)",
@@ -137,8 +138,9 @@ ABLATE = Experiment(
     help="ablate heads (or scan every head) and measure a task",
     description="""Does the model *use* a head? Ablate it and measure a task.
 
-Tasks: rrt (masked LMs): the in-context copying gain (cross-entropy of a token masked in the first copy minus in
-the second), the second copy's cross-entropy and top-1 accuracy; icl: the ICL score (masked-token protocol: loss
+Tasks: rrt: the in-context copying gain (masked LMs: cross-entropy of a token masked in the second copy's control
+- the same position with the first copy redrawn - minus in the second copy; decoders: next-token loss on the
+first copy minus the second), the second copy's cross-entropy and top-1 accuracy; icl: the ICL score (masked-token protocol: loss
 with 50 tokens of context minus with 500). Modes: zero, or mean (each head's mean output over a reference batch:
 fresh RRT trials with another seed for rrt, the 500-token contexts for icl).
 

@@ -96,25 +96,27 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
             scores[name] = detected[name][2].numpy()
             chance[name] = detected[name][1]
     has_head = lm.has_lm_head and lm.lm_head() is not None
-    bert_style = lm.arch.bert_layers is not None  # DLA and the scan follow a post-LN BERT-style (masked LM) encoder
-    if has_head and bert_style and not lm.is_causal:
-        from attnlab.circuits.attribution import direct_logit_attribution
+    bert_style = lm.arch.bert_layers is not None  # DLA follows a post-LN BERT-style (masked LM) encoder
+    if has_head:
         from attnlab.circuits.tasks import rrt_metrics, rrt_task, scan_rrt
 
-        task = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed)
-        scores["dla"] = direct_logit_attribution(lm, task.ids_second, task.pos_second, task.token).mean(0).numpy()
-        if cfg.ablation:
+        task = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed)  # masked LMs: one masked token; decoders: X X
+        if bert_style and not lm.is_causal:
+            from attnlab.circuits.attribution import direct_logit_attribution
+
+            scores["dla"] = direct_logit_attribution(lm, task.ids_second, task.pos_second, task.token).mean(0).numpy()
+        else:
+            notes.append(f"dla follows a BERT-style masked-LM encoder layer by layer; {lm.model_type} is not one, so "
+                         "it was skipped")
+        if cfg.ablation:  # each head zeroed alone (decoders and other encoders: one forward pass per head)
             base = rrt_metrics(lm, task)["copying_gain"]
             scanned = scan_rrt(lm, task, progress=getattr(ctx, "progress", False))
             delta = np.zeros((lm.n_layers, lm.n_heads))
             for (layer, head), m in scanned.items():
                 delta[layer, head] = float((m["copying_gain"] - base).mean())
             scores["ablation_copying_gain"] = delta
-    elif not has_head:
-        notes.append("no LM head: dla and ablation_copying_gain need one and were skipped")
     else:
-        notes.append(f"dla and ablation_copying_gain follow a BERT-style masked-LM encoder layer by layer; "
-                     f"{lm.model_type} is not one, so they were skipped (the weight and pattern scores are complete)")
+        notes.append("no LM head: dla and ablation_copying_gain need one and were skipped")
     for name, values in scores.items():
         if not np.isfinite(values).all():
             raise InputError(f"model '{lm.name}' gave non-finite {name} scores; its weights may hold NaN or inf")

@@ -126,3 +126,16 @@ def _load_hf(spec: str, limit):
             f"{str(exc).splitlines()[0] if str(exc) else ''}. If this machine is offline, pass a local corpus "
             "instead (a .jsonl/.jsonl.gz with a 'text' field, or a folder of .txt files)"
         ) from exc
+
+
+def offline_default(spec: str) -> str:
+    """``spec``, except that the default Hub corpus becomes the shared Simple Wikipedia file beside the checkout
+    when the Hub does not answer and that file is there (a fresh offline machine still gets real text)."""
+    if spec != DEFAULT_CORPUS:
+        return spec
+    from attnlab.core.models import hub_reachable
+
+    local = Path(__file__).resolve().parents[2] / "shared" / "data" / "simplewiki" / "articles-400.jsonl.gz"
+    if local.is_file() and not hub_reachable():
+        return str(local)
+    return spec

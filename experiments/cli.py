@@ -23,6 +23,7 @@ TOOL_MODULES = [
     "attnlab.experiments.mosaic",
     "attnlab.experiments.view",
     "attnlab.experiments.info",
+    "attnlab.experiments.organisms",
 ]
 
 _LOADED_PLUGINS: set = set()

@@ -58,6 +58,7 @@ class Settings:
     force: bool = False
     geometry_protocol: str = "text"
     paper_figures: str | None = None
+    organism: str | None = None  # a trained organism's folder (default: the cache's, see experiments/organisms.py)
     reused: int = 0  # filled in by reproduce(): experiments reused from an earlier run
     advice: str | None = None  # filled in by reproduce(): how to supply missing weights, said once
 
@@ -516,6 +517,10 @@ def _reproduce(settings: Settings, only: list[str] | None, say):
         sections.append(_patterns_section(runner))
         sections.append(_heads_section(runner))
         sections += _text_sections(runner)
+    if not only:
+        from attnlab.experiments.organisms import organism_folder, organism_sections
+
+        sections += organism_sections(runner, organism_folder(settings.organism))
     sizes = [(r.model_used, r.meta) for r in results if r.id.startswith("figure9") and r.meta is not None]
     if len(sizes) >= 2:
         sections.append(_sizes_section(settings, sizes))
@@ -749,22 +754,18 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="recompute every experiment, even finished ones (default: off)")
     p.add_argument("--paper-figures", default=None,
                    help="folder of the paper's figure images, shown beside ours in index.html (default: none)")
+    p.add_argument("--organism", default=None,
+                   help="folder of a model organism trained by `attnlab train --recipe induction-causal` (default: "
+                        "$ATTNLAB_CACHE/organisms/induction-causal, ~/.cache/attnlab when unset)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: off)")
     add_runtime_args(p)
     p.set_defaults(func=_run)
 
 
 def _corpus_default(args) -> str:
-    """The Hub corpus when the Hub answers; else the shared Simple Wikipedia file when it sits beside the
-    checkout (a fresh offline machine still gets Figures 2-4)."""
-    if args.corpus != DEFAULT_CORPUS:
-        return args.corpus
-    from attnlab.core.models import hub_reachable
+    from attnlab.core.corpus import offline_default
 
-    local = Path(__file__).resolve().parents[2] / "shared" / "data" / "simplewiki" / "articles-400.jsonl.gz"
-    if not hub_reachable() and local.is_file():
-        return str(local)
-    return args.corpus
+    return offline_default(args.corpus)
 
 
 def _run(args) -> int:
@@ -787,7 +788,7 @@ def _run(args) -> int:
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                         progress=not args.no_progress, command="attnlab " + shlex.join(args.argv),
                         fallback=not args.no_fallback, force=args.force, geometry_protocol=args.geometry_protocol,
-                        paper_figures=args.paper_figures)
+                        paper_figures=args.paper_figures, organism=args.organism)
     results = reproduce(settings, only, say=lambda line: print(line, file=sys.stderr))
     ran = [r for r in results if not getattr(r, "earlier", False)]
     failed = [r for r in ran if r.error]

@@ -4,11 +4,12 @@ by what ablation costs)."""
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 
-from attnlab.figures.style import plt, save
+from attnlab.figures.style import centred_ticks, plt, save
 
 LABELS = {
     "ov_copying": "OV copying score", "prefix_matching": "prefix matching (minus chance)",
@@ -32,9 +33,11 @@ def score_maps(scores: dict, title: str, path=None):
         extent = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
         mesh = ax.pcolormesh(values, cmap="RdBu_r", vmin=-(extent or 1), vmax=extent or 1)
         ax.set_ylim(layers, 0)
-        ax.set_title(LABELS.get(name, name.replace("_", " ")), fontsize=9)
+        # wrapped to the panel's width so that a long title never runs into its neighbour
+        ax.set_title(textwrap.fill(LABELS.get(name, name.replace("_", " ")), 38), fontsize=9)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
+        centred_ticks(ax, layers, heads)
         ax.tick_params(labelsize=7)
         fig.colorbar(mesh, ax=ax, shrink=0.8)
     fig.suptitle(title, fontsize=11)

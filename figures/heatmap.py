@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import seaborn as sns
 
-from attnlab.figures.style import plt, save
+from attnlab.figures.style import centred_ticks, plt, save
 
 
 def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", cbar_label=None,
@@ -143,8 +145,9 @@ def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean at
                              edgecolors="white", linewidth=0.3 if heads * layers <= 1200 else 0)
         ax.set_ylim(1, 0)
         extra = f"\n{subtitles[i]}" if subtitles else ""
-        ax.set_title(f"{label}\n{layers} layers x {heads} heads{extra}", fontsize=9)
+        ax.set_title(f"{textwrap.fill(label, 30)}\n{layers} layers x {heads} heads{extra}", fontsize=9)
         ax.set_xlabel("head")
+        centred_ticks(ax, layers, heads, depth=True, most=8)
         if outlines is not None:
             cells = outlines[i]
         else:
@@ -152,7 +155,7 @@ def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean at
         for layer, head in cells:
             ax.add_patch(Rectangle((head, layer / layers), 1, 1 / layers, fill=False, edgecolor="#d95f02", lw=1.5))
         if i % ncols == 0:
-            ax.set_ylabel("relative depth (layer / layers)")
+            ax.set_ylabel("layer (drawn at relative depth)")
     for ax in flat[len(panels):]:
         ax.set_visible(False)
     fig.subplots_adjust(top=1 - 0.24 / nrows, hspace=0.7, wspace=0.35, right=0.86)

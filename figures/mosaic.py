@@ -17,8 +17,10 @@ def best_vs_parameters(points, path=None):
         if not chosen:
             continue
         ax.scatter([p[1] for p in chosen], [p[2] for p in chosen], s=46, color=colour, label=name, zorder=3)
-        for label, params, score, _ in chosen:
-            ax.annotate(label, (params, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # labels of neighbouring points alternate above and below their point, so that they do not overprint
+        for k, (label, params, score, _) in enumerate(sorted(chosen, key=lambda p: (p[1], p[2]))):
+            ax.annotate(label, (params, score), textcoords="offset points", xytext=(5, 5 if k % 2 == 0 else -12),
+                        fontsize=8)
     ax.set_xscale("log")
     low = min([0.0] + [p[2] for p in points if np.isfinite(p[2])])
     ax.set_ylim(low - 0.05, 1.05)

@@ -37,3 +37,18 @@ def save(fig, path, dpi: int = 150, close: bool = True) -> None:
                     metadata={MIN_TEXT_KEY: f"{min_text_px(fig, dpi):.2f}"})
     if close:
         plt.close(fig)
+
+
+def centred_ticks(ax, layers: int, heads: int, *, depth: bool = False, most: int = 16) -> None:
+    """Layer and head ticks at the centres of a ``pcolormesh``'s cells (not on their edges), at most ``most`` a side
+    (every k-th when there are more). ``depth``: the y axis is relative depth 0..1 (``layers`` rows spanning it)."""
+    import numpy as np
+
+    def every(n):
+        return max(1, -(-n // most))
+
+    hs = np.arange(0, heads, every(heads))
+    ax.set_xticks(hs + 0.5, [str(h) for h in hs])
+    ls = np.arange(0, layers, every(layers))
+    centres = (ls + 0.5) / layers if depth else ls + 0.5
+    ax.set_yticks(centres, [str(layer) for layer in ls])

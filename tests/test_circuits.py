@@ -95,7 +95,7 @@ def test_ablation_works_around_the_extractor(mlm):
 
 def test_scan_with_prefix_reuse_equals_the_naive_scan(mlm):
     task = rrt_task(mlm, trials=5, n=12, seed=3)
-    for mode, reference in (("zero", None), ("mean", task.ids_first)):
+    for mode, reference in (("zero", None), ("mean", task.ids_control)):
         fast = scan_rrt(mlm, task, mode=mode, reference=reference, batch_size=2)
         assert len(fast) == mlm.n_layers * mlm.n_heads
         for (layer, head), metrics in fast.items():
@@ -105,13 +105,16 @@ def test_scan_with_prefix_reuse_equals_the_naive_scan(mlm):
                 torch.testing.assert_close(metrics[name], naive[name], atol=1e-5, rtol=1e-5)
 
 
-def test_rrt_task_masks_the_same_token_in_each_copy(mlm):
+def test_rrt_task_masks_the_second_copy_and_its_control_has_no_copy_anywhere(mlm):
+    """The control is the same [MASK] position in the null sequence: the masked token occurs nowhere in it, before
+    or after (a bidirectional model could read a later copy, so masking the first copy would not be a control)."""
     task = rrt_task(mlm, trials=6, n=12, seed=0)
     rows = torch.arange(6)
-    assert (task.ids_second[rows, task.pos_second] == 103).all() and (task.ids_first[rows, task.pos_first] == 103).all()
-    assert (task.ids_first[rows, task.pos_second] == task.token).all()
-    assert (task.ids_second[rows, task.pos_first] == task.token).all()
-    assert (task.pos_second - task.pos_first == 12).all()
+    assert (task.ids_second[rows, task.pos_second] == 103).all() and (task.ids_control[rows, task.pos_control] == 103).all()
+    assert torch.equal(task.pos_control, task.pos_second)
+    assert ((task.ids_second == task.token[:, None]).sum(1) == 1).all()  # its first-copy instance
+    assert ((task.ids_control == task.token[:, None]).sum(1) == 0).all()  # no instance at all
+    assert ((task.ids_control != task.ids_second).sum(1) == 12).all()  # the first copy redrawn, nothing else
 
 
 def test_bad_heads_and_modes_are_refused(mlm):
@@ -459,3 +462,36 @@ def test_composition_chance_level_is_known_to_one_percent_of_a_typical_score(min
     for kind, b in baseline.items():
         assert b["samples"] >= 256 and b["se"] <= 0.01 * b["median_corrected"], (kind, b)
     assert all(r[6] == baseline[r[4]]["mean"] for r in rows)
+
+
+def test_the_causal_rrt_task_equals_next_token_losses_computed_by_hand():
+    """Decoders: BOS X X; the copying gain is the mean next-token loss of X's tokens 2..n in the first copy minus
+    in the second, per trial - checked against HF eager logits read one position at a time - and the head scan
+    (a full forward pass per head) equals zeroing that head with attnlab.ablate."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import eager_copy
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    lm = wrap_model(model)
+    n = 9
+    task = rrt_task(lm, 5, n, seed=3)
+    got = rrt_metrics(lm, task, batch_size=2)
+    ref = eager_copy(model)
+    a = task.start
+    with torch.no_grad():
+        logits = ref(task.ids).logits.double()
+    for t in range(5):
+        ids = task.ids[t]
+        assert torch.equal(ids[a:a + n], ids[a + n:a + 2 * n])  # X X
+        nll = lambda p: -torch.log_softmax(logits[t, p], -1)[ids[p + 1]]  # noqa: E731
+        first = torch.stack([nll(p) for p in range(a, a + n - 1)]).mean()
+        second = torch.stack([nll(p) for p in range(a + n, a + 2 * n - 1)]).mean()
+        assert got["copying_gain"][t] == pytest.approx(float(first - second), abs=1e-5)
+        assert got["ce_second"][t] == pytest.approx(float(second), abs=1e-5)
+    scanned = scan_rrt(lm, task, heads=[(1, 1)])
+    with attnlab.ablate(lm, heads=[(1, 1)], mode="zero"):
+        by_hand = rrt_metrics(lm, task)
+    torch.testing.assert_close(scanned[(1, 1)]["copying_gain"], by_hand["copying_gain"])

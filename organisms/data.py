@@ -1,0 +1,122 @@
+"""The training data of a model organism: a WordPiece vocabulary trained on the corpus, and sequences that mix
+the corpus's text with repeated spans of random tokens (varied lengths, gaps and offsets).
+
+Every batch is a pure function of (seed, step): a resumed run sees exactly the batches an uninterrupted one
+would, so the two end with the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from attnlab.core.errors import InputError
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, as in BERT's layout
+ORDINARY = len(SPECIALS)  # random spans draw from ids ORDINARY..vocab-1
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, folder: Path, causal: bool):
+    """A lowercase WordPiece tokenizer of ``vocab_size`` entries for ``texts``, saved in ``folder`` as a
+    BertTokenizerFast (for causal models [CLS] is also the BOS token). Returns the tokenizer.
+
+    The vocabulary is chosen by counting, not by the ``tokenizers`` trainer, whose merges break ties in a hash order
+    that changes from process to process (the same seed gave different vocabularies). Here: the specials, then
+    every character seen as a word start and as a continuation (``x`` and ``##x``, so every word can be spelled),
+    then the most frequent whole words (ties by the word itself) up to ``vocab_size``. Rarer words are split by
+    WordPiece's longest-match-first into the pieces that are there."""
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import BertTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    split = pre_tokenizers.BertPreTokenizer()
+    words = Counter()
+    for text in texts:
+        words.update(w for w, _ in split.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    alphabet = chars + [f"##{c}" for c in chars]
+    room = vocab_size - len(SPECIALS) - len(alphabet)
+    if room < 0:
+        raise InputError(f"the corpus has {len(chars)} distinct characters, more than a {vocab_size}-entry vocabulary "
+                         "can spell; choose a larger vocab_size")
+    taken = set(alphabet)
+    frequent = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if w not in taken][:room]
+    tokens = SPECIALS + alphabet + frequent
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = {"bos_token": "[CLS]", "eos_token": "[SEP]"} if causal else {}
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True, **extra)
+    if len(tokenizer) != len(tokens):
+        raise InputError(f"the tokenizer holds {len(tokenizer)} of the {len(tokens)} chosen entries; this is a bug")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Every text's tokens, concatenated ``[N]`` (no special tokens)."""
+    ids = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < 1000:
+        raise InputError(f"the corpus gives only {len(ids)} tokens; a model organism needs at least 1,000 - pass a "
+                         "larger corpus")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """The random source of one step's batch: a function of (seed, step, stream) only."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 7 + stream) % (2 ** 63))
+
+
+def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator) -> tuple[list[int], list[int]]:
+    """One training sequence ``[seq_len]`` starting with [CLS], built from blocks: plain text (``p_text``) or a
+    random span X of ``span_min..span_max`` tokens, 0..``gap_max`` tokens of text, and X again. Returns the ids
+    and, per position, 1 where the token is the second copy of a span (the tokens induction can predict)."""
+    def rint(lo, hi):  # lo..hi inclusive
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    ids, copy = [2], [0]
+    while len(ids) < recipe.seq_len:
+        if float(torch.rand(1, generator=g)) < recipe.p_text:
+            n = rint(8, 40)
+            s = rint(0, len(text) - n)
+            ids += text[s:s + n].tolist()
+            copy += [0] * n
+        else:
+            n = rint(recipe.span_min, recipe.span_max)
+            span = torch.randint(ORDINARY, vocab, (n,), generator=g).tolist()
+            gap = rint(0, recipe.gap_max)
+            s = rint(0, len(text) - gap)
+            ids += span + text[s:s + gap].tolist() + span
+            copy += [0] * (n + gap) + [1] * n
+    return ids[:recipe.seq_len], copy[:recipe.seq_len]
+
+
+def batch(recipe, text: torch.Tensor, vocab: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s batch: ids ``[batch, seq_len]`` and the second-copy mask ``[batch, seq_len]``."""
+    g = generator(seed, step)
+    rows = [sequence(recipe, text, vocab, g) for _ in range(recipe.batch)]
+    return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.bool)
+
+
+def mask_for_mlm(ids: torch.Tensor, prob: float, vocab: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: ``prob`` of the positions (never [CLS]) are predicted; of those 80% become [MASK], 10% a
+    random token, 10% stay. Returns (inputs, labels with -100 where nothing is predicted)."""
+    chosen = torch.rand(ids.shape, generator=g) < prob
+    chosen[:, 0] = False
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    r = torch.rand(ids.shape, generator=g)
+    inputs = ids.clone()
+    inputs[chosen & (r < 0.8)] = SPECIALS.index("[MASK]")
+    swap = chosen & (r >= 0.8) & (r < 0.9)
+    inputs[swap] = torch.randint(ORDINARY, vocab, (int(swap.sum()),), generator=g)
+    return inputs, labels
+
+
+def rrt_eval(vocab: int, n: int, trials: int, seed: int) -> torch.Tensor:
+    """The fixed evaluation set: [CLS] X X with X ``n`` distinct ordinary tokens, ``[trials, 2n + 1]``."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    body = torch.stack([torch.randperm(vocab - ORDINARY, generator=g)[:n] + ORDINARY for _ in range(trials)])
+    return torch.cat([torch.full((trials, 1), 2), body, body], dim=1)

@@ -1,0 +1,156 @@
+"""Model organisms: training is seeded and resumes to the same weights, checkpoints load in transformers and in
+attnlab, and the dynamics table equals what the individual commands give for the same checkpoints."""
+
+import csv
+
+import pytest
+import torch
+from attnlab.experiments.cli import main
+from conftest import write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("org") / "corpus.jsonl.gz", articles=12, sentences=60)
+
+
+def _train(out, corpus, recipe="smoke"):
+    assert main(["train", "--recipe", recipe, "--corpus", str(corpus), "--out", str(out), "--no-progress"]) == 0
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("org") / "a"
+    _train(out, corpus)
+    return out
+
+
+def test_training_is_seeded_and_an_interrupted_run_resumes_to_the_same_weights(trained, corpus, tmp_path,
+                                                                              monkeypatch, capsys):
+    from attnlab.organisms import data
+
+    real = data.batch
+
+    def interrupted(recipe, text, vocab, seed, step):  # Ctrl-C arrives while step 23's batch is built
+        if step == 23:
+            raise KeyboardInterrupt
+        return real(recipe, text, vocab, seed, step)
+
+    out = tmp_path / "b"
+    monkeypatch.setattr(data, "batch", interrupted)
+    assert main(["train", "--recipe", "smoke", "--corpus", str(corpus), "--out", str(out), "--no-progress"]) == 130
+    assert (out / "checkpoints" / "step-000022").is_dir() and not (out / "meta.json").exists()  # the last step kept
+    monkeypatch.setattr(data, "batch", real)
+    capsys.readouterr()
+    _train(out, corpus)  # the same command resumes
+    assert "resuming smoke at step 22" in capsys.readouterr().out
+    for step in ("step-000000", "step-000025", "step-000040"):
+        a, b = _weights(trained / "checkpoints" / step), _weights(out / "checkpoints" / step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+    rows = [list(csv.reader(open(p / "curves.csv"))) for p in (trained, out)]
+    assert [r[:-1] for r in rows[0]] == [r[:-1] for r in rows[1]]  # every evaluation equal but the elapsed time
+    # a finished run is reused, not retrained
+    capsys.readouterr()
+    _train(out, corpus)
+    assert "already trained: reused" in capsys.readouterr().out
+
+
+def test_checkpoints_load_in_transformers(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = trained / "checkpoints" / "step-000040"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert model.config.model_type == "gpt_neox" and tokenizer.bos_token == "[CLS]"
+    assert len(tokenizer) == model.config.vocab_size
+
+
+def test_dynamics_equals_the_individual_commands(trained, tmp_path):
+    """The dynamics row of a checkpoint is what `attnlab induction` and `attnlab ablate` (which load it like any
+    model) give for it."""
+    out = tmp_path / "d"
+    assert main(["dynamics", "--checkpoints", str(trained), "--out", str(out), "--trials", "4", "--seq-len", "8",
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(out / "dynamics.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 10, 16, 25, 40] and (out / "dynamics.png").stat().st_size > 5000
+    last = rows[-1]
+    final = trained / "checkpoints" / "step-000040"
+    assert main(["induction", "--model", str(final), "--seq-len", "8", "--trials", "4", "--out", str(tmp_path / "i"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    after = [r for r in csv.DictReader(open(tmp_path / "i" / "scores.csv")) if r["target"] == "after"]
+    best = max(after, key=lambda r: float(r["lift"]))
+    assert last["induction_head"] == f"L{best['layer']}H{best['head']}"
+    assert float(last["induction_score"]) == pytest.approx(float(best["lift"]), rel=1e-4, abs=1e-7)
+    assert main(["ablate", "--model", str(final), "--heads", "L0H0", "--trials", "4", "--seq-len", "8",
+                 "--out", str(tmp_path / "x"), "--device", "cpu", "--no-progress"]) == 0
+    gain = next(r for r in csv.DictReader(open(tmp_path / "x" / "ablation.csv")) if r["metric"] == "copying_gain")
+    assert float(last["copying_gain"]) == pytest.approx(float(gain["baseline"]), rel=1e-4, abs=1e-6)
+
+
+def test_a_masked_organism_trains_and_loads(corpus, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    _train(tmp_path / "m", corpus, recipe="smoke-mlm")
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "m" / "checkpoints" / "step-000040")
+    assert model.config.model_type == "bert"
+    assert main(["induction", "--model", str(tmp_path / "m" / "checkpoints" / "step-000040"), "--seq-len", "8",
+                 "--trials", "4", "--out", str(tmp_path / "i"), "--device", "cpu", "--no-progress"]) == 0
+
+
+def test_an_unknown_recipe_is_one_line(capsys, corpus, tmp_path):
+    assert main(["train", "--recipe", "nope", "--corpus", str(corpus), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown recipe 'nope'; known: induction-causal" in err
+
+
+def test_the_main_job_shows_a_cached_organism_and_names_the_command_without_one(trained, corpus, tmp_path,
+                                                                             monkeypatch):
+    from attnlab.experiments import organisms
+    from attnlab.experiments.reproduce import Runner, Settings
+
+    settings = Settings(out=tmp_path / "report", corpus=str(corpus), quick=True, progress=False)
+    (tmp_path / "report").mkdir()
+    runner = Runner(settings, say=lambda *_: None)
+    missing = organisms.organism_sections(runner, tmp_path / "none")
+    assert len(missing) == 1 and "attnlab train --recipe induction-causal" in missing[0]["error"]
+    monkeypatch.setattr(organisms, "ORGANISM_RECIPE", "smoke")  # the test's organism: the seconds-long recipe
+    shown = organisms.organism_sections(runner, trained)
+    assert [s.get("error") for s in shown] == [None, None]
+    assert all((settings.out / s["image"]).is_file() for s in shown)
+    assert "a small model, not a published checkpoint" in shown[0]["text"] and "after: " in shown[0]["text"]
+    assert len(shown[0]["rows"]) == 4 and shown[1]["image"].endswith("dynamics.png")
+
+
+def test_the_vocabulary_has_the_same_ids_in_every_process(corpus, tmp_path):
+    """The `tokenizers` trainer breaks ties in a per-process hash order (two processes trained different
+    vocabularies from one corpus); attnlab chooses the vocabulary by counting, so two processes (as a resumed run
+    is) get the same ids."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import gzip, json, sys; from pathlib import Path; from attnlab.organisms.data import train_tokenizer; "
+            "t = [json.loads(l)['text'] for l in gzip.open(sys.argv[1], 'rt')]; "
+            "train_tokenizer(t, 300, Path(sys.argv[2]), True)")
+    vocabs = []
+    for i in range(2):
+        subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / f"t{i}")], check=True)
+        vocabs.append(json.loads((tmp_path / f"t{i}" / "tokenizer.json").read_text())["model"]["vocab"])
+    assert vocabs[0] == vocabs[1] and len(vocabs[0]) > 30
+
+
+def test_an_unfinished_run_of_another_identity_is_never_resumed(corpus, tmp_path, capsys):
+    """A folder holding the state of another recipe, seed, corpus or attnlab is refused: checkpoints of two runs
+    never mix."""
+    out = tmp_path / "o"
+    (out / "state").mkdir(parents=True)
+    torch.save({"identity": "another run", "step": 3, "rows": [], "model": {}, "optimizer": {}},
+               out / "state" / "training.pt")
+    assert main(["train", "--recipe", "smoke", "--corpus", str(corpus), "--out", str(out), "--no-progress"]) == 2
+    assert "holds an unfinished run of another recipe" in capsys.readouterr().err
