@@ -233,6 +233,12 @@ class Page:
             return ""
         return f"<script>{_plotly_js()}</script><script>{_static('view.js')}</script>"
 
+    def document(self, title: str, heading: str, body: list[str]) -> str:
+        """A whole page: ``title`` and ``heading`` (escaped here), the ``body`` blocks (HTML), plotly once."""
+        return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}}{STYLE}</style>"
+                f"{self.head()}</head><body><h1>{html.escape(heading)}</h1>{''.join(body)}{self.tail()}</body></html>\n")
+
     def tail(self) -> str:
         if not self.scripts:
             return ""
@@ -295,10 +301,7 @@ def write_view(run_dir) -> Path:
         else:
             page, body = _view_body(run_dir, meta)
             label = model_label(str(meta["config"].get("model", "?")))
-            page_text = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(label)} - "
-                         f"{html.escape(meta['experiment'])} - attnlab view</title><style>body{{font-family:system-ui,"
-                         f"sans-serif;max-width:1100px;margin:2em auto}}{STYLE}</style>{page.head()}</head><body><h1>"
-                         f"{html.escape(label)}</h1>{''.join(body)}{page.tail()}</body></html>\n")
+            page_text = page.document(f"{label} - {meta['experiment']} - attnlab view", label, body)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError) as exc:
         raise InputError(f"{run_dir}'s results cannot be shown ({type(exc).__name__}: {exc}); rerun it with "
                          "--force") from None
@@ -329,12 +332,9 @@ def _write_mosaic_view(folder: Path) -> Path:
         target = entry.get("target") or "prev"
         title = f"{label}: {target_words(target, bool(entry.get('causal')))}"
         body.append(f"<h2>{html.escape(title)}</h2>" + page.add_induction(f"m{i}", data, target, title))
-    text = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>induction mosaic of {len(entries)} "
-            f"models - attnlab view</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em "
-            f"auto}}{STYLE}</style>{page.head()}</head><body><h1>Induction mosaic: each model's map</h1>"
-            f"{''.join(body)}{page.tail()}</body></html>\n")
     out = folder / "view.html"
-    write_text(out, text)
+    write_text(out, page.document(f"induction mosaic of {len(entries)} models - attnlab view",
+                                  "Induction mosaic: each model's map", body))
     return out
 
 
