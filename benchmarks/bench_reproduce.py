@@ -143,6 +143,9 @@ def _offline_run(args, out: str, pythonpath: str | None) -> dict:
            "--device", args.device, "--no-progress", "--force"] + (["--quick"] if args.quick else [])
     check = subprocess.run([sys.executable, "-c", "import attnlab, os; print(os.path.dirname(attnlab.__file__))"],
                            env=env, capture_output=True, text=True)
+    helptext = subprocess.run(cmd[:3] + ["reproduce", "--help"], env=env, capture_output=True, text=True).stdout
+    if "--organism" in helptext:  # a newcomer has no trained organism (attnlab's cache still keeps numba's UMAP)
+        cmd += ["--organism", tempfile.mkdtemp(prefix="no-organism-")]
     t = time.perf_counter()
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -152,7 +155,9 @@ def _offline_run(args, out: str, pythonpath: str | None) -> dict:
     print(run.stdout.rstrip() if run.returncode == 0 else run.stderr[-800:])
     steps = {}
     for meta_path in sorted(Path(out, "runs").glob("*/meta.json")):
-        steps[meta_path.parent.name] = json.loads(meta_path.read_text())["timings"]["total_s"]
+        timings = json.loads(meta_path.read_text()).get("timings")  # a dynamics table of checkpoints has none
+        if timings:
+            steps[meta_path.parent.name] = timings["total_s"]
     produced = next((line for line in lines if " figures produced" in line), "")
     return {"wall": wall, "steps": steps, "rc": run.returncode, "figures": produced.split(";")[0]}
 

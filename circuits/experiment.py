@@ -31,6 +31,8 @@ class HeadsConfig:
     detector_trials: int = option(4, "sequences whose full attention maps feed the other detectors", minimum=1)
     seq_len: int = option(50, "length n of the random block", minimum=3)
     ablation: bool = option(True, "skip the per-head ablation scan", flag="--no-ablation")
+    paths: int = option(2, "trace the key and query paths into the N strongest induction-like heads (induction score "
+                        "at least 0.1 over chance; 0: none)", minimum=0)
     seed: int = option(0, "random seed")
     revision: str | None = revision_option()
     dtype: str = dtype_option()
@@ -85,6 +87,12 @@ def describe_heads(meta: dict) -> list[str]:
     if comp:
         c = comp[0]
         lines.append(f"strongest composition: {c['from']} -> {c['to']} ({c['kind']}, {c['corrected']:.3g} over chance)")
+    for receiver, paths in (meta.get("feeders") or {}).items():
+        for path, entry in paths.items():
+            best = entry["strongest"]
+            named = ", ".join(entry["named"]) or "none named"
+            lines.append(f"{path} path into {receiver}: {named} (strongest {best['sender']} removes {best['lost']:.1%} "
+                         f"of its attention to the target, 95% CI {best['ci_low']:.1%} .. {best['ci_high']:.1%})")
     return lines + [f"note: {n}" for n in meta.get("notes") or []]
 
 
@@ -126,6 +134,12 @@ heads.csv (layer, head, score, value), one row per head and score:
     ablation_copying_gain      change of the rrt copying gain when the head alone is zeroed (masked LMs)
 composition.csv (layer1, head1, layer2, head2, kind, score, baseline, baseline_se, corrected): Q/K/V composition of
 every earlier head with every later head, the random-matrix baseline subtracted.
+paths.csv (receiver, sender, path, clean, patched, lost, ci_low, ci_high, top_trial_share, named): composition
+measured in the forward pass, for the strongest induction-like heads (decoders: prefix matching; masked LMs:
+induction at the [MASK]): the share of the receiver's attention to its induction target lost when each earlier
+head is ablated on the receiver's keys (K) or queries (Q) alone, with a bootstrap CI over trials; meta.json's
+feeders name, per receiver and path, the heads the stated rule names (weight-based composition cannot see through
+LayerNorm, MLPs or rotary positions).
 heads.png: one layers x heads map per score. story.png (after Olsson et al.): per head, induction at [MASK] (x)
 against OV copying (y), coloured by the ablation delta (else DLA).""",
     check="attnlab.circuits.heads:check", compute="attnlab.circuits.heads:compute", save="attnlab.circuits.heads:save",

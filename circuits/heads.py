@@ -5,7 +5,7 @@ Record: :data:`attnlab.circuits.experiment.HEADS`; figures: :func:`attnlab.figur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from attnlab.core.weights import head_weights, token_embedding, unembedding
 from attnlab.induction.protocols import make_protocol, token_spec_for
 from attnlab.induction.variants import build_batch, get_variant
 
+PATHS_HEADER = ["receiver", "sender", "path", "clean", "patched", "lost", "ci_low", "ci_high", "top_trial_share",
+                "named"]
 COMPOSITION_HEADER = ["layer1", "head1", "layer2", "head2", "kind", "score", "baseline", "baseline_se", "corrected"]
 
 
@@ -27,7 +29,8 @@ class HeadsResult:
     """``scores``: {name: [L, H] numpy} for every head; ``composition``: (layer1, head1, layer2, head2, kind,
     score, baseline, corrected) rows and ``baseline``: {kind: {mean, se, samples, median_corrected}};
     ``chance``: each detector's uniform-attention level; ``sources``: which embedding and unembedding the OV
-    scores used; ``notes``: what was skipped and why."""
+    scores used; ``notes``: what was skipped and why; ``paths``: path patching rows
+    (:meth:`attnlab.circuits.paths.PathResult.table`), empty when no receiver was traced."""
 
     scores: dict
     composition: list
@@ -35,6 +38,7 @@ class HeadsResult:
     chance: dict
     sources: dict
     notes: list
+    paths: list = field(default_factory=list)
 
 
     def _repr_html_(self) -> str:
@@ -121,7 +125,33 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
         if not np.isfinite(values).all():
             raise InputError(f"model '{lm.name}' gave non-finite {name} scores; its weights may hold NaN or inf")
     rows, baseline = composition_scores(w, seed=cfg.seed)
-    return HeadsResult(scores, rows, baseline, chance, sources, notes)
+    paths = _paths(cfg, lm, scores, variant, protocol, notes) if cfg.paths else []
+    return HeadsResult(scores, rows, baseline, chance, sources, notes, paths)
+
+
+#: an induction-like head whose paths are traced scores at least this much over chance on its detector
+MIN_RECEIVER = 0.1
+
+
+def _paths(cfg: HeadsConfig, lm, scores: dict, variant, protocol, notes: list) -> list[dict]:
+    """Path patching (:mod:`attnlab.circuits.paths`) into the ``cfg.paths`` strongest induction-like heads."""
+    from attnlab.circuits.paths import FEEDER_RULE, induction_paths_input, trace_paths
+
+    detector = "prefix_matching" if lm.is_causal else "induction_at_mask"
+    values = np.array(scores[detector], dtype=float)
+    values[0] = -np.inf  # a first-layer head has no earlier head to be fed by
+    order = [int(i) for i in np.argsort(-values, axis=None, kind="stable")[:cfg.paths]]
+    receivers = [divmod(i, lm.n_heads) for i in order if values.ravel()[i] >= MIN_RECEIVER]
+    if not receivers:
+        notes.append(f"paths: no head past layer 0 has a {detector} score of {MIN_RECEIVER} over chance, so no key or "
+                     "query path was traced")
+        return []
+    batch = build_batch(variant, protocol, cfg.trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
+    result = trace_paths(lm, *induction_paths_input(batch, lm.is_causal), receivers)
+    rows = result.table(cfg.seed)
+    notes.append(f"paths: receivers {', '.join(f'L{a}H{b}' for a, b in receivers)} (the strongest by {detector}); "
+                 f"{FEEDER_RULE}")
+    return rows
 
 
 def save(folder, result: HeadsResult, ctx=None) -> list[str]:
@@ -133,7 +163,12 @@ def save(folder, result: HeadsResult, ctx=None) -> list[str]:
     se = {kind: b["se"] for kind, b in result.baseline.items()}
     write_csv(folder / "composition.csv", COMPOSITION_HEADER,
               ([*r[:5], f"{r[5]:.6g}", f"{r[6]:.6g}", f"{se[r[4]]:.3g}", f"{r[7]:.6g}"] for r in result.composition))
-    return ["heads.csv", "composition.csv"]
+    if not result.paths:
+        return ["heads.csv", "composition.csv"]
+    write_csv(folder / "paths.csv", PATHS_HEADER, ([r[c] if isinstance(r[c], str) else f"{r[c]:.6g}" if
+                                                   isinstance(r[c], float) else int(r[c]) for c in PATHS_HEADER]
+                                                  for r in result.paths))
+    return ["heads.csv", "composition.csv", "paths.csv"]
 
 
 def _top(values, k: int = 5) -> list:
@@ -150,4 +185,17 @@ def summary(result: HeadsResult, ctx=None) -> dict:
             "composition_baseline": {k: {key: (float(f"{v:.6g}") if isinstance(v, float) else v)
                                          for key, v in b.items()} for k, b in result.baseline.items()},
             "top_composition": [{"from": f"L{r[0]}H{r[1]}", "to": f"L{r[2]}H{r[3]}", "kind": r[4],
-                                 "corrected": round(r[7], 4)} for r in comp]}
+                                 "corrected": round(r[7], 4)} for r in comp],
+            "feeders": feeders(result.paths)}
+
+
+def feeders(rows: list[dict]) -> dict:
+    """``{receiver: {path: {"named": [senders, most lost first], "strongest": row}}}`` from path patching rows."""
+    out: dict = {}
+    for row in sorted(rows, key=lambda r: -np.nan_to_num(r["lost"], nan=-np.inf)):
+        entry = out.setdefault(row["receiver"], {}).setdefault(row["path"], {"named": [], "strongest": None})
+        if entry["strongest"] is None:
+            entry["strongest"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        if row["named"]:
+            entry["named"].append(row["sender"])
+    return out

@@ -32,12 +32,14 @@ import torch
 
 def ov_copying_scores(w_v, w_o, w_e, w_u=None) -> torch.Tensor:
     """w_v ``[..., d_model, d_head]``, w_o ``[..., d_head, d_model]``, w_e ``[vocab, d_model]``, w_u
-    ``[d_model, vocab]`` (default: w_e^T, tied) -> score ``[...]`` in [-1, 1]."""
+    ``[d_model, vocab]`` (default: w_e^T, tied) -> score ``[...]`` in [-1, 1]; 0 for a head whose full OV circuit
+    is exactly zero (it writes nothing the unembedding reads, so it copies nothing)."""
     w_e = w_e.double()
     gram = w_e.T @ w_e if w_u is None else w_u.double() @ w_e  # W_U W_E: [d_model, d_model]
     m = w_o.double() @ gram @ w_v.double()  # [..., d_head, d_head], same nonzero spectrum as the V x V circuit
     eig = torch.linalg.eigvals(m)
-    return eig.sum(-1).real / eig.abs().sum(-1)
+    total = eig.abs().sum(-1)
+    return torch.where(total > 0, eig.sum(-1).real / torch.where(total > 0, total, 1.0), 0.0)
 
 
 # ---------------------------------------------------------------- composition

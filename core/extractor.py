@@ -105,7 +105,7 @@ class _RowRecorder:
             raise _LastLayerRecorded
 
     def _record(self, layer, q, k, mask, scaling, causal):
-        batch, _, seq, _ = q.shape
+        batch = q.shape[0]
         if self.want_qk:
             self.queries[layer] = q.transpose(1, 2).float()  # [B, S, H, d]
             self.keys[layer] = k.transpose(1, 2).float()
@@ -116,30 +116,12 @@ class _RowRecorder:
             self.attention[layer] = empty if self.want_attention else None
             self.scores[layer] = empty if self.want_scores else None
             return
-        rows = torch.arange(batch, device=q.device)[:, None]
         qpos = self.qpos.to(q.device)  # a device-mapped model's layers live on several devices (no-op otherwise)
-        q_rows = q.transpose(1, 2)[rows, qpos]  # [B, Q, H, d]
-        # the product in the model's dtype (no fp32 copy of every layer's keys), the softmax in fp32
-        scores = torch.einsum("bqhd,bhkd->bqhk", q_rows, k).float() * scaling  # [B, Q, H, S]
+        scores = row_scores(q, k, qpos, scaling)
         if self.want_scores:
             self.scores[layer] = scores
-        if not self.want_attention:
-            return
-        masked = self._apply_mask(scores, mask, causal, rows, qpos, k.shape[2])
-        self.attention[layer] = torch.softmax(masked, dim=-1)
-
-    def _apply_mask(self, scores, mask, causal, rows, qpos, n_keys):
-        """Apply exactly the mask SDPA applied to these rows (bool: True attends; float: additive)."""
-        if mask is None:
-            if not causal:
-                return scores
-            key_idx = torch.arange(n_keys, device=scores.device)
-            allowed = key_idx[None, None, :] <= qpos[:, :, None]  # [B, Q, S]
-            return scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
-        m = mask[:, 0].expand(scores.shape[0], -1, -1)[rows, qpos]  # [B, Q, S]
-        if m.dtype == torch.bool:
-            return scores.masked_fill(~m[:, :, None, :], float("-inf"))
-        return scores + m[:, :, None, :].float()
+        if self.want_attention:
+            self.attention[layer] = torch.softmax(apply_mask(scores, mask, causal, qpos), dim=-1)
 
     def stacked(self, name):
         parts = [getattr(self, name)[layer] for layer in self.layers]
@@ -148,6 +130,31 @@ class _RowRecorder:
         if len({p.device for p in parts}) > 1:  # a device-mapped model: gather the layers on out_device first
             parts = [p.to(self.out_device) for p in parts]
         return torch.stack(parts, dim=2).to(self.out_device)  # layers go after [B, Q] (rows) or [B, S] (q/k)
+
+
+def row_scores(q, k, qpos, scaling: float) -> torch.Tensor:
+    """Pre-softmax scores ``[B, Q, H, S]`` (float32) of the queries at ``qpos`` ``[B, Q]``: ``q`` and ``k`` are
+    ``[B, H, S, d]`` as the model computed them (grouped-query keys repeated to H heads)."""
+    rows = torch.arange(q.shape[0], device=q.device)[:, None]
+    q_rows = q.transpose(1, 2)[rows, qpos]  # [B, Q, H, d]
+    # the product in the model's dtype (no fp32 copy of every layer's keys), the softmax in fp32
+    return torch.einsum("bqhd,bhkd->bqhk", q_rows, k).float() * scaling
+
+
+def apply_mask(scores, mask, causal: bool, qpos) -> torch.Tensor:
+    """``scores`` ``[B, Q, H, S]`` with exactly the mask SDPA applied to these rows (bool: True attends; float:
+    additive; None: none, or causal when ``causal``)."""
+    if mask is None:
+        if not causal:
+            return scores
+        key_idx = torch.arange(scores.shape[-1], device=scores.device)
+        allowed = key_idx[None, None, :] <= qpos[:, :, None]  # [B, Q, S]
+        return scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
+    rows = torch.arange(scores.shape[0], device=scores.device)[:, None]
+    m = mask[:, 0].expand(scores.shape[0], -1, -1)[rows, qpos]  # [B, Q, S]
+    if m.dtype == torch.bool:
+        return scores.masked_fill(~m[:, :, None, :], float("-inf"))
+    return scores + m[:, :, None, :].float()
 
 
 class LayerIndex:

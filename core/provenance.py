@@ -164,13 +164,75 @@ def _science_files(root: Path) -> list[Path]:
     return sorted(files)
 
 
-@lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """attnlab's version and a digest of every module that computes a result (a change invalidates old runs)."""
+@lru_cache(maxsize=None)
+def code_fingerprint(module: str | None = None) -> str:
+    """attnlab's version and a digest of every module that computes a result (a change invalidates old runs).
+    ``module`` (e.g. ``"attnlab.organisms.train"``): only that module and the attnlab modules it imports, directly
+    or not (:func:`module_closure`) - for work too costly to redo when an unrelated module changes."""
     from attnlab._version import __version__
 
     root = package_root()
-    return f"{__version__}+{digest({str(p.relative_to(root)): file_digest(p) for p in _science_files(root)})}"
+    files = _science_files(root) if module is None else module_closure(module)
+    return f"{__version__}+{digest({str(p.relative_to(root)): file_digest(p) for p in files})}"
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of the attnlab module ``name`` (a package's ``__init__.py``); None for an attribute."""
+    parts = name.split(".")
+    if parts[0] != "attnlab":
+        return None
+    base = package_root().joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_modules(path: Path, name: str) -> set[str]:
+    """Every attnlab module the source of module ``name`` imports anywhere (function-local imports too), read from
+    its syntax tree: ``import attnlab.a.b``, ``from attnlab.a import b`` (b a module or a name of a) and relative
+    imports."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] == "attnlab"}
+
+
+@lru_cache(maxsize=None)
+def module_closure(module: str) -> tuple[Path, ...]:
+    """The source files that can change what ``module`` computes: it, every attnlab module it imports (transitively)
+    and their packages' ``__init__.py`` - derived from the import statements, not listed by hand. Modules under
+    :data:`RENDERING` only draw, and are left out."""
+    root = package_root()
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__ first
+            prefix = ".".join(parts[:i])
+            path = _module_file(prefix)
+            if path is None or prefix in seen:
+                continue
+            rel = path.relative_to(root).parts
+            if len(rel) > 1 and rel[0] in RENDERING:
+                continue
+            seen[prefix] = path
+            todo += sorted(_imported_modules(path, prefix))
+    if module not in seen:
+        raise ValueError(f"{module!r} is not a module of attnlab")
+    return tuple(sorted(set(seen.values())))
 
 
 @lru_cache(maxsize=None)

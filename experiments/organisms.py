@@ -63,7 +63,7 @@ def run_train(args) -> int:
 
 def run_dynamics(args) -> int:
     from attnlab.core.config import config_from_args
-    from attnlab.organisms.dynamics import measure
+    from attnlab.organisms.dynamics import code_identity, measure
     from attnlab.organisms.recipes import DynamicsConfig
 
     cfg = config_from_args(DynamicsConfig, args)
@@ -158,7 +158,8 @@ def organism_sections(runner, folder: Path) -> list[dict]:
 
 
 def _organism_map(runner, final: Path, title: str) -> dict:
-    from attnlab.circuits.experiment import AblationConfig
+    from attnlab.circuits.experiment import AblationConfig, HeadsConfig
+    from attnlab.circuits.paths import FEEDER_RULE
     from attnlab.induction.experiment import InductionConfig
     from attnlab.induction.scores import verdict_line
 
@@ -170,17 +171,39 @@ def _organism_map(runner, final: Path, title: str) -> dict:
     ablation = runner.run_record("ablate", AblationConfig(model=str(final), scan=True, trials=trials, seq_len=n,
                                                           seed=s.seed),
                                  s.out / "runs" / "organism_ablate", lambda: runner.cache.get(str(final), True))
+    heads = runner.run_record("heads", HeadsConfig(model=str(final), trials=trials, seq_len=n, ablation=False, paths=1,
+                                                   seed=s.seed),
+                              s.out / "runs" / "organism_heads", lambda: runner.cache.get(str(final), True))
+    roles = {h: "induction head (verdict)" for h in verdict["heads"]}
+    feeding = []
+    for receiver, paths in (heads.get("feeders") or {}).items():
+        for path, entry in paths.items():
+            for sender in entry["named"]:
+                roles[sender] = ", ".join(filter(None, [roles.get(sender), f"feeds {receiver}'s "
+                                                        f"{'keys' if path == 'K' else 'queries'}"]))
+            best = entry["strongest"]
+            feeding.append(f"{path} path into {receiver}: {', '.join(entry['named']) or 'no head'} named (strongest "
+                           f"{best['sender']}, {best['lost']:.0%} of its attention to the target lost, 95% CI "
+                           f"{best['ci_low']:.0%} .. {best['ci_high']:.0%})")
+    comp = next((c for c in heads.get("top_composition") or [] if c["kind"] == "K"), None)
     base, deltas = _ablation_table(s.out / "runs" / "organism_ablate" / "ablation.csv")
-    rows = [(head, f"{d:.3f}", f"{-d / base:.0%}" if base > 0 else "n/a") for head, d in deltas[:5]]
+    rows = [(head, f"{d:.3f}", f"{-d / base:.0%}" if base > 0 else "n/a", roles.get(head, ""))
+            for head, d in deltas[:5]]
+    paths_text = (" Which earlier heads feed it, by path patching (each layer-0 head ablated on the induction head's "
+                  "keys or queries alone; " + FEEDER_RULE + "): " + "; ".join(feeding) + "." if feeding else
+                  " No head passed the induction-score threshold for path patching.")
+    if comp:
+        paths_text += (f" Weight-based K-composition, which cannot see through LayerNorm and rotary positions, ranks "
+                       f"{comp['from']} -> {comp['to']} first ({comp['corrected']:.3g} over its random baseline).")
     text = (f"{final.parent.parent.name}: a 2-layer GPT-NeoX trained here by `attnlab train --recipe "
             f"{ORGANISM_RECIPE}` (a small model, not a published checkpoint), step {int(final.name[5:])}. Its induction map "
             f"({trials} trials of BOS X X, |X| = {n}; target: the token after the previous instance, which a causal "
             f"induction head attends to): {verdict_line('after', verdict)}. Zeroing one head at a time, the in-context "
             f"copying gain (loss on the first copy minus the second; {base:.3f} nats unablated) falls most for the heads "
-            "below. Full tables: runs/organism_induction, runs/organism_ablate.")
+            "below." + paths_text + " Full tables: runs/organism_induction, runs/organism_ablate, runs/organism_heads.")
     image = f"runs/organism_induction/{meta['figures']['after']}"
     return {"title": title, "job": "organism", "image": image, "text": text, "rows": rows,
-            "header": ["head zeroed", "change in copying gain (nats)", "share of the gain removed"]}
+            "header": ["head zeroed", "change in copying gain (nats)", "share of the gain removed", "role"]}
 
 
 def _ablation_table(path: Path) -> tuple[float, list]:
@@ -194,7 +217,7 @@ def _ablation_table(path: Path) -> tuple[float, list]:
 
 def _organism_dynamics(runner, folder: Path) -> dict:
     from attnlab.core.outputs import read_json
-    from attnlab.organisms.dynamics import measure
+    from attnlab.organisms.dynamics import code_identity, measure
     from attnlab.organisms.recipes import DynamicsConfig
 
     s = runner.settings
@@ -202,9 +225,9 @@ def _organism_dynamics(runner, folder: Path) -> dict:
     meta = read_json(out / "meta.json")
     train_meta = read_json(folder / "meta.json")
     cfg = DynamicsConfig(trials=8 if s.quick else 32, seq_len=30, seed=s.seed)
-    # reused when it measured this organism (whose identity includes attnlab's code) with these settings
+    # reused when it measured this organism with these settings and this measuring code
     if (not meta or meta.get("train_identity") != train_meta.get("identity") or meta.get("config") != asdict(cfg)
-            or s.force):
+            or meta.get("code") != code_identity() or s.force):
         meta = measure(folder, out, cfg)
     formed = meta["formed_at"]
     last = meta["rows"][-1]

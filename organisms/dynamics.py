@@ -150,9 +150,16 @@ def measure(folder, out, cfg: DynamicsConfig, progress: bool = False, say=print)
                       out / "dynamics.png")
         meta = {"experiment": "dynamics", "checkpoints": str(folder), "config": asdict(cfg), "rows": rows,
                 "formed_at": step, "rule": FORMATION_RULE, "target": rows[-1]["target"],
-                "train_identity": train_meta.get("identity")}
+                "train_identity": train_meta.get("identity"), "code": code_identity()}
         write_json(out / "meta.json", meta)
     return meta
+
+
+def code_identity() -> str:
+    """The code that measures a checkpoint (this module and what it imports): a saved table is reused only under it."""
+    from attnlab.core.provenance import code_fingerprint
+
+    return code_fingerprint(__name__)
 
 
 def _cell(v) -> str:

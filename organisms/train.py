@@ -137,10 +137,12 @@ def checkpoint_name(step: int) -> str:
 
 
 def identity(recipe: Recipe, seed: int, corpus_digest: str) -> str:
-    """What decides the trained weights: the recipe, the seed, the corpus and attnlab's science code."""
+    """What decides the trained weights: the recipe, the seed, the corpus and the code training runs (this module and
+    the attnlab modules it imports: an edit elsewhere in attnlab does not call for a retrain)."""
     from attnlab.core.provenance import code_fingerprint, digest
 
-    return digest({"recipe": recipe.record(), "seed": seed, "corpus": corpus_digest, "attnlab": code_fingerprint()})
+    return digest({"recipe": recipe.record(), "seed": seed, "corpus": corpus_digest,
+                   "attnlab": code_fingerprint(__name__)})
 
 
 def train(recipe: Recipe, out, texts: list[str], corpus_digest: str, *, seed: int = 0, say=print,

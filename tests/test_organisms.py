@@ -125,6 +125,33 @@ def test_the_main_job_shows_a_cached_organism_and_names_the_command_without_one(
     assert all((settings.out / s["image"]).is_file() for s in shown)
     assert "a small model, not a published checkpoint" in shown[0]["text"] and "after: " in shown[0]["text"]
     assert len(shown[0]["rows"]) == 4 and shown[1]["image"].endswith("dynamics.png")
+    assert "runs/organism_heads" in shown[0]["text"] and (settings.out / "runs" / "organism_heads" / "meta.json").is_file()
+    # the dynamics table is reused only under the code that measured it
+    import json
+
+    from attnlab.organisms.dynamics import code_identity
+
+    meta_path = settings.out / "runs" / "organism_dynamics" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["code"] == code_identity()
+    meta["code"], meta["rows"][-1]["copying_gain"] = "older attnlab", 123.0
+    meta_path.write_text(json.dumps(meta))
+    again = organisms.organism_sections(runner, trained)
+    assert "123" not in again[1]["text"] and json.loads(meta_path.read_text())["code"] == code_identity()
+
+
+def test_training_is_keyed_on_the_code_it_runs_not_on_all_of_attnlab():
+    """The organism's identity digests the training module and what it imports, derived from the import
+    statements: editing ablation or figure code does not call for a nine-minute retrain; editing the data does."""
+    from attnlab.core.provenance import module_closure, package_root
+
+    root = package_root()
+    files = {str(p.relative_to(root)) for p in module_closure("attnlab.organisms.train")}
+    assert {"organisms/train.py", "organisms/data.py", "organisms/recipes.py", "core/errors.py",
+            "organisms/__init__.py", "__init__.py"} <= files
+    assert not any(f.startswith(("circuits/", "figures/", "experiments/", "induction/")) for f in files)
+    measured = {str(p.relative_to(root)) for p in module_closure("attnlab.organisms.dynamics")}
+    assert {"circuits/tasks.py", "core/extractor.py", "organisms/data.py"} <= measured  # through function imports
 
 
 def test_the_vocabulary_has_the_same_ids_in_every_process(corpus, tmp_path):
