@@ -185,7 +185,8 @@ def _organism_map(runner, final: Path, title: str) -> dict:
             feeding.append(f"{path} path into {receiver}: {', '.join(entry['named']) or 'no head'} named (strongest "
                            f"{best['sender']}, {best['lost']:.0%} of its attention to the target lost, 95% CI "
                            f"{best['ci_low']:.0%} .. {best['ci_high']:.0%})")
-    comp = next((c for c in heads.get("top_composition") or [] if c["kind"] == "K"), None)
+    comp = verdict["heads"] and _strongest_k_composition(s.out / "runs" / "organism_heads" / "composition.csv",
+                                                         verdict["heads"][0])
     base, deltas = _ablation_table(s.out / "runs" / "organism_ablate" / "ablation.csv")
     rows = [(head, f"{d:.3f}", f"{-d / base:.0%}" if base > 0 else "n/a", roles.get(head, ""))
             for head, d in deltas[:5]]
@@ -193,8 +194,8 @@ def _organism_map(runner, final: Path, title: str) -> dict:
                   "keys or queries alone; " + FEEDER_RULE + "): " + "; ".join(feeding) + "." if feeding else
                   " No head passed the induction-score threshold for path patching.")
     if comp:
-        paths_text += (f" Weight-based K-composition, which cannot see through LayerNorm and rotary positions, ranks "
-                       f"{comp['from']} -> {comp['to']} first ({comp['corrected']:.3g} over its random baseline).")
+        paths_text += (f" Weight-based K-composition into {verdict['heads'][0]}, which cannot see through LayerNorm "
+                       f"and rotary positions, ranks {comp[0]} first ({comp[1]:.3g} over its random baseline).")
     text = (f"{final.parent.parent.name}: a 2-layer GPT-NeoX trained here by `attnlab train --recipe "
             f"{ORGANISM_RECIPE}` (a small model, not a published checkpoint), step {int(final.name[5:])}. Its induction map "
             f"({trials} trials of BOS X X, |X| = {n}; target: the token after the previous instance, which a causal "
@@ -204,6 +205,16 @@ def _organism_map(runner, final: Path, title: str) -> dict:
     image = f"runs/organism_induction/{meta['figures']['after']}"
     return {"title": title, "job": "organism", "image": image, "text": text, "rows": rows,
             "header": ["head zeroed", "change in copying gain (nats)", "share of the gain removed", "role"]}
+
+
+def _strongest_k_composition(path: Path, receiver: str) -> tuple[str, float] | None:
+    """(sender, baseline-corrected score) of the highest weight-based K-composition into ``receiver`` ("LxHy") in a
+    ``heads`` run's ``composition.csv``; None when it has no such row."""
+    import csv
+
+    rows = [(f"L{r['layer1']}H{r['head1']}", float(r["corrected"])) for r in csv.DictReader(open(path))
+            if r["kind"] == "K" and f"L{r['layer2']}H{r['head2']}" == receiver]
+    return max(rows, key=lambda r: r[1]) if rows else None
 
 
 def _ablation_table(path: Path) -> tuple[float, list]:

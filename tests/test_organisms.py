@@ -181,3 +181,17 @@ def test_an_unfinished_run_of_another_identity_is_never_resumed(corpus, tmp_path
                out / "state" / "training.pt")
     assert main(["train", "--recipe", "smoke", "--corpus", str(corpus), "--out", str(out), "--no-progress"]) == 2
     assert "holds an unfinished run of another recipe" in capsys.readouterr().err
+
+
+def test_the_organism_section_reads_the_k_composition_into_its_induction_head(tmp_path):
+    """Not the strongest K-composition anywhere in the model: the strongest into the head the verdict named."""
+    from attnlab.core.outputs import write_csv
+    from attnlab.experiments.organisms import _strongest_k_composition
+
+    header = ["layer1", "head1", "layer2", "head2", "kind", "score", "baseline", "baseline_se", "corrected"]
+    write_csv(tmp_path / "c.csv", header, [[0, 0, 1, 2, "K", 0.5, 0.1, 0.001, 0.4],  # the largest, into L1H2
+                                           [0, 1, 1, 0, "K", 0.2, 0.1, 0.001, 0.1],
+                                           [0, 3, 1, 0, "K", 0.25, 0.1, 0.001, 0.15],
+                                           [0, 2, 1, 0, "Q", 0.9, 0.1, 0.001, 0.8]])  # Q: not K
+    assert _strongest_k_composition(tmp_path / "c.csv", "L1H0") == ("L0H3", 0.15)
+    assert _strongest_k_composition(tmp_path / "c.csv", "L1H3") is None
