@@ -138,6 +138,9 @@ def _paths(cfg: HeadsConfig, lm, scores: dict, variant, protocol, notes: list) -
     from attnlab.circuits.paths import FEEDER_RULE, induction_paths_input, trace_paths
 
     detector = "prefix_matching" if lm.is_causal else "induction_at_mask"
+    if detector not in scores:
+        notes.append(f"paths: the {detector} detector gave no score, so no key or query path was traced")
+        return []
     values = np.array(scores[detector], dtype=float)
     values[0] = -np.inf  # a first-layer head has no earlier head to be fed by
     order = [int(i) for i in np.argsort(-values, axis=None, kind="stable")[:cfg.paths]]
@@ -165,9 +168,10 @@ def save(folder, result: HeadsResult, ctx=None) -> list[str]:
               ([*r[:5], f"{r[5]:.6g}", f"{r[6]:.6g}", f"{se[r[4]]:.3g}", f"{r[7]:.6g}"] for r in result.composition))
     if not result.paths:
         return ["heads.csv", "composition.csv"]
-    write_csv(folder / "paths.csv", PATHS_HEADER, ([r[c] if isinstance(r[c], str) else f"{r[c]:.6g}" if
-                                                   isinstance(r[c], float) else int(r[c]) for c in PATHS_HEADER]
-                                                  for r in result.paths))
+    def cell(v):  # names as they are, numbers to 6 digits, the rule's verdict as 0/1
+        return v if isinstance(v, str) else f"{v:.6g}" if isinstance(v, float) else int(v)
+
+    write_csv(folder / "paths.csv", PATHS_HEADER, ([cell(r[c]) for c in PATHS_HEADER] for r in result.paths))
     return ["heads.csv", "composition.csv", "paths.csv"]
 
 

@@ -181,6 +181,8 @@ def _module_file(name: str) -> Path | None:
     parts = name.split(".")
     if parts[0] != "attnlab":
         return None
+    if len(parts) == 1:
+        return package_root() / "__init__.py"
     base = package_root().joinpath(*parts[1:])
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():

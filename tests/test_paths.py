@@ -75,10 +75,10 @@ def _reference(model, ids, queries, targets, layers, *, projection, splice, out_
 
 
 def test_path_patching_equals_eager_hooks_in_bert_through_a_layer_between():
-    model = _loud(tiny_bert(masked_lm=True, vocab_size=30522, layers=3, heads=4, hidden=32, positions=128))
+    model = _loud(tiny_bert(masked_lm=True, vocab_size=120, layers=3, heads=4, hidden=32, positions=128))
     lm = wrap_model(model)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 2900, (5, 24), generator=g)
+    ids = torch.randint(5, 120, (5, 24), generator=g)
     queries = torch.randint(12, 24, (5, 3), generator=g)
     targets = torch.randint(0, 12, (5, 3), generator=g)
     result = trace_paths(lm, ids, queries, targets, [(2, 1), (2, 3), (1, 0)])
@@ -93,7 +93,7 @@ def test_path_patching_equals_eager_hooks_in_bert_through_a_layer_between():
                 assert np.allclose(got, ref[(sender, rl, path)][:, rh].double().numpy(), atol=2e-6), (rl, rh, sender)
         assert np.allclose(result.clean[r], clean[rl][:, rh].double().numpy(), atol=2e-6)
     for path in ("K", "Q"):  # the patches matter, so the equality above says something
-        assert np.nanmax(np.abs(result.patched[path] - result.clean[:, None, None])) > 0.03
+        assert np.nanmax(np.abs(result.patched[path] - result.clean[:, None, None])) > 0.02
     assert np.isnan(result.patched["K"][0, 1]).all() and np.isnan(result.patched["K"][0, 2]).all()  # L1 receiver
 
 
