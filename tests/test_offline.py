@@ -17,6 +17,10 @@ def _offline_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=CLOSED_PORT, HF_HOME=str(tmp_path / "hf-home"), ATTNLAB_CACHE=str(tmp_path / "cache"),
                MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    # an empty Hugging Face and attnlab cache, but numba's compiled UMAP shared with the rest of the suite: compiling
+    # it again (about 15 s) is not what these tests are about
+    root = os.environ.get("ATTNLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnlab")
+    env.setdefault("NUMBA_CACHE_DIR", os.path.join(root, "numba-nogil"))
     return env
 
 
