@@ -151,7 +151,7 @@ def organism_sections(runner, folder: Path) -> list[dict]:
     meta = read_json(folder / "meta.json")
     if not meta or not meta.get("finished") or meta.get("identity") != identity(recipe, s.seed, digest):
         return [{"title": title, "job": "organism", "error": (
-            f"no trained organism of this recipe, seed, corpus and attnlab at {folder}. Training one takes about "
+            f"no trained organism of this recipe, seed, corpus and training code at {folder}. Training one takes about "
             f"9 minutes on a 2-core CPU; run `{command}` and then rerun this command")}]
     final = folder / "checkpoints" / checkpoint_name(recipe.steps)
     return [_organism_map(runner, final, title), _organism_dynamics(runner, folder)]

@@ -577,7 +577,13 @@ def _heads_section(runner: Runner) -> dict:
     else:
         agree = (" The induction map (Figure 7a) names no head (no lift over the null passes the rule); the ranking "
                  "below is relative only.")
-    notes = " ".join(meta.get("notes") or [])
+    from attnlab.circuits.experiment import describe_heads
+
+    all_notes = meta.get("notes") or []
+    notes = " ".join(n for n in all_notes if not n.startswith("paths:"))  # why the story is not coloured
+    traced = [line for line in describe_heads(meta) if " path into " in line]
+    traced += [n.removeprefix("paths: ") for n in all_notes if n.startswith("paths:")]
+    paths = f" Path patching (which earlier heads feed its keys and queries): {'; '.join(traced)}." if traced else ""
     chance = meta.get("chance", {}).get("induction_at_mask")
     return {"title": "Induction heads: copying and causal evidence (beyond the paper)", "job": "heads",
             "image": f"runs/heads/{meta['figures']['story']}" if "story" in meta.get("figures", {}) else None,
@@ -588,8 +594,8 @@ def _heads_section(runner: Runner) -> dict:
                                                ", coloured by direct logit attribution at the [MASK] (--quick skips the "
                                                "ablation scan)" if s.quick else ", coloured by how much zeroing the head "
                                                "alone changes the in-context copying gain of the rrt task (blue: the "
-                                               "model uses it)") + "." + agree
-                    + " Full scores: runs/heads/heads.csv, composition.csv, heads.png."}
+                                               "model uses it)") + "." + agree + paths
+                    + " Full scores: runs/heads/heads.csv, composition.csv, paths.csv (when traced), heads.png."}
 
 
 def _firstlayer_section(runner: Runner) -> dict:

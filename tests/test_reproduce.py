@@ -77,6 +77,9 @@ def test_reproduce_quick_writes_every_figure_and_report(tmp_path, local_models):
     assert "Models given with --model" in readme and "Quick smoke run" in readme
     assert "paper's settings and models" not in readme
     assert "| role | paper's model | model used | layers x heads | MLM head |" in readme
+    # the heads section says whether paths were traced, apart from why its story figure is (not) coloured
+    assert ("Path patching (which earlier heads feed its keys and queries): no head past layer 0 has a "
+            "induction_at_mask score of 0.1 over chance" in readme) and "not coloured: paths" not in readme
     # Figure 9 also as one small-multiples figure across the sizes
     assert (out / "figures" / "figure9.png").stat().st_size > 5000 and "## Figure 9 across sizes" in readme
 
