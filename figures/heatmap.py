@@ -5,7 +5,6 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
-import seaborn as sns
 
 from attnlab.figures.style import centred_ticks, plt, save
 
@@ -35,6 +34,8 @@ def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", 
     else:
         kwargs.update(vmin=vmin, vmax=vmax, center=center)
     import warnings
+
+    import seaborn as sns  # here, not at import: seaborn brings pandas (about 1 s), and a UMAP grid draws no heatmap
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing map is drawn grey, not warned about
@@ -75,6 +76,7 @@ def induction_map(mean, sem, title: str, path=None, *, outline=(), finding: str 
     import math
     import warnings
 
+    import seaborn as sns
     from matplotlib.patches import Rectangle
 
     mean = np.asarray(mean, dtype=float)
