@@ -96,7 +96,7 @@ def _read_scores(path) -> dict:
 
 
 def plot(folder, meta: dict) -> dict:
-    """heads.png and story.png from a heads run's saved heads.csv."""
+    """heads.png and story.png from a heads run's saved heads.csv; paths.png from its paths.csv when it traced paths."""
     from attnlab.core.names import model_label
 
     scores = _read_scores(folder / "heads.csv")
@@ -106,7 +106,56 @@ def plot(folder, meta: dict) -> dict:
     if "induction_at_mask" in scores and "ov_copying" in scores:
         story_figure(scores, f"{label}: does an induction-like head also copy, and is it used?", folder / "story.png")
         out["story"] = "story.png"
+    if (folder / "paths.csv").is_file():
+        paths_figure(folder / "paths.csv", f"{label}: which earlier heads feed each induction-like head",
+                     folder / "paths.png")
+        out["paths"] = "paths.png"
     return out
+
+
+def paths_figure(csv_path, title: str, path=None):
+    """From a heads run's ``paths.csv``: per receiver, the share of its attention to the target that zeroing each
+    earlier head removes through its keys (K) and its queries (Q), with the bootstrap 95% CI, the rule's 25% line,
+    and the senders the rule names marked."""
+    import csv
+
+    from attnlab.circuits.paths import MIN_LOST
+
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    receivers = list(dict.fromkeys(r["receiver"] for r in rows))
+    fig, axes = plt.subplots(len(receivers), 1, squeeze=False,
+                             figsize=(max(7.0, 0.22 * len(rows) / len(receivers) + 3), 3.4 * len(receivers)))
+    for ax, receiver in zip(axes[:, 0], receivers):
+        mine = [r for r in rows if r["receiver"] == receiver]
+        senders = list(dict.fromkeys(r["sender"] for r in mine))
+        x = np.arange(len(senders))
+        top, bottom = 1.0, 0.0
+        for offset, (kind, colour) in zip((-0.2, 0.2), (("K", "#1f77b4"), ("Q", "#ff7f0e"))):
+            by = {r["sender"]: r for r in mine if r["path"] == kind}
+            lost = np.array([float(by[s]["lost"]) for s in senders])
+            lo = np.array([float(by[s]["ci_low"]) for s in senders])
+            hi = np.array([float(by[s]["ci_high"]) for s in senders])
+            ax.bar(x + offset, lost, 0.4, color=colour, label=f"{kind}: its {'keys' if kind == 'K' else 'queries'}",
+                   yerr=np.nan_to_num([lost - lo, hi - lost]), capsize=2, error_kw={"lw": 0.8})
+            top, bottom = max(top, np.nanmax(hi)), min(bottom, np.nanmin(lo))
+            for i, s in enumerate(senders):
+                if by[s]["named"] == "1":
+                    ax.text(i + offset, max(lost[i], hi[i]) + 0.03, "*", ha="center", fontsize=12)
+        ax.set_ylim(bottom - 0.08, top + 0.15)  # room for the stars above the bars
+        ax.axhline(MIN_LOST, color="#888888", lw=0.8, ls="--")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks(x, senders, rotation=90 if len(senders) > 16 else 0, fontsize=9)
+        ax.set_ylabel("share of its attention\nto the target removed", fontsize=9.5)
+        ax.set_title(f"into {receiver}, each earlier head zeroed alone; * = a feeder by the rule (>= {MIN_LOST:.0%}, CI "
+                     "above 0, no trial over half)", fontsize=10)
+        ax.legend(fontsize=9, loc="upper right")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    save(fig, path)
+    return None
 
 
 def plot_ablation(folder, meta: dict) -> dict:

@@ -197,6 +197,7 @@ def test_heads_traces_the_paths_into_the_planted_induction_head(tmp_path, cheap_
     assert "L1H1" not in meta["feeders"]  # its induction score is at chance: not a receiver
     rows = list(csv.DictReader(open(tmp_path / "paths.csv")))
     assert len(rows) == 4 and {r["named"] for r in rows} == {"1", "0"}
+    assert meta["figures"]["paths"] == "paths.png" and (tmp_path / "paths.png").stat().st_size > 10_000
     assert any(line.startswith("K path into L1H0: L0H0 (strongest L0H0 removes 99.9%") for line in describe_heads(meta))
 
 
@@ -207,5 +208,5 @@ def test_heads_traces_no_path_without_an_induction_like_head(tmp_path, cheap_com
     lm = wrap_model(tiny_bert(masked_lm=True, vocab_size=30522, layers=2, heads=2, hidden=16, positions=64))
     meta = run_experiment(HEADS, HeadsConfig(model="random", trials=4, seq_len=10, detector_trials=1,
                                              ablation=False), tmp_path, lm=lm)
-    assert meta["feeders"] == {} and not (tmp_path / "paths.csv").exists()
+    assert meta["feeders"] == {} and not (tmp_path / "paths.csv").exists() and "paths" not in meta["figures"]
     assert any(n.startswith("paths: no head past layer 0 has a induction_at_mask score") for n in meta["notes"])
