@@ -120,6 +120,18 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
+def csv_cell(v) -> str:
+    """One CSV field: text as it is, a float to 6 significant digits, an empty field for None or a non-finite
+    float, a bool as 0/1, anything else (an int) by ``str``."""
+    if isinstance(v, str):
+        return v
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, bool):
+        return str(int(v))
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
 def write_csv(path, header: list[str], rows) -> None:
     """A CSV written by the csv module (fields with commas, quotes or newlines are quoted)."""
     import csv

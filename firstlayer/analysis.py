@@ -14,7 +14,7 @@ import torch
 
 from attnlab.core.errors import InputError
 from attnlab.core.extractor import extract_attention
-from attnlab.core.outputs import atomic_path, write_csv
+from attnlab.core.outputs import atomic_path, csv_cell, write_csv
 from attnlab.firstlayer import decompose as D
 from attnlab.firstlayer.experiment import DecomposeConfig
 
@@ -280,33 +280,25 @@ def save(folder, result: DecomposeResult, ctx=None) -> list[str]:
     keys = ["class", "prev_mass", "prev_cv", "n_eff", "decay_left", "decay_left_r2", "decay_right", "decay_right_r2",
             "duplicate_logit"]
     write_csv(folder / "classes.csv", ["layer", "head", *keys],
-              ([cfg.layer, r["head"], *(_g(r[k]) for k in keys)] for r in result.classes))
+              ([cfg.layer, r["head"], *(csv_cell(r[k]) for k in keys)] for r in result.classes))
     if result.exact:
         write_csv(folder / "decomposition.csv", ["layer", "head", "term", "mean", "std", "mean_abs"],
-                  ([cfg.layer, h, t, _g(m), _g(s), _g(a)] for h, t, m, s, a in result.terms))
+                  ([cfg.layer, h, t, csv_cell(m), csv_cell(s), csv_cell(a)] for h, t, m, s, a in result.terms))
         write_csv(folder / "fit.csv", ["layer", "head", "r2_linearised", "max_error_linearised", "max_error_exact"],
-                  ([cfg.layer, h, _g(r2), _g(e), _g(x)] for h, r2, e, x in result.fit))
+                  ([cfg.layer, h, csv_cell(r2), csv_cell(e), csv_cell(x)] for h, r2, e, x in result.fit))
         out += ["decomposition.csv", "fit.csv"]
     if result.normalisers:
         write_csv(folder / "normalisers.csv", ["layer", "head", "position", "mean_log_z", "spread_log_z", "n_eff",
                                                "predicted_spread"],
-                  ([cfg.layer, *(_g(v) for v in row)] for row in result.normalisers))
+                  ([cfg.layer, *(csv_cell(v) for v in row)] for row in result.normalisers))
         out.append("normalisers.csv")
     if result.neurons:
         write_csv(folder / "neurons.csv", ["layer", "neuron", "correlation", "contribution_range", "top_positive",
                                            "top_negative"],
-                  ([cfg.layer, nrn, _g(r), _g(rng), " ".join(pos), " ".join(neg)]
+                  ([cfg.layer, nrn, csv_cell(r), csv_cell(rng), " ".join(pos), " ".join(neg)]
                    for nrn, r, rng, pos, neg in result.neurons))
         out.append("neurons.csv")
     return out
-
-
-def _g(v) -> str:
-    if isinstance(v, str):
-        return v
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def summary(result: DecomposeResult, ctx=None) -> dict:

@@ -113,7 +113,7 @@ def measure(folder, out, cfg: DynamicsConfig, progress: bool = False, say=print)
 
     from attnlab.core.corpus import load_corpus
     from attnlab.core.errors import InputError
-    from attnlab.core.outputs import check_out_dir, folder_lock, read_json, write_csv, write_json
+    from attnlab.core.outputs import check_out_dir, csv_cell, folder_lock, read_json, write_csv, write_json
     from attnlab.figures.organisms import plot_dynamics
     from attnlab.organisms.data import token_stream
 
@@ -144,7 +144,7 @@ def measure(folder, out, cfg: DynamicsConfig, progress: bool = False, say=print)
                 say(f"dynamics: step {r['step']}: {r['induction_head']} {r['induction_score']:.3f}, copying gain "
                     f"{r['copying_gain']:.3f}")
         step = formed_at(rows)
-        write_csv(out / "dynamics.csv", COLUMNS, [[_cell(r[c]) for c in COLUMNS] for r in rows])
+        write_csv(out / "dynamics.csv", COLUMNS, [[csv_cell(r[c]) for c in COLUMNS] for r in rows])
         label = train_meta["recipe"]["name"]
         plot_dynamics(rows, step, FORMATION_RULE, f"{label} (seed {train_meta['seed']}): a small model trained here",
                       out / "dynamics.png")
@@ -160,7 +160,3 @@ def code_identity() -> str:
     from attnlab.core.provenance import code_fingerprint
 
     return code_fingerprint(__name__)
-
-
-def _cell(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)

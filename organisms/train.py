@@ -14,7 +14,6 @@ and the same command resumes (to the same weights as an uninterrupted run).
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
@@ -166,7 +165,7 @@ def train(recipe: Recipe, out, texts: list[str], corpus_digest: str, *, seed: in
 
 
 def _train(recipe, out: Path, texts, key, seed, say, progress, versions, write_json, corpus) -> dict:
-    from attnlab.core.outputs import write_csv
+    from attnlab.core.outputs import csv_cell, write_csv
 
     t0 = time.perf_counter()
     tokenizer = D.train_tokenizer(texts, recipe.vocab_size, out / "tokenizer", recipe.objective == "causal")
@@ -228,7 +227,7 @@ def _train(recipe, out: Path, texts, key, seed, say, progress, versions, write_j
         _save_state(model, optimizer, completed, rows, key, out / "state")  # a rerun resumes after this step
         _save_checkpoint(model, tokenizer, ckpt / checkpoint_name(completed))
         raise
-    write_csv(out / "curves.csv", CURVES, [[_fmt(v) for v in r] for r in rows])
+    write_csv(out / "curves.csv", CURVES, [[csv_cell(v) for v in r] for r in rows])
     from attnlab.figures.organisms import plot_curves
 
     plot_curves(rows, CURVES, f"{recipe.name} (seed {seed}): a small model trained here", out / "curves.png")
@@ -247,7 +246,3 @@ def _train(recipe, out: Path, texts, key, seed, say, progress, versions, write_j
 def _row(step, lr, train_loss, metrics: dict, t0) -> list:
     return [step, lr, train_loss, metrics["text_loss"], metrics["rrt_loss_first"], metrics["rrt_loss_second"],
             metrics["rrt_acc_second"], metrics["copying_gain"], time.perf_counter() - t0]
-
-
-def _fmt(v) -> str:
-    return "" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.6g}" if isinstance(v, float) else str(v))
