@@ -13,7 +13,7 @@ from attnlab.circuits.experiment import HeadsConfig
 from attnlab.circuits.scores import DETECTORS, composition_scores, detector_scores, ov_copying_scores
 from attnlab.core.errors import InputError
 from attnlab.core.extractor import extract_attention
-from attnlab.core.outputs import write_csv
+from attnlab.core.outputs import csv_cell, write_csv
 from attnlab.core.resources import check_fits
 from attnlab.core.weights import head_weights, token_embedding, unembedding
 from attnlab.induction.protocols import make_protocol, token_spec_for
@@ -88,8 +88,9 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
     detected = detector_scores(att, batch.input_ids, specials, causal=lm.is_causal,
                                names=[d for d in DETECTORS if d != "induction_at_mask"])
     del att
-    if not lm.is_causal:  # induction at the [MASK]: its own, larger set of trials, one query row each
-        task_batch = build_batch(variant, protocol, cfg.trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
+    # the [MASK] detector's and path patching's own, larger set of trials, one query row each
+    task_batch = build_batch(variant, protocol, cfg.trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
+    if not lm.is_causal:  # induction at the [MASK]
         q = task_batch.mask_index[:, None]
         rows = extract_attention(lm, task_batch.input_ids, None, q).attention  # [T, 1, L, H, S]
         detected.update(detector_scores(rows, task_batch.input_ids, specials, causal=False, query_positions=q,
@@ -125,7 +126,7 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
         if not np.isfinite(values).all():
             raise InputError(f"model '{lm.name}' gave non-finite {name} scores; its weights may hold NaN or inf")
     rows, baseline = composition_scores(w, seed=cfg.seed)
-    paths = _paths(cfg, lm, scores, variant, protocol, notes) if cfg.paths else []
+    paths = _paths(cfg, lm, scores, task_batch, notes) if cfg.paths else []
     return HeadsResult(scores, rows, baseline, chance, sources, notes, paths)
 
 
@@ -133,8 +134,9 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
 MIN_RECEIVER = 0.1
 
 
-def _paths(cfg: HeadsConfig, lm, scores: dict, variant, protocol, notes: list) -> list[dict]:
-    """Path patching (:mod:`attnlab.circuits.paths`) into the ``cfg.paths`` strongest induction-like heads."""
+def _paths(cfg: HeadsConfig, lm, scores: dict, batch, notes: list) -> list[dict]:
+    """Path patching (:mod:`attnlab.circuits.paths`) into the ``cfg.paths`` strongest induction-like heads, on the
+    RRT trials ``batch``."""
     from attnlab.circuits.paths import FEEDER_RULE, induction_paths_input, trace_paths
 
     detector = "prefix_matching" if lm.is_causal else "induction_at_mask"
@@ -149,7 +151,6 @@ def _paths(cfg: HeadsConfig, lm, scores: dict, variant, protocol, notes: list) -
         notes.append(f"paths: no head past layer 0 has a {detector} score of {MIN_RECEIVER} over chance, so no key or "
                      "query path was traced")
         return []
-    batch = build_batch(variant, protocol, cfg.trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
     result = trace_paths(lm, *induction_paths_input(batch, lm.is_causal), receivers)
     rows = result.table(cfg.seed)
     notes.append(f"paths: receivers {', '.join(f'L{a}H{b}' for a, b in receivers)} (the strongest by {detector}); "
@@ -168,10 +169,7 @@ def save(folder, result: HeadsResult, ctx=None) -> list[str]:
               ([*r[:5], f"{r[5]:.6g}", f"{r[6]:.6g}", f"{se[r[4]]:.3g}", f"{r[7]:.6g}"] for r in result.composition))
     if not result.paths:
         return ["heads.csv", "composition.csv"]
-    def cell(v):  # names as they are, numbers to 6 digits, the rule's verdict as 0/1
-        return v if isinstance(v, str) else f"{v:.6g}" if isinstance(v, float) else int(v)
-
-    write_csv(folder / "paths.csv", PATHS_HEADER, ([cell(r[c]) for c in PATHS_HEADER] for r in result.paths))
+    write_csv(folder / "paths.csv", PATHS_HEADER, ([csv_cell(r[c]) for c in PATHS_HEADER] for r in result.paths))
     return ["heads.csv", "composition.csv", "paths.csv"]
 
 
