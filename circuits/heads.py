@@ -55,6 +55,15 @@ def _specials(protocol) -> dict:
     return {"cls": spec.cls_id, "sep": spec.sep_id, "mask": None if protocol.causal else protocol.mask_id}
 
 
+def pattern_scores(lm, trials: int, n: int, seed: int, names: list[str]) -> dict:
+    """The detectors ``names`` (:func:`~attnlab.circuits.scores.detector_scores`: ``{name: (raw, chance, corrected
+    [L, H])}``) on every query row of ``trials`` clean RRT sequences X X, |X| = ``n``."""
+    protocol = make_protocol("clean", token_spec_for(lm))
+    batch = build_batch(get_variant("standard"), protocol, trials, n, seed, max_positions=lm.max_positions)
+    att = extract_attention(lm, batch.input_ids).attention  # [B, S, L, H, S]: every query row
+    return detector_scores(att, batch.input_ids, _specials(protocol), causal=lm.is_causal, names=names)
+
+
 def check(cfg: HeadsConfig, lm, ctx=None) -> None:
     """Before anything is built: the sequences fit the model, and the detectors' full attention maps fit in memory."""
     from attnlab.induction.variants import check_length
@@ -81,13 +90,9 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
     protocol = make_protocol("clean", token_spec_for(lm))
     variant = get_variant("standard")
     specials = _specials(protocol)
-    # the other detectors: every query row of a few sequences
     check(cfg, lm)
-    batch = build_batch(variant, protocol, cfg.detector_trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
-    att = extract_attention(lm, batch.input_ids).attention  # [B, S, L, H, S]: every query row
-    detected = detector_scores(att, batch.input_ids, specials, causal=lm.is_causal,
-                               names=[d for d in DETECTORS if d != "induction_at_mask"])
-    del att
+    detected = pattern_scores(lm, cfg.detector_trials, cfg.seq_len, cfg.seed,
+                              [d for d in DETECTORS if d != "induction_at_mask"])
     # the [MASK] detector's and path patching's own, larger set of trials, one query row each
     task_batch = build_batch(variant, protocol, cfg.trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
     if not lm.is_causal:  # induction at the [MASK]

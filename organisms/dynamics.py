@@ -40,17 +40,9 @@ def _best(values: np.ndarray) -> tuple[str, float]:
 
 def previous_token_score(lm, n: int, seed: int, trials: int = 4) -> tuple[str, float]:
     """The strongest head's previous-token score minus chance on a few [CLS] X X sequences (every query row)."""
-    from attnlab.circuits.heads import _specials
-    from attnlab.circuits.scores import detector_scores
-    from attnlab.core.extractor import extract_attention
-    from attnlab.induction.protocols import make_protocol, token_spec_for
-    from attnlab.induction.variants import build_batch, get_variant
+    from attnlab.circuits.heads import pattern_scores
 
-    protocol = make_protocol("clean", token_spec_for(lm))
-    batch = build_batch(get_variant("standard"), protocol, trials, n, seed, max_positions=lm.max_positions)
-    att = extract_attention(lm, batch.input_ids).attention
-    scores = detector_scores(att, batch.input_ids, _specials(protocol), causal=lm.is_causal,
-                             names=["previous_token"])
+    scores = pattern_scores(lm, trials, n, seed, ["previous_token"])
     return _best(scores["previous_token"][2].numpy())
 
 
