@@ -63,7 +63,7 @@ def run_train(args) -> int:
 
 def run_dynamics(args) -> int:
     from attnlab.core.config import config_from_args
-    from attnlab.organisms.dynamics import code_identity, measure
+    from attnlab.organisms.dynamics import measure
     from attnlab.organisms.recipes import DynamicsConfig
 
     cfg = config_from_args(DynamicsConfig, args)
@@ -168,7 +168,7 @@ def _organism_map(runner, final: Path, title: str) -> dict:
     meta = runner.run_record("induction", InductionConfig(model=str(final), seq_len=n, trials=trials, seed=s.seed),
                              s.out / "runs" / "organism_induction", lambda: runner.cache.get(str(final), True))
     verdict = meta["verdict"]["after"]
-    ablation = runner.run_record("ablate", AblationConfig(model=str(final), scan=True, trials=trials, seq_len=n,
+    runner.run_record("ablate", AblationConfig(model=str(final), scan=True, trials=trials, seq_len=n,
                                                           seed=s.seed),
                                  s.out / "runs" / "organism_ablate", lambda: runner.cache.get(str(final), True))
     heads = runner.run_record("heads", HeadsConfig(model=str(final), trials=trials, seq_len=n, ablation=False, paths=1,
@@ -210,17 +210,20 @@ def _organism_map(runner, final: Path, title: str) -> dict:
 def _strongest_k_composition(path: Path, receiver: str) -> tuple[str, float] | None:
     """(sender, baseline-corrected score) of the highest weight-based K-composition into ``receiver`` ("LxHy") in a
     ``heads`` run's ``composition.csv``; None when it has no such row."""
-    import csv
-
-    rows = [(f"L{r['layer1']}H{r['head1']}", float(r["corrected"])) for r in csv.DictReader(open(path))
+    rows = [(f"L{r['layer1']}H{r['head1']}", float(r["corrected"])) for r in _csv_rows(path)
             if r["kind"] == "K" and f"L{r['layer2']}H{r['head2']}" == receiver]
     return max(rows, key=lambda r: r[1]) if rows else None
 
 
-def _ablation_table(path: Path) -> tuple[float, list]:
+def _csv_rows(path: Path) -> list[dict]:
     import csv
 
-    rows = [r for r in csv.DictReader(open(path)) if r["metric"] == "copying_gain"]
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _ablation_table(path: Path) -> tuple[float, list]:
+    rows = [r for r in _csv_rows(path) if r["metric"] == "copying_gain"]
     base = float(rows[0]["baseline"]) if rows else float("nan")
     deltas = sorted(((f"L{r['layer']}H{r['head']}", float(r["delta"])) for r in rows), key=lambda x: x[1])
     return base, deltas
@@ -244,7 +247,7 @@ def _organism_dynamics(runner, folder: Path) -> dict:
     last = meta["rows"][-1]
     return {"title": "The organism's induction head forming during training", "job": "organism_dynamics",
             "image": "runs/organism_dynamics/dynamics.png",
-            "text": (f"Every checkpoint of the organism measured by attnlab itself: the strongest induction head's lift, "
+            "text": ("Every checkpoint of the organism measured by attnlab itself: the strongest induction head's lift, "
                      f"the strongest previous-token head, the copying gain, the ICL score (loss at positions 8-23 "
                      f"minus 96-127 of held-out training-distribution sequences) and the loss on repeated tokens, against training steps. "
                      + (f"The induction head forms at step {formed}" if formed is not None else
