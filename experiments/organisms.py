@@ -248,8 +248,8 @@ def _organism_dynamics(runner, folder: Path) -> dict:
     return {"title": "The organism's induction head forming during training", "job": "organism_dynamics",
             "image": "runs/organism_dynamics/dynamics.png",
             "text": ("Every checkpoint of the organism measured by attnlab itself: the strongest induction head's lift, "
-                     f"the strongest previous-token head, the copying gain, the ICL score (loss at positions 8-23 "
-                     f"minus 96-127 of held-out training-distribution sequences) and the loss on repeated tokens, against training steps. "
+                     "the strongest previous-token head, the copying gain, the ICL score (loss at positions 8-23 "
+                     "minus 96-127 of held-out training-distribution sequences) and the loss on repeated tokens, against training steps. "
                      + (f"The induction head forms at step {formed}" if formed is not None else
                         "No induction head forms") + f" ({meta['rule']}). At the last step: {last['induction_head']} "
                      f"lift {last['induction_score']:.3f}, previous-token {last['previous_token_head']} "
