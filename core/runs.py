@@ -53,6 +53,9 @@ class Experiment:
     prepare(cfg, ctx)                               when the run is not reused: inputs loaded before the model
                                                     (e.g. a corpus, kept in ctx.docs), so they fail first
     check(cfg, lm, ctx)                             checks that need the model, before any heavy work
+    warm_up(cfg)                                    first of all, before torch or the model is imported, even
+                                                    for a run that will be reused: start in the background what
+                                                    compute will need (the UMAP fit worker); never changes a result
     """
 
     name: str
@@ -65,6 +68,7 @@ class Experiment:
     identity: Any = None
     prepare: Any = None
     check: Any = None
+    warm_up: Any = None
     help: str = ""
     description: str = ""
     #: "none": the encoder is enough; "required": the LM head must be loaded; "optional": loaded when the
@@ -205,6 +209,8 @@ def run_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, *, de
     """Run ``exp`` with ``cfg`` into the folder ``out`` and return its ``meta.json`` (marked ``reused`` when a
     finished run with the same reuse key was served). ``lm``: a loaded model, a zero-argument loader (called only
     when the work is not reused), or None (load ``cfg.model``)."""
+    if exp.warm_up:
+        exp.fn("warm_up")(cfg)
     from attnlab.core.models import model_identity
     from attnlab.core.outputs import RunFolder
 

@@ -121,6 +121,7 @@ def _top_table(r: FigureResult):
 def _verdict_rows(results) -> list[tuple]:
     """The report's first table: every induction figure's verdict, with its baseline."""
     from attnlab.induction.experiment import target_words
+    from attnlab.induction.scores import turned_away
 
     rows = []
     for r in results:
@@ -132,6 +133,7 @@ def _verdict_rows(results) -> list[tuple]:
         else:
             st = v["strongest"]
             found = f"none - strongest {st['head']} {_fmt(st['mean'], '.4g')} (null {_fmt(st['null'], '.4g')})"
+        found += turned_away(v)
         rows.append((r.id, model_label(r.model_used or r.model), target_words(r.target, bool(r.meta.get("causal"))),
                      found, _fmt(v["chance"], ".4g")))
     return rows

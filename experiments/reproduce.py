@@ -473,9 +473,13 @@ def _reproduce(settings: Settings, only: list[str] | None, say):
         from attnlab.core.progress import bar
 
         iterator = bar(selected, desc="reproduce", unit="experiment")
-    for job in iterator:
+    for i, job in enumerate(iterator):
         if settings.progress and hasattr(iterator, "set_postfix_str"):
             iterator.set_postfix_str(job.name)
+        if any(j.experiment == "geometry-umap" for j in selected[i + 1:i + 2]):
+            from attnlab.geometry import fitworker
+
+            fitworker.start()  # it imports umap-learn on the other core while this job runs
         meta, model, reason, unavailable = runner.run(job)
         if meta is not None:
             runner.context["results"][job.name] = meta

@@ -5,11 +5,12 @@ What makes a grid of six fits cost seconds rather than a minute, each measured i
 - **exact neighbours from matrix products**: for fewer than 4,096 points umap-learn computes every pairwise
   distance with a per-pair call and sorts every row; the same exact cosine neighbours come from chunked matrix
   products and a top-k in milliseconds, handed to umap-learn as ``precomputed_knn`` (at any size: exact always);
-- **a warm start**: the middle constant's layout starts from umap's spectral initialisation, each other constant's
-  from its inner neighbour's layout (neighbouring constants move points a little), and 200 epochs suffice (umap's
-  default for small data is 500; the middle panel runs 350); the panels are then also aligned with each other;
-- **two sides at once**: the constants below and above the middle form two independent chains, fitted in two
-  threads (the compiled epochs release the GIL);
+- **a warm start**: the two middle constants' layouts start from umap's spectral initialisation of the upper one,
+  each other constant's from its inner neighbour's layout (neighbouring constants move points a little), and 200
+  epochs suffice (umap's default for small data is 500; the two middle panels run 350); the panels are then also
+  aligned with each other;
+- **two halves at once**: the constants below and above the middle form two independent chains of equal length,
+  fitted in two threads (the compiled epochs release the GIL);
 - **compiled once, ever**: umap-learn compiles its numba functions in every new process (about 7 s); attnlab turns
   on numba's on-disk cache for them (``~/.cache/attnlab/numba-nogil``, or ``ATTNLAB_CACHE``/``NUMBA_CACHE_DIR``).
 
@@ -35,10 +36,9 @@ BASE_EPOCHS = 350
 
 
 @contextmanager
-def cached_numba():
-    """numba compiles with its on-disk cache on (where no other cache directory is set) while umap-learn is imported
-    and fitted, so its functions compile once per machine instead of once per process; they also release the GIL.
-    Not thread-safe itself (it patches ``numba.njit`` and the warning filters): enter it once, around the threads."""
+def _compile_cached():
+    """numba compiles with its on-disk cache on (where no other cache directory is set), and its functions release
+    the GIL, while this is entered. Patches ``numba.njit``: one user at a time."""
     import numba
     from numba.core import config
 
@@ -55,11 +55,27 @@ def cached_numba():
 
     numba.njit = njit
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a cache that cannot be written only costs time; umap's chatter
-            yield
+        yield
     finally:
         numba.njit = original
+
+
+@contextmanager
+def cached_numba():
+    """umap-learn imported and fitted with numba's on-disk cache, so its functions compile once per machine instead
+    of once per process; they also release the GIL. Not thread-safe itself (it patches ``numba.njit`` and the
+    warning filters): enter it once, around the threads."""
+    with _compile_cached(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a cache that cannot be written only costs time; umap's chatter
+        yield
+
+
+def warm() -> None:
+    """Import umap-learn and load the compiled functions a grid's fits call (numba's on-disk cache), with a grid of
+    two tiny panels through the same code: what the first real grid of a fresh process would otherwise pay (about
+    3.5 s). The fit worker (:mod:`attnlab.geometry.fitworker`) does this while the parent loads the model."""
+    points = np.random.default_rng(0).standard_normal((2, 64, 8))
+    fit_panels(list(points), seed=0, n_neighbors=15, min_dist=0.1, n_epochs=11, base_epochs=11, threads=None)
 
 
 def cosine_neighbours(points, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -118,37 +134,55 @@ def joint_embedding(queries, keys, *, seed: int = 0, n_neighbors: int = 15, min_
 
 def panel_embeddings(panels, *, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int = EPOCHS,
                      base_epochs: int = BASE_EPOCHS, threads: int | None = None) -> list[np.ndarray]:
-    """:func:`joint_embedding` of every panel ``[(queries, keys), ...]`` (ascending constants), aligned: the middle
-    panel is fitted from umap-learn's spectral initialisation for ``base_epochs``, and the panels on each
-    side start from their inner neighbour's layout, outwards (``n_epochs``: every panel inherits the middle's
-    layout, so that one gets the full schedule). The two sides are independent, so they run in two threads where there are two cores (the
-    fits release the GIL); every fit is single-threaded and seeded, so the result does not depend on ``threads``.
+    """:func:`joint_embedding` of every panel ``[(queries, keys), ...]`` (ascending constants), aligned.
+
+    The two middle panels (``len // 2 - 1`` and ``len // 2``) both start from umap-learn's spectral layout of the
+    upper one and are fitted for ``base_epochs``; the panels on each side then start from their inner neighbour's
+    layout, outwards, for ``n_epochs`` (every panel inherits a base's layout, so the bases get the full schedule).
+    Starting both bases from one layout keeps the panels aligned with each other, and it splits the grid into two
+    independent halves of equal length, fitted in two threads where there are two cores (the fits release the
+    GIL): a grid of six costs one base fit and two warm ones in time, not one and three. Every fit is
+    single-threaded and seeded, so the result does not depend on ``threads``.
+    The fits run in the fit worker's process where one was started (:func:`attnlab.geometry.fitworker.start`,
+    before the model loads: it has imported umap-learn meanwhile), else here; the layouts are the same.
     Returns ``[n_q + n_k, 2]`` per panel, in the panels' order."""
-    from concurrent.futures import ThreadPoolExecutor
+    from attnlab.geometry import fitworker
 
     points = [_joint(q, k) for q, k in panels]
+    kwargs = dict(seed=seed, n_neighbors=n_neighbors, min_dist=min_dist, n_epochs=n_epochs, base_epochs=base_epochs,
+                  threads=threads)
+    layouts = fitworker.fit_remote(points, kwargs) if points else None
+    return layouts if layouts is not None else fit_panels(points, **kwargs)
+
+
+def fit_panels(points, *, seed: int, n_neighbors: int, min_dist: float, n_epochs: int, base_epochs: int,
+               threads: int | None) -> list[np.ndarray]:
+    """:func:`panel_embeddings` of the joint points ``[n_i, d]`` float64 of each panel, in this process."""
+    from concurrent.futures import ThreadPoolExecutor
+
     out: list = [None] * len(points)
     if not points:
         return out
     mid = len(points) // 2
-    fit = dict(seed=seed, n_neighbors=n_neighbors, min_dist=min_dist, n_epochs=n_epochs)
+    fit = dict(seed=seed, n_neighbors=n_neighbors, min_dist=min_dist)
 
-    def chain(order):
-        previous = out[mid]
-        for i in order:
-            previous = out[i] = _fit(points[i], init=previous, **fit)
+    def half(order):  # order[0] is a base, fitted from the shared start; each later panel from the one before
+        previous = start
+        for j, i in enumerate(order):
+            previous = out[i] = _fit(points[i], init=previous, n_epochs=base_epochs if j == 0 else n_epochs, **fit)
 
     with cached_numba():
-        out[mid] = _fit(points[mid], init=None, **{**fit, "n_epochs": base_epochs})
-        sides = [range(mid - 1, -1, -1), range(mid + 1, len(points))]
+        # umap-learn's own spectral initialisation (noise and scaling included), without optimising it
+        start = _fit(points[mid], init=None, n_epochs=0, **fit) if len(points) > 1 else None
+        halves = [range(mid - 1, -1, -1), range(mid, len(points))]
         workers = threads if threads is not None else min(2, os.cpu_count() or 1)
-        if workers > 1:
+        if workers > 1 and len(points) > 1:
             with ThreadPoolExecutor(2) as pool:
-                for future in [pool.submit(chain, side) for side in sides]:
+                for future in [pool.submit(half, side) for side in halves]:
                     future.result()
         else:
-            for side in sides:
-                chain(side)
+            for side in halves:
+                half(side)
     return out
 
 

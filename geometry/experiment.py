@@ -136,6 +136,12 @@ def _prepare_geometry(cfg, ctx) -> None:
     prepare_corpus(cfg, ctx)
 
 
+def _start_fit_worker(cfg) -> None:
+    from attnlab.geometry import fitworker
+
+    fitworker.start()  # a process that imports umap-learn on the other core while this one imports torch and loads
+
+
 def describe_scaling(meta: dict) -> list[str]:
     lines = []
     for metric, rows in meta["optima"].items():
@@ -182,7 +188,7 @@ UMAP = Experiment(
     help="joint UMAP embeddings of one head's queries and keys (Figures 3-4)",
     description=__doc__.split("\n\n", 1)[1] + "\nOutputs: umap_L<l>H<h>.png (a grid of joint UMAP embeddings, one "
     "panel per constant, the optimal one framed), umap_L<l>H<h>.npz (the embeddings), meta.json.",
-    identity=corpus_identity, prepare=_prepare_geometry,
+    identity=corpus_identity, prepare=_prepare_geometry, warm_up=_start_fit_worker,
     check="attnlab.geometry.study:check_umap",
     compute="attnlab.geometry.study:compute_umap", save="attnlab.geometry.study:save_umap",
     summary="attnlab.geometry.study:summary_umap", plot="attnlab.figures.scaling:plot_umap",

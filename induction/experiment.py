@@ -107,6 +107,8 @@ def describe(meta: dict) -> list[str]:
         lines.append(f"verdict ({rule}; chance = uniform attention over the visible keys, null = the same positions "
                      "without the repeat):")
         lines += [f"  {verdict_line(t, v)}" for t, v in verdicts.items()]
+        if any(v.get("avoided") for v in verdicts.values()):
+            lines.append(f"  ({next(iter(verdicts.values()))['avoid_rule']})")
     return lines
 
 

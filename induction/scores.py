@@ -13,6 +13,11 @@ For every target of a variant and every head:
 
 :data:`VERDICT_RULE`: a head is named an induction head for a target when its lift is at least ``min_lift``,
 its CI's lower bound exceeds the null and no single trial carries more than half of its sum.
+
+:data:`AVOID_RULE`: the opposite finding, reported beside the verdict and never as an induction head: the repeat
+takes attention *away* from the target (a trained masked organism's layer-1 heads put 0.005 on the previous
+instance against a null of 0.043 while copying; ``docs/organisms.md``). A lift near zero can hide this, so it is
+stated with its own rule.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from attnlab.core.stats import bootstrap_ci, top_share
 from attnlab.induction.variants import RRTBatch
 
 MAX_TOP_SHARE = 0.5
+AVOID_RULE = ("turned away when mean <= null / 2, the 95% CI's upper bound < null, and null >= chance (without the "
+              "repeat the head gave the target at least uniform attention)")
 VERDICT_RULE = ("named when lift = mean - null >= {min_lift:g}, the 95% CI's lower bound > null, and no single trial "
                 f"carries more than {MAX_TOP_SHARE:.0%} of the sum")
 
@@ -80,6 +87,12 @@ class TargetStats:
         """``[L, H]`` bool: the heads :data:`VERDICT_RULE` names."""
         with np.errstate(invalid="ignore"):
             return (self.lift >= min_lift) & (self.ci_low > self.null) & (self.top_trial_share <= MAX_TOP_SHARE)
+
+    def avoided(self) -> np.ndarray:
+        """``[L, H]`` bool: the heads :data:`AVOID_RULE` finds (the repeat at least halves their attention to the
+        target, beyond the CI, where they gave it at least chance without the repeat)."""
+        with np.errstate(invalid="ignore"):
+            return (self.mean <= self.null / 2) & (self.ci_high < self.null) & (self.null >= self.chance)
 
 
 def target_stats(per_trial, null_per_trial, chance, seed: int) -> TargetStats:
@@ -175,8 +188,11 @@ def verdict(stats: TargetStats, min_lift: float) -> dict:
                 "null": _num(stats.null[lh]), "ci": [_num(stats.ci_low[lh]), _num(stats.ci_high[lh])],
                 "top_trial_share": _num(stats.top_trial_share[lh])}
 
+    avoid = [tuple(map(int, ix)) for ix in zip(*np.nonzero(stats.avoided()))]
+    avoid.sort(key=lambda lh: stats.mean[lh] / stats.null[lh])  # most avoided first
     return {"heads": [head_name(*lh) for lh in order], "named": [entry(lh) for lh in order],
-            "chance": _num(stats.chance), "rule": VERDICT_RULE.format(min_lift=min_lift), "strongest": entry(best)}
+            "chance": _num(stats.chance), "rule": VERDICT_RULE.format(min_lift=min_lift), "strongest": entry(best),
+            "avoided": [entry(lh) for lh in avoid], "avoid_rule": AVOID_RULE}
 
 
 def verdict_line(target: str, v: dict) -> str:
@@ -184,10 +200,20 @@ def verdict_line(target: str, v: dict) -> str:
     if v["named"]:
         heads = ", ".join(f"{e['head']} ({e['mean']:.3g}, lift {e['lift']:.3g})" for e in v["named"][:5])
         more = f" and {len(v['named']) - 5} more" if len(v["named"]) > 5 else ""
-        return f"{target}: {heads}{more}"
+        return f"{target}: {heads}{more}" + turned_away(v)
     s = v["strongest"]
     null = f", null {s['null']:.3g}" if s.get("null") is not None else ""
-    return f"{target}: none - strongest {s['head']} {s['mean']:.4g} vs chance {v['chance']:.3g}{null}"
+    return f"{target}: none - strongest {s['head']} {s['mean']:.4g} vs chance {v['chance']:.3g}{null}" + turned_away(v)
+
+
+def turned_away(v: dict) -> str:
+    """``; avoided by L1H0 (0.005 vs null 0.043), ...``: heads the repeat turns away from the target (AVOID_RULE)."""
+    avoided = v.get("avoided") or []
+    if not avoided:
+        return ""
+    heads = ", ".join(f"{e['head']} ({e['mean']:.2g} vs null {e['null']:.2g})" for e in avoided[:3])
+    more = f" and {len(avoided) - 3} more" if len(avoided) > 3 else ""
+    return f"; the repeat turns {heads}{more} away from it"
 
 
 def top_heads(stats: TargetStats, named: np.ndarray, k: int = 10) -> list[dict]:

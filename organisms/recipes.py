@@ -63,10 +63,10 @@ RECIPES = {r.name: r for r in [
            linear_checkpoints=10,
            summary="2-layer GPT-NeoX (rotary), d_model 128, 4 heads; next-token loss on text and repeated random spans"),
     Recipe("induction-mlm", "mlm", "modernbert", layers=2, d_model=128, heads=4, vocab_size=2048, seq_len=128,
-           batch=32, steps=4000, lr=3e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.2,
+           batch=32, steps=7000, lr=4e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.3,
            linear_checkpoints=10,
            summary="2-layer ModernBERT (a BERT-style encoder with rotary positions, every layer global), d_model "
-                   "128, 4 heads; masked-LM loss (20% masked) on text and repeated random spans"),
+                   "128, 4 heads; masked-LM loss (30% masked) on text and repeated random spans"),
     Recipe("smoke", "causal", "gpt_neox", layers=2, d_model=32, heads=2, vocab_size=256, seq_len=48, batch=4,
            steps=40, lr=1e-3, warmup=5, span_min=3, span_max=10, gap_max=3, p_text=0.3, checkpoints=4, eval_every=10,
            summary="a seconds-long run for tests: checks the machinery, forms nothing"),

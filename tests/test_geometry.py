@@ -240,6 +240,32 @@ def test_umap_panels_are_seeded_thread_independent_and_as_trustworthy_as_umap_de
     assert ours >= trustworthiness(base, default, n_neighbors=10, metric="cosine") - 0.01
 
 
+def test_the_fit_worker_gives_the_in_process_layouts_and_a_dead_one_falls_back(monkeypatch):
+    """The grid's fits in a second process (started before the model loads, so that umap-learn's import overlaps
+    it) equal the in-process fits bit for bit; a worker that died is dropped and the fits run here."""
+    from attnlab.geometry import embedding as E
+    from attnlab.geometry import fitworker
+
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(160, 10))
+    panels = [(base[:80] * c, base[80:] / c) for c in (0.5, 1.0, 2.0)]
+    kwargs = dict(seed=0, n_neighbors=15, min_dist=0.1, n_epochs=30, base_epochs=40)
+    here = E.fit_panels([E._joint(q, k) for q, k in panels], threads=1, **kwargs)
+    fitworker.stop()
+    fitworker.start()
+    proc = fitworker._child["proc"]
+    with monkeypatch.context() as m:
+        m.setattr(E, "fit_panels", lambda *a, **k: pytest.fail("fitted here, not in the worker"))
+        there = E.panel_embeddings(panels, threads=2, **kwargs)
+    assert proc.poll() is None and fitworker._child.get("proc") is proc  # served by the worker, which stays up
+    assert all(a.shape == (160, 2) and np.array_equal(a, b) for a, b in zip(here, there))
+    proc.kill()
+    proc.wait()
+    again = E.panel_embeddings(panels, threads=2, **kwargs)
+    assert "proc" not in fitworker._child  # dropped, never asked again
+    assert all(np.array_equal(a, b) for a, b in zip(here, again))
+
+
 def test_umap_run_frames_the_optimum(tmp_path, tiny_lm_with_tokenizer):
     lm = tiny_lm_with_tokenizer
     cfg = UMAPConfig(model="tiny-gpt2", sentences=12, layer=1, head=2, max_points=60)

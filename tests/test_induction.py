@@ -287,6 +287,30 @@ def test_the_planted_circuit_verdict_names_exactly_its_induction_head(tmp_path):
     assert named["lift"] > 0.5 and named["ci"][0] > named["null"] and named["top_trial_share"] < 0.5
 
 
+def test_a_head_the_repeat_turns_away_is_reported_and_never_named(tmp_path):
+    """The planted induction head with its query-key match negated avoids the previous instance (0 against a null
+    of ~0.08): the verdict names nothing and reports L1H0, alone, as turned away from prev (AVOID_RULE); the heads
+    that never looked there (null below chance) are not reported."""
+    from planted import planted_induction_circuit
+
+    model = planted_induction_circuit()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.query.weight[0:64, 128:192] *= -1
+    meta = run_experiment(INDUCTION, InductionConfig(model="anti", trials=24, seq_len=25), tmp_path,
+                          lm=wrap_model(model))
+    v = meta["verdict"]
+    assert all(t["heads"] == [] for t in v.values())
+    assert [e["head"] for e in v["prev"]["avoided"]] == ["L1H0"] and v["before"]["avoided"] == []
+    away = v["prev"]["avoided"][0]
+    assert away["ci"][1] < away["null"] and away["mean"] <= away["null"] / 2 and away["null"] >= v["prev"]["chance"]
+    lines = INDUCTION.describe(meta)
+    assert "the repeat turns L1H0" in next(line for line in lines if line.strip().startswith("prev:"))
+    assert any("turned away when mean <= null / 2" in line for line in lines)
+    planted = run_experiment(INDUCTION, InductionConfig(model="planted", trials=24, seq_len=25), tmp_path / "p",
+                             lm=wrap_model(planted_induction_circuit()))
+    assert all(t["avoided"] == [] for t in planted["verdict"].values())  # the real induction head is not
+
+
 def test_a_positional_head_is_not_an_induction_head():
     """The planted lag head attends to position q - n whatever the tokens: the map shows ~1 at 'prev', but its
     null is ~1 too, so the lift is ~0 and the verdict names nothing."""
