@@ -40,11 +40,12 @@ def start() -> None:
         except OSError:
             return
         _child.update(proc=proc, err=err)
-        atexit.register(stop)
+        atexit.register(stop, False)
 
 
-def stop() -> None:
-    """End the worker: it exits on the end of its input (not waited for: an idle child ends on its own)."""
+def stop(reap: bool = True) -> None:
+    """End the worker: it exits on the end of its input. Not waited for (an idle child ends on its own); with
+    ``reap`` a daemon thread collects its exit status (not at interpreter exit, where no thread may start)."""
     with _lock:
         proc = _child.pop("proc", None)
         err = _child.pop("err", None)
@@ -54,7 +55,7 @@ def stop() -> None:
         proc.stdin.close()
     except OSError:
         pass
-    if proc.poll() is None and not sys.is_finalizing():
+    if reap and proc.poll() is None:
         threading.Thread(target=_reap, args=(proc,), daemon=True).start()
     err.close()
 
