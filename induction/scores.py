@@ -15,8 +15,8 @@ For every target of a variant and every head:
 its CI's lower bound exceeds the null and no single trial carries more than half of its sum.
 
 :data:`AVOID_RULE`: the opposite finding, reported beside the verdict and never as an induction head: the repeat
-takes attention *away* from the target (a trained masked organism's layer-1 heads put 0.005 on the previous
-instance against a null of 0.043 while copying; ``docs/organisms.md``). A lift near zero can hide this, so it is
+takes attention *away* from the target (a trained masked organism's layer-1 heads put 0.005-0.010 on the previous
+instance against nulls of 0.037-0.047 while copying; ``docs/organisms.md``). A lift near zero can hide this, so it is
 stated with its own rule.
 """
 
