@@ -31,6 +31,9 @@ def _texts(corpus: str) -> tuple[list[str], str, str]:
     from attnlab.core.provenance import corpus_fingerprint
 
     spec = offline_default(corpus)
+    local = Path(spec).expanduser()
+    if local.exists():  # recorded in meta.json, where `dynamics` reads it back from any working folder
+        spec = str(local.resolve())
     docs = load_corpus(spec)
     return [d.text for d in docs], corpus_fingerprint(spec, docs), spec
 
@@ -154,7 +157,15 @@ def organism_sections(runner, folder: Path) -> list[dict]:
             f"no trained organism of this recipe, seed, corpus and training code at {folder}. Training one takes about "
             f"9 minutes on a 2-core CPU; run `{command}` and then rerun this command")}]
     final = folder / "checkpoints" / checkpoint_name(recipe.steps)
-    return [_organism_map(runner, final, title), _organism_dynamics(runner, folder)]
+    sections = []
+    forming = "The organism's induction head forming during training"
+    for make, name in ((lambda: _organism_map(runner, final, title), title),
+                       (lambda: _organism_dynamics(runner, folder), forming)):
+        try:  # one section that cannot be made is listed as such; it never costs the rest of the main job
+            sections.append(make())
+        except AttnlabError as exc:
+            sections.append({"title": name, "job": "organism", "error": str(exc)})
+    return sections
 
 
 def _organism_map(runner, final: Path, title: str) -> dict:

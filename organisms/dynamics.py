@@ -104,7 +104,7 @@ def measure(folder, out, cfg: DynamicsConfig, progress: bool = False, say=print)
     from pathlib import Path
 
     from attnlab.core.corpus import load_corpus
-    from attnlab.core.errors import InputError
+    from attnlab.core.errors import AttnlabError, InputError
     from attnlab.core.outputs import check_out_dir, csv_cell, folder_lock, read_json, write_csv, write_json
     from attnlab.figures.organisms import plot_dynamics
     from attnlab.organisms.data import token_stream
@@ -121,7 +121,12 @@ def measure(folder, out, cfg: DynamicsConfig, progress: bool = False, say=print)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(found[-1]))
-    stream = token_stream(tokenizer, [d.text for d in load_corpus(train_meta["corpus"])])
+    try:
+        docs = load_corpus(train_meta["corpus"])
+    except AttnlabError as exc:
+        raise InputError(f"the corpus {folder} was trained on cannot be read here ({exc}); its held-out text is "
+                         "measured, so the same corpus is needed (meta.json's corpus)") from None
+    stream = token_stream(tokenizer, [d.text for d in docs])
     held_out = stream[int(0.9 * len(stream)):]  # the text the organism never trained on
     from attnlab.organisms.recipes import Recipe
 

@@ -159,6 +159,36 @@ def test_the_main_job_shows_a_cached_organism_and_names_the_command_without_one(
     assert "123" not in again[1]["text"] and json.loads(meta_path.read_text())["code"] == code_identity()
 
 
+def test_an_organism_section_that_cannot_be_made_is_listed_and_the_rest_goes_on(trained, corpus, tmp_path,
+                                                                                 monkeypatch):
+    """The corpus a run was trained on is recorded as an absolute path (dynamics reads it back from any working
+    folder); where it cannot be read, `dynamics` says so in one line and the main job lists that section as not
+    made while the organism's map is still shown (it used to end a finished main job with an error)."""
+    import json
+    import shutil
+
+    from attnlab.core.errors import InputError
+    from attnlab.experiments import organisms
+    from attnlab.experiments.reproduce import Runner, Settings
+    from attnlab.organisms.dynamics import measure
+    from attnlab.organisms.recipes import DynamicsConfig
+
+    monkeypatch.chdir(corpus.parent)
+    assert organisms._texts(corpus.name)[2] == str(corpus.resolve())
+    moved = tmp_path / "organism"
+    shutil.copytree(trained, moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    (moved / "meta.json").write_text(json.dumps({**meta, "corpus": str(tmp_path / "gone.jsonl.gz")}))
+    with pytest.raises(InputError, match="cannot be read here") as err:
+        measure(moved, tmp_path / "d", DynamicsConfig(trials=2, seq_len=5))
+    assert "\n" not in str(err.value)
+    settings = Settings(out=tmp_path / "report", corpus=str(corpus), quick=True, progress=False)
+    (tmp_path / "report").mkdir()
+    monkeypatch.setattr(organisms, "ORGANISM_RECIPE", "smoke")
+    shown = organisms.organism_sections(Runner(settings, say=lambda *_: None), moved)
+    assert shown[0].get("error") is None and "cannot be read here" in shown[1]["error"]
+
+
 def test_training_is_keyed_on_the_code_it_runs_not_on_all_of_attnlab():
     """The organism's identity digests the training module and what it imports, derived from the import
     statements: editing ablation or figure code does not call for a nine-minute retrain; editing the data does."""
