@@ -148,7 +148,7 @@ def organism_sections(runner, folder: Path) -> list[dict]:
     recipe = get_recipe(ORGANISM_RECIPE)
     command = f"attnlab train --recipe {ORGANISM_RECIPE} --seed {s.seed} --corpus {s.corpus} --out {folder}"
     try:
-        texts, digest, _ = _texts(s.corpus)
+        _, digest, _ = _texts(s.corpus)
     except AttnlabError as exc:
         return [{"title": title, "job": "organism", "error": f"its corpus cannot be read ({exc})"}]
     meta = read_json(folder / "meta.json")
@@ -205,8 +205,7 @@ def _organism_map(runner, final: Path, title: str) -> dict:
                   "keys or queries alone; " + FEEDER_RULE + "): " + "; ".join(feeding) + "." if feeding else
                   " No head passed the induction-score threshold for path patching.")
     if comp:
-        paths_text += (f" Weight-based K-composition into {verdict['heads'][0]}, which cannot see through LayerNorm "
-                       f"and rotary positions, ranks {comp[0]} first ({comp[1]:.3g} over its random baseline).")
+        paths_text += " " + _k_composition_text(verdict["heads"][0], comp)
     text = (f"{final.parent.parent.name}: a 2-layer GPT-NeoX trained here by `attnlab train --recipe "
             f"{ORGANISM_RECIPE}` (a small model, not a published checkpoint), step {int(final.name[5:])}. Its induction map "
             f"({trials} trials of BOS X X, |X| = {n}; target: the token after the previous instance, which a causal "
@@ -224,6 +223,17 @@ def _strongest_k_composition(path: Path, receiver: str) -> tuple[str, float] | N
     rows = [(f"L{r['layer1']}H{r['head1']}", float(r["corrected"])) for r in _csv_rows(path)
             if r["kind"] == "K" and f"L{r['layer2']}H{r['head2']}" == receiver]
     return max(rows, key=lambda r: r[1]) if rows else None
+
+
+def _k_composition_text(receiver: str, comp: tuple[str, float]) -> str:
+    """The sentence on the strongest weight-based K-composition ``(sender, baseline-corrected score)`` into
+    ``receiver``: a head is ranked first only when it is above its random baseline."""
+    sender, corrected = comp
+    where = f"Weight-based K-composition into {receiver}, which cannot see through LayerNorm and rotary positions,"
+    if corrected > 0:
+        return f"{where} ranks {sender} first ({corrected:.3g} over its random baseline)."
+    return (f"{where} puts no earlier head above its random baseline (the highest, {sender}, is {corrected:.3g} from "
+            "it).")
 
 
 def _csv_rows(path: Path) -> list[dict]:

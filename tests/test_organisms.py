@@ -244,3 +244,9 @@ def test_the_organism_section_reads_the_k_composition_into_its_induction_head(tm
                                            [0, 2, 1, 0, "Q", 0.9, 0.1, 0.001, 0.8]])  # Q: not K
     assert _strongest_k_composition(tmp_path / "c.csv", "L1H0") == ("L0H3", 0.15)
     assert _strongest_k_composition(tmp_path / "c.csv", "L1H3") is None
+    from attnlab.experiments.organisms import _k_composition_text
+
+    assert "ranks L0H3 first (0.15 over its random baseline)" in _k_composition_text("L1H0", ("L0H3", 0.15))
+    below = _k_composition_text("L1H0", ("L0H2", -0.000876))  # the shipped organism: all four below the baseline
+    assert "puts no earlier head above its random baseline (the highest, L0H2, is -0.000876" in below
+    assert "ranks" not in below
