@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 
-from attnlab.figures.style import centred_ticks, plt, save
+from attnlab.figures.style import centred_ticks, plt, save_or_return
 
 LABELS = {
     "ov_copying": "OV copying score", "prefix_matching": "prefix matching (minus chance)",
@@ -42,10 +42,7 @@ def score_maps(scores: dict, title: str, path=None):
         fig.colorbar(mesh, ax=ax, shrink=0.8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)
 
 
 def story_figure(scores: dict, title: str, path=None):
@@ -75,10 +72,7 @@ def story_figure(scores: dict, title: str, path=None):
                   fontsize=8)
     ax.set_ylabel("OV copying score (+1: copies the attended token)")
     ax.set_title(title, fontsize=11)
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)
 
 
 def _read_scores(path) -> dict:
@@ -152,10 +146,7 @@ def paths_figure(csv_path, title: str, path=None):
         ax.legend(fontsize=9, loc="upper right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)
 
 
 def plot_ablation(folder, meta: dict) -> dict:

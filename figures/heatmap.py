@@ -6,7 +6,7 @@ import textwrap
 
 import numpy as np
 
-from attnlab.figures.style import centred_ticks, plt, save
+from attnlab.figures.style import centred_ticks, plt, save_or_return
 
 
 def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", cbar_label=None,
@@ -58,10 +58,7 @@ def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", 
         if hatch_label:
             ax.text(0, 1.0, hatch_label, transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
                     color="#444444")
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)
 
 
 def induction_map(mean, sem, title: str, path=None, *, outline=(), finding: str = "",
@@ -116,10 +113,7 @@ def induction_map(mean, sem, title: str, path=None, *, outline=(), finding: str 
     note = f"\noutlined: {finding}" if outline else (f"\n{finding}" if finding else "")
     fig.suptitle(title + note, fontsize=11 * k)
     fig.tight_layout()
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)
 
 
 def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean attention", ncols: int = 5,
@@ -164,7 +158,4 @@ def small_multiples(panels, title: str, path=None, *, cbar_label: str = "mean at
     fig.colorbar(mesh, ax=flat, label=cbar_label, shrink=0.9)
     note = outline_note or "outlined: each model's strongest head"
     fig.suptitle(title + f"\n{note}; one colour scale for all", fontsize=11, y=0.995)
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)

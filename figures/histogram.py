@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from attnlab.figures.style import plt, save
+from attnlab.figures.style import plt, save_or_return
 
 
 def icl_histogram(diffs, mean: float, ci: tuple[float, float], title: str, path, paper_mean: float | None = None):
@@ -26,10 +26,7 @@ def icl_histogram(diffs, mean: float, ci: tuple[float, float], title: str, path,
     ax.set_ylabel("trials")
     ax.set_title(title)
     ax.legend()
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)
 
 
 def plot_icl(folder, meta: dict) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from attnlab.figures.style import plt, save
+from attnlab.figures.style import plt, save_or_return
 
 
 def best_vs_parameters(points, path=None):
@@ -32,7 +32,4 @@ def best_vs_parameters(points, path=None):
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from attnlab.figures.style import plt, save
+from attnlab.figures.style import plt, save_or_return
 
 
 def patterns_figure(rows, words, kinds, title: str, path=None, *, heads_shown: int = 10, tokens_shown: int = 5):
@@ -39,10 +39,7 @@ def patterns_figure(rows, words, kinds, title: str, path=None, *, heads_shown: i
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # tokens in other scripts
         fig.tight_layout()
-    if path is None:
-        return fig
-    save(fig, path)
-    return None
+    return save_or_return(fig, path)
 
 
 def plot(folder, meta: dict) -> dict:

@@ -39,6 +39,15 @@ def save(fig, path, dpi: int = 150, close: bool = True) -> None:
         plt.close(fig)
 
 
+def save_or_return(fig, path):
+    """A figure function's ending: ``fig`` itself when ``path`` is None (a notebook shows it), else None after
+    :func:`save` wrote it there."""
+    if path is None:
+        return fig
+    save(fig, path)
+    return None
+
+
 def centred_ticks(ax, layers: int, heads: int, *, depth: bool = False, most: int = 16) -> None:
     """Layer and head ticks at the centres of a ``pcolormesh``'s cells (not on their edges), at most ``most`` a side
     (every k-th when there are more). ``depth``: the y axis is relative depth 0..1 (``layers`` rows spanning it)."""
