@@ -55,7 +55,8 @@ class Experiment:
     check(cfg, lm, ctx)                             checks that need the model, before any heavy work
     warm_up(cfg)                                    first of all, before torch or the model is imported, even
                                                     for a run that will be reused: start in the background what
-                                                    compute will need (the UMAP fit worker); never changes a result
+                                                    compute will need (the UMAP fit worker); never changes a result;
+                                                    cfg is None when `reproduce` starts it a job ahead
     """
 
     name: str

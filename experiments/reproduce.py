@@ -476,10 +476,9 @@ def _reproduce(settings: Settings, only: list[str] | None, say):
     for i, job in enumerate(iterator):
         if settings.progress and hasattr(iterator, "set_postfix_str"):
             iterator.set_postfix_str(job.name)
-        if any(j.experiment == "geometry-umap" for j in selected[i + 1:i + 2]):
-            from attnlab.geometry import fitworker
-
-            fitworker.start()  # it imports umap-learn on the other core while this job runs
+        for upcoming in selected[i + 1:i + 2]:  # the next job's warm-up (the UMAP fit worker) runs beside this one
+            if upcoming.record.warm_up:
+                upcoming.record.fn("warm_up")(None)
         meta, model, reason, unavailable = runner.run(job)
         if meta is not None:
             runner.context["results"][job.name] = meta

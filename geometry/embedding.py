@@ -36,9 +36,10 @@ BASE_EPOCHS = 350
 
 
 @contextmanager
-def _compile_cached():
-    """numba compiles with its on-disk cache on (where no other cache directory is set), and its functions release
-    the GIL, while this is entered. Patches ``numba.njit``: one user at a time."""
+def cached_numba():
+    """numba compiles with its on-disk cache on (where no other cache directory is set) while umap-learn is imported
+    and fitted, so its functions compile once per machine instead of once per process; they also release the GIL.
+    Not thread-safe itself (it patches ``numba.njit`` and the warning filters): enter it once, around the threads."""
     import numba
     from numba.core import config
 
@@ -55,19 +56,11 @@ def _compile_cached():
 
     numba.njit = njit
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a cache that cannot be written only costs time; umap's chatter
+            yield
     finally:
         numba.njit = original
-
-
-@contextmanager
-def cached_numba():
-    """umap-learn imported and fitted with numba's on-disk cache, so its functions compile once per machine instead
-    of once per process; they also release the GIL. Not thread-safe itself (it patches ``numba.njit`` and the
-    warning filters): enter it once, around the threads."""
-    with _compile_cached(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a cache that cannot be written only costs time; umap's chatter
-        yield
 
 
 def warm() -> None:
