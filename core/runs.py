@@ -204,14 +204,53 @@ def load_for(exp: Experiment, cfg, lm, device):
     return load_model(cfg.model, masked_lm=exp.lm_head == "required", **kwargs)
 
 
-def run_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, *, device: str = "auto",
-                   batch_size: int | None = None, progress: bool = False, docs=None, cache=None,
-                   warn: Callable = print) -> dict:
+class Pending:
+    """A run started by :func:`start_experiment`. ``meta``: its config, model and summary (what later runs' configs
+    read), known at once; :meth:`result` waits for its figures, commits the run and returns ``meta.json``'s
+    content."""
+
+    def __init__(self, meta: dict, finish: Callable | None = None, future=None):
+        self.meta = meta
+        self._finish = finish
+        self._error: BaseException | None = None
+        self._future = future  # its figures in the plot worker's queue, if they went there
+
+    def queued(self) -> bool:
+        """Its figures wait in the plot worker's queue, not started: ``result()`` would draw them here."""
+        return self._future is not None and self._finish is not None and not (self._future.running() or
+                                                                                self._future.done())
+
+    def result(self) -> dict:
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            try:
+                self.meta = finish()
+            except BaseException as exc:  # raised again to every later caller: the run was never committed
+                self._error = exc
+                raise
+        if self._error is not None:
+            raise self._error
+        return self.meta
+
+
+def run_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, **options) -> dict:
     """Run ``exp`` with ``cfg`` into the folder ``out`` and return its ``meta.json`` (marked ``reused`` when a
     finished run with the same reuse key was served). ``lm``: a loaded model, a zero-argument loader (called only
-    when the work is not reused), or None (load ``cfg.model``)."""
+    when the work is not reused), or None (load ``cfg.model``). Options: those of :func:`start_experiment`."""
+    return start_experiment(exp, cfg, out, lm, reuse, **options).result()
+
+
+def start_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, *, device: str = "auto",
+                     batch_size: int | None = None, progress: bool = False, docs=None, cache=None,
+                     warn: Callable = print, plotter=None) -> Pending:
+    """:func:`run_experiment` up to its figures: with a ``plotter`` (:class:`attnlab.core.plotworker.Plotter`) they
+    are drawn in its process while the caller goes on, and :meth:`Pending.result` commits the run. The run folder
+    stays locked until then; a caller must call ``result()`` on every Pending it gets."""
+    import contextlib
+
     if exp.warm_up:
         exp.fn("warm_up")(cfg)
+    from attnlab.core import plotworker
     from attnlab.core.models import model_identity
     from attnlab.core.outputs import RunFolder
 
@@ -221,7 +260,9 @@ def run_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, *, de
     t0 = time.perf_counter()
     config = dataclasses.asdict(cfg)
     slot = {name: config[name] for name in exp.slot}
-    with RunFolder(out, exp.name, slot=slot) as run:
+    hold = contextlib.ExitStack()
+    with hold:  # left at once on an error or a reuse; otherwise handed to finish() below
+        run = hold.enter_context(RunFolder(out, exp.name, slot=slot))
         extra = exp.fn("identity")(cfg, ctx) if exp.identity else {}
         source = record_source(exp)
         if source:
@@ -229,7 +270,7 @@ def run_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, *, de
         key, identity = reuse_key(config, model=model_identity(cfg.model, cfg.revision, lm), **extra)
         meta = run.finished(key) if reuse else None
         if meta is not None:
-            return _redraw(exp, run, meta) if meta.get("render") != render_key(exp) else meta
+            return Pending(_redraw(exp, run, meta) if meta.get("render") != render_key(exp) else meta)
         if exp.prepare:
             exp.fn("prepare")(cfg, ctx)
         lm = load_for(exp, cfg, lm, device)
@@ -243,11 +284,23 @@ def run_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, *, de
         data = list(exp.fn("save")(stage, result, ctx))
         summary = exp.fn("summary")(result, ctx) if exp.summary else {}
         meta = {"experiment": exp.name, "config": config, "model": lm.meta, **summary}
-        figures = _plot(exp, stage, meta)
-        timings = {**summary.pop("timings", {}), "load_s": round(t_load - t0, 3),
-                   "compute_s": round(t_compute - t_load, 3), "total_s": round(time.perf_counter() - t0, 3)}
-        return run.commit(key, config, data + list(figures.values()), identity, model=lm.meta, data=data,
-                          figures=figures, render=render_key(exp), timings=timings, **summary)
+        future = plotter.submit(exp.plot, stage, meta) if plotter is not None and exp.plot else None
+        figures = None if future is not None else _plot(exp, stage, meta)
+        t_saved = time.perf_counter()
+        held = hold.pop_all()
+
+    def finish() -> dict:
+        with held:  # an error here leaves the run uncommitted and its staging folder removed
+            figures_, plot_s = (figures, 0.0) if future is None else \
+                plotworker.drawn(future, lambda: _plot(exp, stage, meta))
+            timings = {**summary.pop("timings", {}), "load_s": round(t_load - t0, 3),
+                       "compute_s": round(t_compute - t_load, 3), "total_s": round(t_saved - t0 + plot_s, 3)}
+            if future is not None:
+                timings["plot_s"] = round(plot_s, 3)  # drawn in the plot worker, beside the next computation
+            return run.commit(key, config, data + list(figures_.values()), identity, model=lm.meta, data=data,
+                              figures=figures_, render=render_key(exp), timings=timings, **summary)
+
+    return Pending(meta, finish, future)
 
 
 def _plot(exp: Experiment, folder: Path, meta: dict) -> dict:

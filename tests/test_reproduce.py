@@ -82,6 +82,13 @@ def test_reproduce_quick_writes_every_figure_and_report(tmp_path, local_models):
             "induction_at_mask score of 0.1 over chance" in readme) and "not coloured: paths" not in readme
     # Figure 9 also as one small-multiples figure across the sizes
     assert (out / "figures" / "figure9.png").stat().st_size > 5000 and "## Figure 9 across sizes" in readme
+    # every run's figures were drawn beside the computation (in the plot worker, or by this process while it waited
+    # at the end), each run committed with them
+    for run in (out / "runs").glob("*/meta.json"):
+        meta = json.loads(run.read_text())
+        if meta.get("figures"):
+            assert meta["timings"]["plot_s"] > 0, run
+            assert all((run.parent / name).is_file() for name in meta["figures"].values()), run
 
     # a rerun with the same settings reuses every finished experiment
     before = (out / "runs" / "induction_standard" / "scores.csv").stat().st_mtime_ns

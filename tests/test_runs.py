@@ -96,6 +96,54 @@ def test_changed_drawing_code_redraws_from_the_saved_results_without_recomputing
     assert run_experiment(INDUCTION, CFG, tmp_path, lm=lm)["reused"]  # and now it is simply reused
 
 
+# ---------------------------------------------------------------- figures drawn in the plot worker
+
+
+@pytest.fixture(scope="module")
+def plotter():
+    from attnlab.core.plotworker import Plotter
+
+    with Plotter() as p:
+        yield p
+
+
+def test_figures_drawn_in_the_plot_worker_are_the_files_drawn_here(tmp_path, lm, plotter):
+    from attnlab.core.runs import start_experiment
+
+    here = run_experiment(INDUCTION, CFG, tmp_path / "here", lm=lm)
+    pending = start_experiment(INDUCTION, CFG, tmp_path / "there", lm=lm, plotter=plotter)
+    assert pending.meta["config"]["trials"] == 3 and not (tmp_path / "there" / "meta.json").exists()
+    there = pending.result()
+    assert there["timings"]["plot_s"] > 0 and there["figures"] == here["figures"]
+    for name in here["figures"].values():
+        assert (tmp_path / "there" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
+    assert there["files"] == here["files"]
+
+
+def test_a_plot_worker_that_dies_leaves_the_figures_to_this_process(tmp_path, lm):
+    from attnlab.core.plotworker import Plotter
+    from attnlab.core.runs import start_experiment
+
+    with Plotter() as p:
+        p._pool.submit(os._exit, 1)  # the worker dies before it draws
+        meta = start_experiment(INDUCTION, CFG, tmp_path, lm=lm, plotter=p).result()
+    assert meta["figures"] and all((tmp_path / f).is_file() for f in meta["figures"].values())
+
+
+def test_an_error_while_drawing_in_the_worker_commits_nothing(tmp_path, lm, plotter):
+    import dataclasses
+
+    from attnlab.core.runs import start_experiment
+
+    broken = dataclasses.replace(INDUCTION, plot="attnlab.core.outputs:no_such_function")
+    pending = start_experiment(broken, CFG, tmp_path, lm=lm, plotter=plotter)
+    with pytest.raises(AttributeError):
+        pending.result()
+    assert not (tmp_path / "meta.json").exists() and not any(p.name.startswith(".") and p.is_dir()
+                                                              for p in tmp_path.iterdir())
+    assert run_experiment(INDUCTION, CFG, tmp_path, lm=lm)["figures"]  # the folder is free again
+
+
 # ---------------------------------------------------------------- finished means verified
 
 
