@@ -180,6 +180,23 @@ def test_composition_from_factors_equals_the_dense_products_and_finds_a_planted_
     assert 0 < random_baseline(d, k, "K")["mean"] < 1
 
 
+@pytest.mark.parametrize("d, k", [(24, 4), (40, 8)])
+def test_the_composition_baseline_from_wishart_grams_has_the_distribution_of_the_factors(d, k):
+    """random_baseline draws Gram matrices (Bartlett) instead of Gaussian factors: the same mean and spread as the
+    scores of the factors themselves, for every kind."""
+    import numpy as np
+
+    from attnlab.circuits.scores import _factor_scores, _wishart_scores
+
+    rng = np.random.default_rng(7)
+    w = torch.cat([_wishart_scores(rng, 512, d, k) for _ in range(8)])
+    for kind in "QKV":
+        f = torch.cat([_factor_scores(rng, 512, d, k, kind) for _ in range(8)])
+        z = (w.mean() - f.mean()) / torch.sqrt(w.var() / len(w) + f.var() / len(f))
+        assert abs(float(z)) < 4, kind
+        assert float(w.std() / f.std()) == pytest.approx(1.0, abs=0.08), kind
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_every_detector_scores_one_on_its_template_and_exactly_chance_on_uniform_attention(causal):
     """Each detector is read where it is defined (induction_at_mask at the [MASK], the rest at the other queries)
