@@ -25,15 +25,30 @@ def min_text_px(fig, dpi: int) -> float:
     return min(sizes) * dpi / 72 if sizes else float("nan")
 
 
-def save(fig, path, dpi: int = 150, close: bool = True) -> None:
-    """Write ``fig`` as a PNG atomically (tight bounding box), recording its smallest text size in the PNG's
-    metadata (:data:`MIN_TEXT_KEY`); ``close=False`` keeps it for the next frame."""
+def tight_box(fig, dpi: int = 150):
+    """The box (inches) that ``save``'s tight bounding box gives ``fig`` at ``dpi``, measured now. A figure saved
+    again with the same artists in the same places (the next frame) can pass it as ``save(..., box=...)``:
+    matplotlib's tight save draws the whole figure once to measure this and again to render."""
+    import matplotlib
+
+    old = fig.dpi
+    try:
+        fig.dpi = dpi
+        return fig.get_tightbbox(fig.canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
+    finally:
+        fig.dpi = old
+
+
+def save(fig, path, dpi: int = 150, close: bool = True, box=None) -> None:
+    """Write ``fig`` as a PNG atomically (tight bounding box, or ``box`` from :func:`tight_box`), recording its
+    smallest text size in the PNG's metadata (:data:`MIN_TEXT_KEY`); ``close=False`` keeps it for the next
+    frame."""
     import warnings
 
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # vocabulary tokens in scripts the default font lacks are drawn as boxes; that is not worth a warning
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png",
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight" if box is None else box, format="png",
                     metadata={MIN_TEXT_KEY: f"{min_text_px(fig, dpi):.2f}"})
     if close:
         plt.close(fig)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from attnlab.figures.style import plt, save
+from attnlab.figures.style import plt, save, tight_box
 
 
 REPORT_WIDTH_IN = 14.6  # inches at 150 dpi that the report shows at ~1,070 px: 9.5 pt stays >= 9 px on screen
@@ -68,6 +68,7 @@ def _plot_attention(folder, meta: dict) -> dict:
         images.append(ax.imshow(att[0, h], cmap="Blues", vmin=0, vmax=1))
         row, col = divmod(h, cols)
         _ticks(ax, tokens, every, x=row == rows - 1 or h + cols >= heads, y=col == 0)
+    box = None
     for layer in range(layers):
         for h, (ax, image) in enumerate(zip(axes.flat, images)):
             image.set_data(att[layer, h])
@@ -76,7 +77,9 @@ def _plot_attention(folder, meta: dict) -> dict:
         fig.suptitle(f"{label}: layer {layer}, attention from each token (rows) to each token (columns)",
                      fontsize=TICK_PT + 1.5)
         name = f"attention_L{layer}.png"
-        save(fig, folder / name, close=layer == layers - 1)
+        save(fig, folder / name, close=layer == layers - 1, box=box)
+        if box is None and layer < layers - 1:  # the next layers' figures differ only in images and digits
+            box = tight_box(fig)
         out[f"L{layer}"] = name
     write_text(folder / "attention.html", text_attention_page(folder, meta))
     out["page"] = "attention.html"
