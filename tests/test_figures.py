@@ -67,3 +67,27 @@ def test_induction_maps_stay_legible_at_the_reports_width(tmp_path):
         image = Image.open(path)
         smallest = float(image.info[MIN_TEXT_KEY]) * min(1.0, 1070 / image.size[0])
         assert smallest >= 9, (heads, smallest)
+
+
+def test_a_tight_box_measured_once_saves_the_next_frame_as_the_tight_save_does(tmp_path):
+    """The attention grids save every layer's frame with the box measured on the first (one draw instead of two):
+    the PNG must be the tight save's, pixel for pixel."""
+    from PIL import Image
+
+    from attnlab.figures.style import plt, save, tight_box
+
+    fig, axes = plt.subplots(2, 2, figsize=(5, 4))
+    for i, ax in enumerate(axes.flat):
+        ax.imshow(np.random.default_rng(i).random((6, 6)))
+        ax.set_xticks(range(6), [f"token{k}" for k in range(6)], rotation=90)
+        ax.set_title(f"L0H{i}")
+    fig.suptitle("a grid whose labels reach past the axes")
+    save(fig, tmp_path / "first.png", close=False)
+    box = tight_box(fig)
+    for i, ax in enumerate(axes.flat):  # the next frame: other images and titles, the same artists
+        ax.images[0].set_data(np.random.default_rng(10 + i).random((6, 6)))
+        ax.set_title(f"L1H{i}")
+    save(fig, tmp_path / "tight.png", close=False)
+    save(fig, tmp_path / "boxed.png", box=box)
+    tight, boxed = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("tight", "boxed"))
+    assert tight.shape == boxed.shape and (tight == boxed).all()
