@@ -70,15 +70,20 @@ def generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 7 + stream) % (2 ** 63))
 
 
-def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator) -> tuple[list[int], list[int]]:
-    """One training sequence ``[seq_len]`` starting with [CLS], built from blocks: plain text (``p_text``) or a
-    random span X of ``span_min..span_max`` tokens, 0..``gap_max`` tokens of text, and X again. Returns the ids
-    and, per position, 1 where the token is the second copy of a span (the tokens induction can predict)."""
+def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator,
+             length: int | None = None) -> tuple[list[int], list[int]]:
+    """One training sequence ``[length]`` (default ``seq_len``) starting with [CLS], built from blocks: plain text
+    (``p_text``) or a random span X of ``span_min..span_max`` tokens, 0..``gap_max`` tokens of text, and X again -
+    or, with probability ``p_fragment``, only a contiguous piece of X (at least ``span_min`` tokens). With
+    ``sep_end`` the sequence ends in [SEP], as BERT's inputs do. Returns the ids and, per position, 1 where the token
+    is a second copy (the tokens induction can predict)."""
     def rint(lo, hi):  # lo..hi inclusive
         return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
+    length = length or recipe.seq_len
+    body = length - 1 if recipe.sep_end else length
     ids, copy = [2], [0]
-    while len(ids) < recipe.seq_len:
+    while len(ids) < body:
         if float(torch.rand(1, generator=g)) < recipe.p_text:
             n = rint(8, 40)
             s = rint(0, len(text) - n)
@@ -89,23 +94,39 @@ def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator) -> tupl
             span = torch.randint(ORDINARY, vocab, (n,), generator=g).tolist()
             gap = rint(0, recipe.gap_max)
             s = rint(0, len(text) - gap)
-            ids += span + text[s:s + gap].tolist() + span
-            copy += [0] * (n + gap) + [1] * n
-    return ids[:recipe.seq_len], copy[:recipe.seq_len]
+            again = span
+            if recipe.p_fragment and float(torch.rand(1, generator=g)) < recipe.p_fragment:
+                # a piece of X: "the one token of X whose copy is missing" no longer names the masked token, so
+                # only matching the neighbours (induction) finds it
+                m = rint(min(recipe.span_min, n), n)
+                a = rint(0, n - m)
+                again = span[a:a + m]
+            ids += span + text[s:s + gap].tolist() + again
+            copy += [0] * (n + gap) + [1] * len(again)
+    ids, copy = ids[:body], copy[:body]
+    if recipe.sep_end:
+        ids, copy = ids + [SPECIALS.index("[SEP]")], copy + [0]
+    return ids, copy
 
 
-def batch(recipe, text: torch.Tensor, vocab: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step ``step``'s batch: ids ``[batch, seq_len]`` and the second-copy mask ``[batch, seq_len]``."""
+def batch(recipe, text: torch.Tensor, vocab: int, seed: int, step: int,
+          length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s batch: ids ``[batch, L]`` and the second-copy mask ``[batch, L]``. L is ``seq_len``, or with
+    ``min_len`` one length per batch drawn from ``min_len..seq_len`` (``length`` fixes it), so that [SEP] is seen
+    at many positions without padding."""
     g = generator(seed, step)
-    rows = [sequence(recipe, text, vocab, g) for _ in range(recipe.batch)]
+    if length is None and recipe.min_len:
+        length = int(torch.randint(recipe.min_len, recipe.seq_len + 1, (1,), generator=g))
+    rows = [sequence(recipe, text, vocab, g, length) for _ in range(recipe.batch)]
     return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.bool)
 
 
 def mask_for_mlm(ids: torch.Tensor, prob: float, vocab: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: ``prob`` of the positions (never [CLS]) are predicted; of those 80% become [MASK], 10% a
-    random token, 10% stay. Returns (inputs, labels with -100 where nothing is predicted)."""
+    random token, 10% stay; [SEP] is never chosen. Returns (inputs, labels with -100 where nothing is predicted)."""
     chosen = torch.rand(ids.shape, generator=g) < prob
     chosen[:, 0] = False
+    chosen[ids == SPECIALS.index("[SEP]")] = False
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     r = torch.rand(ids.shape, generator=g)
     inputs = ids.clone()
@@ -115,8 +136,10 @@ def mask_for_mlm(ids: torch.Tensor, prob: float, vocab: int, g: torch.Generator)
     return inputs, labels
 
 
-def rrt_eval(vocab: int, n: int, trials: int, seed: int) -> torch.Tensor:
-    """The fixed evaluation set: [CLS] X X with X ``n`` distinct ordinary tokens, ``[trials, 2n + 1]``."""
+def rrt_eval(vocab: int, n: int, trials: int, seed: int, sep: bool = False) -> torch.Tensor:
+    """The fixed evaluation set: [CLS] X X (then [SEP] with ``sep``) with X ``n`` distinct ordinary tokens,
+    ``[trials, 2n + 1 (+ 1)]``."""
     g = torch.Generator().manual_seed(seed + 12345)
     body = torch.stack([torch.randperm(vocab - ORDINARY, generator=g)[:n] + ORDINARY for _ in range(trials)])
-    return torch.cat([torch.full((trials, 1), 2), body, body], dim=1)
+    ids = torch.cat([torch.full((trials, 1), 2), body, body], dim=1)
+    return torch.cat([ids, torch.full((trials, 1), SPECIALS.index("[SEP]"))], dim=1) if sep else ids

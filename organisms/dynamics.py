@@ -55,7 +55,7 @@ def icl_score(lm, recipe, text: torch.Tensor, trials: int, seed: int) -> float:
     from attnlab.organisms.data import batch, generator, mask_for_mlm
 
     vocab = lm.vocab_size
-    ids, _ = batch(replace(recipe, batch=trials), text, vocab, seed + 7777, 0)
+    ids, _ = batch(replace(recipe, batch=trials), text, vocab, seed + 7777, 0, length=recipe.seq_len)
     early, late = slice(*EARLY), slice(*LATE)
     with torch.inference_mode():
         if lm.is_causal:

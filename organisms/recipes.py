@@ -15,6 +15,10 @@ Why these choices (``docs/organisms.md`` has the measurements):
   positions (lr 2e-3, 20% masked) showed no copying gain in 2,500 steps (10 min).
 - **A learning rate of 3e-3** (constant after warm-up): at 1e-3 the causal model was still on its plateau at
   step 1,700; at 3e-3 the phase change came at step 1,300-1,400.
+- **BERT's framing for the masked model**: every sequence ends in [SEP], and each batch has its own length
+  (64-128 tokens), so [SEP] is seen at many positions and always at the end - as in attnlab's masked protocols
+  (``[CLS] X X [SEP]``). A model that never saw [SEP] (the earlier recipe) formed a head in one seed that the
+  protocol's [SEP] then hid; with [SEP] at a fixed position the evaluation losses rose to 13-15 nats.
 - **A 2,048-entry WordPiece vocabulary** chosen on the corpus (every character, then the most frequent words):
   every token is seen often enough in a few thousand steps, and the softmax over the vocabulary stays cheap.
 """
@@ -48,6 +52,9 @@ class Recipe:
     gap_max: int  # text between the two copies: 0..gap_max tokens
     p_text: float  # share of the blocks that are plain text instead of a repeated span
     mask_prob: float = 0.15  # mlm only
+    sep_end: bool = False  # end every sequence in [SEP], as BERT's inputs (and attnlab's masked protocols) do
+    min_len: int = 0  # > 0: one sequence length per batch, drawn from min_len..seq_len ([SEP] at varied positions)
+    p_fragment: float = 0.0  # share of the second copies that are only a contiguous piece of X
     checkpoints: int = 8  # log-spaced checkpoints, the last one at ``steps``
     linear_checkpoints: int = 0  # plus this many evenly spaced ones: a phase change late in training is located
     eval_every: int = 100
@@ -63,10 +70,11 @@ RECIPES = {r.name: r for r in [
            linear_checkpoints=10,
            summary="2-layer GPT-NeoX (rotary), d_model 128, 4 heads; next-token loss on text and repeated random spans"),
     Recipe("induction-mlm", "mlm", "modernbert", layers=2, d_model=128, heads=4, vocab_size=2048, seq_len=128,
-           batch=32, steps=7000, lr=4e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.3,
-           linear_checkpoints=10,
+           batch=32, steps=8000, lr=4e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.3,
+           sep_end=True, min_len=64, linear_checkpoints=10,
            summary="2-layer ModernBERT (a BERT-style encoder with rotary positions, every layer global), d_model "
-                   "128, 4 heads; masked-LM loss (30% masked) on text and repeated random spans"),
+                   "128, 4 heads; masked-LM loss (30% masked) on text and repeated random spans, each sequence "
+                   "64-128 tokens ending in [SEP]"),
     Recipe("smoke", "causal", "gpt_neox", layers=2, d_model=32, heads=2, vocab_size=256, seq_len=48, batch=4,
            steps=40, lr=1e-3, warmup=5, span_min=3, span_max=10, gap_max=3, p_text=0.3, checkpoints=4, eval_every=10,
            summary="a seconds-long run for tests: checks the machinery, forms nothing"),

@@ -179,7 +179,7 @@ def _train(recipe, out: Path, texts, key, seed, say, progress, versions, write_j
     eval_text = torch.stack([held_out[i:i + recipe.seq_len] for i in
                              range(0, min(len(held_out) - recipe.seq_len, 8 * recipe.seq_len), recipe.seq_len)])
     eval_text[:, 0] = 2
-    rrt = D.rrt_eval(vocab, min(EVAL_N, (vocab - D.ORDINARY) // 2), EVAL_TRIALS, seed)
+    rrt = D.rrt_eval(vocab, min(EVAL_N, (vocab - D.ORDINARY) // 2), EVAL_TRIALS, seed, sep=recipe.sep_end)
     model = build_model(recipe, vocab, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     start, rows = 0, []

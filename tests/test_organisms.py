@@ -122,6 +122,60 @@ def test_the_masked_recipe_predicts_only_masked_positions_with_the_same_loss():
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-6) and sparse.item() > 1.0
 
 
+
+def test_bert_framing_ends_every_sequence_in_sep_at_varied_lengths_and_never_masks_it():
+    from dataclasses import replace
+
+    from attnlab.organisms import data as D
+    from attnlab.organisms.recipes import get_recipe
+
+    recipe = replace(get_recipe("induction-mlm"), batch=4)
+    assert recipe.sep_end and recipe.min_len
+    text = torch.arange(D.ORDINARY, 600).repeat(4)
+    sep = D.SPECIALS.index("[SEP]")
+    lengths = set()
+    for step in range(1, 30):
+        ids, copy = D.batch(recipe, text, 2048, 0, step)
+        lengths.add(ids.shape[1])
+        assert recipe.min_len <= ids.shape[1] <= recipe.seq_len
+        assert (ids[:, 0] == 2).all() and (ids[:, -1] == sep).all() and int((ids == sep).sum()) == len(ids)
+        inputs, labels = D.mask_for_mlm(ids, 0.9, 2048, D.generator(0, step, stream=1))
+        assert (labels[:, -1] == -100).all() and (inputs[:, -1] == sep).all()
+    assert len(lengths) > 10  # [SEP] is seen at many positions
+    assert D.batch(recipe, text, 2048, 0, 1, length=recipe.seq_len)[0].shape[1] == recipe.seq_len
+    assert D.rrt_eval(2048, 5, 3, 0, sep=True)[:, -1].eq(sep).all()
+
+
+def test_a_fragment_copy_is_a_contiguous_piece_of_the_span_before_it():
+    """With ``p_fragment`` a second copy may be only a piece of X: every copy is a contiguous run of earlier tokens,
+    and some are shorter than the span they copy (so "the token of X whose copy is missing" names no answer)."""
+    from dataclasses import replace
+
+    from attnlab.organisms import data as D
+    from attnlab.organisms.recipes import get_recipe
+
+    recipe = replace(get_recipe("induction-mlm"), p_text=0.0, gap_max=0, p_fragment=0.5, sep_end=False, min_len=0)
+    text = torch.arange(D.ORDINARY, 600).repeat(4)
+    whole = pieces = 0
+    for step in range(1, 6):
+        ids, copy = D.batch(recipe, text, 2048, 0, step)
+        for row, marks in zip(ids.tolist(), copy.tolist()):
+            p = 1
+            while p < len(row):
+                if not marks[p]:
+                    p += 1
+                    continue
+                end = p
+                while end < len(row) and marks[end]:
+                    end += 1
+                run, m = row[p:end], end - p
+                if end < len(row):  # a run cut by the sequence's end may be either
+                    assert any(row[s:s + m] == run for s in range(p - m + 1)), "a copy of nothing before it"
+                    whole += row[p - m:p] == run
+                    pieces += row[p - m:p] != run
+                p = end
+    assert whole > 10 and pieces > 10
+
 def test_an_unknown_recipe_is_one_line(capsys, corpus, tmp_path):
     assert main(["train", "--recipe", "nope", "--corpus", str(corpus), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
