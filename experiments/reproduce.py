@@ -337,7 +337,6 @@ class Runner:
         self.reused = 0
         self.plotter = None  # reproduce's plot worker (attnlab.core.plotworker.Plotter), while it runs
         self.pending: list = []  # started runs not yet finished
-        self.finish_error = ""
 
     def model_for(self, job: Job) -> tuple[str | None, str | None]:
         """(model name to use, reason it cannot run) for a job, given what failed before."""
@@ -381,23 +380,14 @@ class Runner:
             finish(pending)
         self.pending.clear()
 
-    def run(self, job: Job) -> tuple[dict | None, str | None, str | None, bool]:
-        """(meta, model used, None, False) on success; (None, model, reason, unavailable) when the experiment
-        could not run - ``unavailable`` when that is because no model at hand can make it."""
-        pending, model, reason, unavailable = self.start(job)
-        return (self.finish(job, pending), model, None, False) if pending is not None else \
-            (None, model, reason, unavailable)
-
-    def finish(self, job: Job, pending) -> dict | None:
-        """A started job's committed meta; None (with the reason in ``self.finish_error``) when drawing or
-        committing it failed."""
+    def finish(self, job: Job, pending) -> tuple[dict | None, str | None]:
+        """A started job's (committed meta, None), or (None, the reason) when drawing or committing it failed."""
         try:
-            return pending.result()
+            return pending.result(), None
         except AttnlabError as exc:
-            self.finish_error = str(exc)
+            return None, str(exc)
         except Exception as exc:  # an unexpected failure must not cost the other figures; keep the traceback
-            self.finish_error = self._log_unexpected(job, exc)
-        return None
+            return None, self._log_unexpected(job, exc)
 
     def _log_unexpected(self, job: Job, exc: Exception) -> str:
         log = self.settings.out / "logs" / f"{job.name}.log"
@@ -525,7 +515,7 @@ def _reproduce(settings: Settings, only: list[str] | None, say):
             builders = _start_sections(runner) if not only else []
         finally:  # every started run is committed (or cleaned up), whatever happened after it
             runner.drain()
-            finished = [(job, runner.finish(job, p) if p is not None else None, model, reason, unavailable)
+            finished = [(job, *(runner.finish(job, p) if p is not None else (None, reason)), model, unavailable)
                         for job, p, model, reason, unavailable in started]
         results = _figure_results(runner, finished, only)
         sections = [build() for build in builders]
@@ -580,9 +570,7 @@ def _figure_results(runner: Runner, finished: list[tuple], only) -> list:
 
     settings = runner.settings
     results = []
-    for job, meta, model, reason, unavailable in finished:
-        if meta is None and reason is None:  # computed, then its figures or commit failed
-            reason = runner.finish_error
+    for job, meta, reason, model, unavailable in finished:
         if meta is not None:
             runner.context["results"][job.name] = meta
         run_dir = settings.out / "runs" / job.name

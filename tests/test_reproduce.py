@@ -108,6 +108,30 @@ def test_reproduce_quick_writes_every_figure_and_report(tmp_path, local_models):
     assert (out / "runs" / "induction_standard" / "scores.csv").stat().st_mtime_ns != before
 
 
+def test_figures_that_fail_in_the_plot_worker_are_reported_and_the_rest_still_produced(tmp_path, local_models,
+                                                                                        monkeypatch, capsys):
+    import dataclasses
+
+    from attnlab.core import runs
+
+    real = runs.get_experiment
+
+    def broken_scaling(name):  # Figure 2a's drawing fails in the worker (where a monkeypatch cannot reach)
+        record = real(name)
+        return dataclasses.replace(record, plot="attnlab.core.outputs:no_such_function") \
+            if name == "geometry-scaling" else record
+
+    monkeypatch.setattr(runs, "get_experiment", broken_scaling)
+    models, corpus = local_models
+    out = tmp_path / "paper"
+    assert main(_args(models, corpus, out) + ["--only", "figure2a,figure7a"]) == 1
+    report = capsys.readouterr().out
+    assert "1 of 2 figures produced" in report and "not produced: figure 2a: unexpected AttributeError" in report
+    assert (out / "figures" / "figure7a.png").is_file() and not (out / "figures" / "figure2a.png").exists()
+    assert "no_such_function" in (out / "logs" / "geometry_scaling.log").read_text()
+    assert not (out / "runs" / "geometry_scaling" / "meta.json").exists()  # never committed without its figures
+
+
 def test_missing_model_is_reported_and_the_rest_still_produced(tmp_path, local_models, capsys):
     models, corpus = local_models
     out = tmp_path / "partial"
