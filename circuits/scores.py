@@ -84,19 +84,39 @@ def random_baseline(d_model: int, d_head: int, kind: str, *, target_se: float = 
     W_k(d_model), W_2k(d_model), W_k(d_model), drawn here by Bartlett's decomposition: k^2 numbers each instead of
     d_model x k (12x fewer for d_model = 384, d_head = 32), the same distribution (tested against the factors). It is
     the same for Q, K and V. Below d_model = 2 d_head the factors themselves are drawn."""
-    import numpy as np
+    return _BaselineStream(d_model, d_head, kind, seed, batch).estimate(target_se, min_samples, max_samples)
 
-    if kind not in ("Q", "K", "V"):
-        raise ValueError(kind)
-    rng = np.random.default_rng(seed)
-    values = []
-    while True:
-        values.append(_wishart_scores(rng, batch, d_model, d_head) if d_model >= 2 * d_head else
-                      _factor_scores(rng, batch, d_model, d_head, kind))
-        x = torch.cat(values)
-        se = float(x.std(unbiased=True) / math.sqrt(len(x)))
-        if len(x) >= max_samples or (len(x) >= min_samples and se <= target_se):
-            return {"mean": float(x.mean()), "se": se, "samples": len(x)}
+
+class _BaselineStream:
+    """The random pairs' scores of one (shape, kind, seed), drawn once in batches and read by every estimate: a
+    second estimate with a smaller target reads the first one's samples again instead of redrawing them, and Q, K
+    and V share one stream where their distribution is the same (the Wishart draw)."""
+
+    def __init__(self, d_model: int, d_head: int, kind: str, seed: int, batch: int = 64):
+        import numpy as np
+
+        if kind not in ("Q", "K", "V"):
+            raise ValueError(kind)
+        self.shape, self.kind, self.batch = (d_model, d_head), kind, batch
+        self.rng = np.random.default_rng(seed)
+        self.batches: list = []
+
+    def _batch(self, i: int) -> torch.Tensor:
+        while len(self.batches) <= i:
+            d, k = self.shape
+            self.batches.append(_wishart_scores(self.rng, self.batch, d, k) if d >= 2 * k else
+                                _factor_scores(self.rng, self.batch, d, k, self.kind))
+        return self.batches[i]
+
+    def estimate(self, target_se: float, min_samples: int, max_samples: int) -> dict:
+        """What :func:`random_baseline` returns, from this stream's first batches."""
+        i = 0
+        while True:
+            x = torch.cat([self._batch(j) for j in range(i + 1)])
+            se = float(x.std(unbiased=True) / math.sqrt(len(x)))
+            if len(x) >= max_samples or (len(x) >= min_samples and se <= target_se):
+                return {"mean": float(x.mean()), "se": se, "samples": len(x)}
+            i += 1
 
 
 def _wishart(rng, n: int, p: int, dof: int) -> torch.Tensor:
@@ -160,11 +180,13 @@ def composition_scores(weights, *, relative_se: float = 0.01, seed: int = 0, max
                                  ("V", (weights.W_V[l2], weights.W_O[l2]))):
                 raw[kind].append((l1, l2, composition(ov1, second, kind)))
     base = {}
+    shared = _BaselineStream(d_model, d_head, "Q", seed) if d_model >= 2 * d_head else None
     for kind in "QKV":
         scores = torch.cat([m.flatten() for _, _, m in raw[kind]]) if raw[kind] else torch.zeros(0)
-        first = random_baseline(d_model, d_head, kind, seed=seed, max_samples=256)
+        stream = shared or _BaselineStream(d_model, d_head, kind, seed)
+        first = stream.estimate(0.0, 256, 256)
         median = float((scores - first["mean"]).abs().median()) if len(scores) else 0.0
-        b = random_baseline(d_model, d_head, kind, target_se=relative_se * median, seed=seed, max_samples=max_samples)
+        b = stream.estimate(relative_se * median, 256, max_samples)
         base[kind] = {**b, "median_corrected": float((scores - b["mean"]).abs().median()) if len(scores) else 0.0}
     rows = []
     for l1 in range(n_layers - 1):
