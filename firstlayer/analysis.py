@@ -241,25 +241,25 @@ def _neurons(lm, cfg, aff, w, bags, held, pool, top: int = 5):
     corr = (rc * ac).sum(0) / torch.sqrt((rc ** 2).sum(0) * (ac ** 2).sum(0)).clamp_min(1e-300)
     s_mlp = float(torch.cat(sigmas).median())
     ext = D.extended_embeddings(aff, w, bags, pool)  # [V', D]
-    best = worst = None
+    k = min(top, len(pool))
+    his, los = [], []  # per chunk of the pool, each neuron's top k tokens each way: ([F, k] values, [F, k] ids)
     for s in range(0, len(pool), 4096):
         chunk = ext[s:s + 4096]
         contrib = (gamma * (chunk - chunk.mean(-1, keepdim=True)) / s_mlp) @ w_in  # [c, F]
-        hi, hi_i = contrib.topk(min(top, len(chunk)), dim=0)
-        lo, lo_i = (-contrib).topk(min(top, len(chunk)), dim=0)
-        hi_i, lo_i = hi_i + s, lo_i + s
-        if best is None:
-            best, worst = (hi, hi_i), (lo, lo_i)
-        else:
-            v, i = torch.cat([best[0], hi]), torch.cat([best[1], hi_i])
-            keep = v.topk(top, dim=0).indices
-            best = (v.gather(0, keep), i.gather(0, keep))
-            v, i = torch.cat([worst[0], lo]), torch.cat([worst[1], lo_i])
-            keep = v.topk(top, dim=0).indices
-            worst = (v.gather(0, keep), i.gather(0, keep))
+        per_neuron = contrib.T.contiguous()  # [F, c]: topk along contiguous rows is faster than down columns
+        for found, largest in ((his, True), (los, False)):
+            v, i = per_neuron.topk(min(k, len(chunk)), dim=-1, largest=largest)
+            found.append((v, i + s))
+
+    def merged(found, largest):  # [k, F] values and ids over the whole pool
+        v, i = torch.cat([f[0] for f in found], -1), torch.cat([f[1] for f in found], -1)
+        v, keep = v.topk(k, dim=-1, largest=largest)
+        return v.T, i.gather(-1, keep).T
+
+    best, worst = merged(his, True), merged(los, False)
     names = lambda idx: lm.tokenizer.convert_ids_to_tokens(pool[idx].tolist())  # noqa: E731
     rows = []
-    spread = best[0][0] + worst[0][0]  # the largest contribution minus the smallest
+    spread = best[0][0] - worst[0][0]  # the largest contribution minus the smallest
     for neuron in range(w_in.shape[1]):
         rows.append((neuron, float(corr[neuron]), float(spread[neuron]), names(best[1][:, neuron]),
                      names(worst[1][:, neuron])))

@@ -283,9 +283,10 @@ class Bag:
     scale: float
     causal: bool
 
-    def token_factor(self, aff: Affine, w: QK, tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(exp(s_tok(t)) [n], value_tok(t) = e_t W_V W_O [n, D])`` of ``tokens [n]``."""
-        e = aff.linear(aff.token[torch.as_tensor(tokens)]) / self.scale
+    def token_factor(self, aff: Affine, w: QK, tokens, linear=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp(s_tok(t)) [n], value_tok(t) = e_t W_V W_O [n, D])`` of ``tokens [n]``; ``linear [n, D]``:
+        ``aff.linear`` of their embeddings, when the caller has it already (then ``tokens`` is not read)."""
+        e = (aff.linear(aff.token[torch.as_tensor(tokens)]) if linear is None else linear) / self.scale
         s_tok = (e @ w.W_K[self.head]) @ self.q_tok * w.scaling
         return torch.exp(s_tok), (e @ w.W_V[self.head]) @ w.W_O[self.head]
 
@@ -333,13 +334,16 @@ def extended_embeddings(aff: Affine, w: QK, bags: list[Bag], tokens, chunk: int 
     the mean over visible keys ``j`` of ``exp(s_pos(i, j)) / Z_med(i)``), summed over the heads."""
     tokens = torch.as_tensor(tokens)
     out = torch.zeros(len(tokens), w.W_O.shape[-1], dtype=torch.float64)
+    typical = []
     for bag in bags:
         n = bag.s_pos.shape[0]
         e_pos = torch.exp(bag.s_pos)
         visible = torch.arange(1, n + 1, dtype=torch.float64) if bag.causal else torch.full((n,), float(n))
         per_key = (e_pos.tril() if bag.causal else e_pos).sum(-1) / visible / bag.z_med[:n]
-        typical = float(torch.nanmedian(per_key))
-        for s in range(0, len(tokens), chunk):
-            f, v = bag.token_factor(aff, w, tokens[s:s + chunk])
-            out[s:s + chunk] += typical * f[:, None] * v
+        typical.append(float(torch.nanmedian(per_key)))
+    for s in range(0, len(tokens), chunk):
+        linear = aff.linear(aff.token[tokens[s:s + chunk]])  # the same for every head
+        for bag, weight in zip(bags, typical):
+            f, v = bag.token_factor(aff, w, None, linear)
+            out[s:s + chunk] += weight * f[:, None] * v
     return out
