@@ -507,19 +507,23 @@ def _reproduce(settings: Settings, only: list[str] | None, say):
     selected = [j for j in jobs() if not only or any(f.id in only for f in j.figures)]
     runner = Runner(settings, say)
     from attnlab.core.plotworker import Plotter
-    from attnlab.experiments.sections import sizes_section, start_sections
+    from attnlab.experiments.sections import REPORT_ORDER, sizes_section, start_sections
 
     with Plotter() as runner.plotter:  # figures drawn in a second process while the next job computes
         started: list = []
+        builders: dict = {}
+
+        def sections_after(job: str) -> None:  # the report's own sections start right after the job they read
+            builders.update(start_sections(runner, job))
+
         try:
-            _start_jobs(runner, selected, started)
-            builders = start_sections(runner) if not only else []
+            _start_jobs(runner, selected, started, None if only else sections_after)
         finally:  # every started run is committed (or cleaned up), whatever happened after it
             runner.drain()
             finished = [(job, *(runner.finish(job, p) if p is not None else (None, reason)), model, unavailable)
                         for job, p, model, reason, unavailable in started]
         results = _figure_results(runner, finished, only)
-        sections = [build() for build in builders]
+        sections = [builders[name]() for name in REPORT_ORDER if name in builders]
         if not only:
             from attnlab.experiments.organisms import organism_folder, organism_sections
 
@@ -541,10 +545,10 @@ def _reproduce(settings: Settings, only: list[str] | None, say):
     return results
 
 
-def _start_jobs(runner: Runner, selected: list, started: list) -> None:
+def _start_jobs(runner: Runner, selected: list, started: list, after=None) -> None:
     """Start every job in turn (each computes; its figures go to the plot worker), appending ``(job, Pending or
-    None, model, reason, unavailable)`` to ``started``. Later jobs' configs read the earlier ones' summaries, known
-    once computed."""
+    None, model, reason, unavailable)`` to ``started``, and call ``after(job name)`` once each has started. Later
+    jobs' configs read the earlier ones' summaries, known once computed."""
     settings = runner.settings
     iterator = selected
     if settings.progress:
@@ -563,6 +567,8 @@ def _start_jobs(runner: Runner, selected: list, started: list) -> None:
             runner.context["results"][job.name] = pending.meta
             if model != settings.models[job.role]:
                 runner.context["substituted"][job.role] = model
+        if after is not None:
+            after(job.name)
 
 
 def _figure_results(runner: Runner, finished: list[tuple], only) -> list:

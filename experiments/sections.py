@@ -1,9 +1,9 @@
 """The main job's report sections beyond the paper: the first layer decomposed, pattern and message projections,
 the heads' copying and causal evidence, attention and the logit lens on a sentence, and Figure 9 across sizes.
 
-Each section but the last is started first (its run computed, its figures queued for the plot worker) and built
-later, once its run is committed (:func:`start_sections`), so that drawing one overlaps computing the next. The
-runner is :class:`attnlab.experiments.reproduce.Runner`.
+Each section but the last is started right after the job whose run it reads (its run computed, its figures queued
+for the plot worker) and built later, once its run is committed (:func:`start_sections`), so that drawing one overlaps
+computing the next. The runner is :class:`attnlab.experiments.reproduce.Runner`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,25 @@ from attnlab.core.errors import AttnlabError
 from attnlab.core.names import model_label
 
 
-def start_sections(runner) -> list:
-    """The report's sections beyond the paper, each started now (computed, its figures queued for the plot worker)
-    and built later: returns their zero-argument builders in the report's order. They start in another: the one
-    with the most drawing and least computing first (the attention grids), the heads' long computation last, so
-    that the worker draws while this process computes."""
+REPORT_ORDER = ("firstlayer", "patterns", "heads", "attention", "lens")  # the sections' order in the report
+
+
+def start_sections(runner, job: str) -> dict:
+    """The report's sections beyond the paper that read ``job``'s run, started now that it has started (computed,
+    their figures queued for the plot worker) and built later: returns ``{name: zero-argument builder}`` (names in
+    :data:`REPORT_ORDER`). Starting each right after the job it reads lets its drawing overlap the remaining jobs'
+    computing, and it uses the model that job has just loaded. After Figure 7's job they start in this order: the
+    one with the most drawing and least computing first (the attention grids), the heads' long computation last."""
     results = runner.context["results"]
-    first_layer = "geometry_scaling" in results
-    if "induction_standard" not in results:
-        return [_firstlayer_section(runner)] if first_layer else []
-    text = _text_sections(runner)
-    patterns = _patterns_section(runner)
-    firstlayer = [_firstlayer_section(runner)] if first_layer else []
-    return firstlayer + [patterns, _heads_section(runner)] + text
+    if job not in results:
+        return {}
+    if job == "geometry_scaling":
+        return {"firstlayer": _firstlayer_section(runner)}
+    if job == "induction_standard":
+        attention, lens = _text_sections(runner)
+        patterns = _patterns_section(runner)
+        return {"attention": attention, "lens": lens, "patterns": patterns, "heads": _heads_section(runner)}
+    return {}
 
 
 def _deferred(runner, experiment: str, cfg, out: Path, loader, build, error):
