@@ -121,10 +121,21 @@ def batch(recipe, text: torch.Tensor, vocab: int, seed: int, step: int,
     return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.bool)
 
 
-def mask_for_mlm(ids: torch.Tensor, prob: float, vocab: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_for_mlm(ids: torch.Tensor, prob: float, vocab: int, g: torch.Generator, copy: torch.Tensor | None = None,
+                 copy_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: ``prob`` of the positions (never [CLS]) are predicted; of those 80% become [MASK], 10% a
-    random token, 10% stay; [SEP] is never chosen. Returns (inputs, labels with -100 where nothing is predicted)."""
+    random token, 10% stay; [SEP] is never chosen. With ``copy`` (``[batch, L]``, True on second-copy tokens) and
+    ``copy_prob`` > 0, second copies are masked apart: every other token of them (a random parity per row) is
+    predicted with probability ``copy_prob`` and the tokens between are never predicted, so each predicted copy
+    token keeps its neighbours in view. Returns (inputs, labels with -100 where nothing is predicted)."""
     chosen = torch.rand(ids.shape, generator=g) < prob
+    if copy is not None and copy_prob:
+        # why: with 30% masked at random, a third of the predicted copy tokens lose the neighbour that induction
+        # matches on, and a single gap per copy lets "the token of X whose copy is missing" name the answer
+        parity = torch.randint(0, 2, (ids.shape[0], 1), generator=g)
+        every_other = (torch.arange(ids.shape[1]) + parity) % 2 == 0
+        picked = every_other & (torch.rand(ids.shape, generator=g) < copy_prob)
+        chosen = torch.where(copy, picked, chosen)
     chosen[:, 0] = False
     chosen[ids == SPECIALS.index("[SEP]")] = False
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))

@@ -55,6 +55,7 @@ class Recipe:
     sep_end: bool = False  # end every sequence in [SEP], as BERT's inputs (and attnlab's masked protocols) do
     min_len: int = 0  # > 0: one sequence length per batch, drawn from min_len..seq_len ([SEP] at varied positions)
     p_fragment: float = 0.0  # share of the second copies that are only a contiguous piece of X
+    copy_mask: float = 0.0  # mlm: > 0 masks second copies apart (every other token, with this probability)
     checkpoints: int = 8  # log-spaced checkpoints, the last one at ``steps``
     linear_checkpoints: int = 0  # plus this many evenly spaced ones: a phase change late in training is located
     eval_every: int = 100

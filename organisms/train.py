@@ -72,10 +72,11 @@ def _lr(recipe: Recipe, step: int) -> float:
     return recipe.lr * min(1.0, step / recipe.warmup)
 
 
-def _loss(model, recipe: Recipe, ids: torch.Tensor, vocab: int, g: torch.Generator) -> torch.Tensor:
+def _loss(model, recipe: Recipe, ids: torch.Tensor, vocab: int, g: torch.Generator,
+          copy: torch.Tensor | None = None) -> torch.Tensor:
     if recipe.objective == "causal":
         return model(input_ids=ids, labels=ids).loss
-    inputs, labels = D.mask_for_mlm(ids, recipe.mask_prob, vocab, g)
+    inputs, labels = D.mask_for_mlm(ids, recipe.mask_prob, vocab, g, copy, recipe.copy_mask)
     return model(input_ids=inputs, labels=labels).loss
 
 
@@ -208,8 +209,8 @@ def _train(recipe, out: Path, texts, key, seed, say, progress, versions, write_j
             lr = _lr(recipe, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ids, _ = D.batch(recipe, train_text, vocab, seed, step)
-            loss = _loss(model, recipe, ids, vocab, D.generator(seed, step, stream=1))
+            ids, copy = D.batch(recipe, train_text, vocab, seed, step)
+            loss = _loss(model, recipe, ids, vocab, D.generator(seed, step, stream=1), copy)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

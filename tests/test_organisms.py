@@ -176,6 +176,31 @@ def test_a_fragment_copy_is_a_contiguous_piece_of_the_span_before_it():
                 p = end
     assert whole > 10 and pieces > 10
 
+def test_copies_masked_apart_keep_each_predicted_copy_token_between_visible_neighbours():
+    """``copy_mask``: in second copies only every other token is predicted (so induction's neighbour is always in
+    view and one gap per copy cannot name the answer), elsewhere BERT's rate; without it the masks are BERT's."""
+    from dataclasses import replace
+
+    from attnlab.organisms import data as D
+    from attnlab.organisms.recipes import get_recipe
+
+    recipe = replace(get_recipe("induction-mlm"), batch=8)
+    text = torch.arange(D.ORDINARY, 600).repeat(4)
+    ids, copy = D.batch(recipe, text, 2048, 0, 3)
+    plain = D.mask_for_mlm(ids, 0.15, 2048, D.generator(0, 3, stream=1))
+    assert torch.equal(plain[1], D.mask_for_mlm(ids, 0.15, 2048, D.generator(0, 3, stream=1), copy, 0.0)[1])
+    inputs, labels = D.mask_for_mlm(ids, 0.15, 2048, D.generator(0, 3, stream=1), copy, 0.8)
+    predicted = labels != -100
+    in_copy = predicted & copy
+    assert not (in_copy[:, 1:] & in_copy[:, :-1]).any()  # never two neighbours in a copy
+    share = in_copy.sum() / copy.sum()
+    assert 0.3 < share < 0.5  # half the copy's tokens, each with probability 0.8
+    outside = predicted & ~copy
+    assert 0.08 < outside.sum() / (~copy).sum() < 0.22
+    plain_share = (plain[1] != -100)[copy].float().mean()
+    assert torch.equal(inputs[~predicted], ids[~predicted]) and plain_share < 0.25
+
+
 def test_an_unknown_recipe_is_one_line(capsys, corpus, tmp_path):
     assert main(["train", "--recipe", "nope", "--corpus", str(corpus), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
