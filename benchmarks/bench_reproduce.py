@@ -144,7 +144,7 @@ def _offline_run(args, out: str, pythonpath: str | None) -> dict:
     check = subprocess.run([sys.executable, "-c", "import attnlab, os; print(os.path.dirname(attnlab.__file__))"],
                            env=env, capture_output=True, text=True)
     # both trees with their bytecode compiled, as an installed package has it: a fresh worktree (or any edited
-    # module under PYTHONDONTWRITEBYTECODE) is otherwise compiled anew in every process, which cost 1-4 s here
+    # module under PYTHONDONTWRITEBYTECODE) is otherwise compiled anew in every process (docs/benchmarks.md)
     subprocess.run([sys.executable, "-m", "compileall", "-q", check.stdout.strip()], env=env, capture_output=True)
     helptext = subprocess.run(cmd[:3] + ["reproduce", "--help"], env=env, capture_output=True, text=True).stdout
     if "--organism" in helptext:  # a newcomer has no trained organism (attnlab's cache still keeps numba's UMAP)

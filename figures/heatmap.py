@@ -9,34 +9,16 @@ import numpy as np
 from attnlab.figures.style import centred_ticks, plt, save_or_return
 
 
-def heatmap(ax, values, *, cmap="Blues", vmin=None, vmax=None, center=None, norm=None, cbar_label=None,
-            annot=False, fmt=".3g", annot_size=7.0):
+def heatmap(ax, values, *, cmap="Blues", vmin=None, vmax=None, norm=None, cbar_label=None, annot=False,
+            fmt=".3g", annot_size=7.0):
     """A layers x heads map ``values [layers, heads]`` drawn as seaborn's ``heatmap`` draws it (cells with white
     0.5-pt edges, missing values left out so the axes' face shows, the first row on top, a colorbar without an
-    outline, no spines; ``center`` recentres the colormap on that value as seaborn does; ``annot`` writes each value,
-    dark on light cells and white on dark ones), with matplotlib alone. Returns the mesh.
+    outline, no spines; ``annot`` writes each value, dark on light cells and white on dark ones), with matplotlib
+    alone. Returns the mesh.
 
     Why not seaborn itself: importing it costs about 3 s on this CPU (pandas, scipy.stats), and its heatmap draws the
     whole figure once more to check whether tick labels overlap; both figures override its ticks anyway."""
-    import matplotlib as mpl
-
     data = np.ma.masked_invalid(np.asarray(values, dtype=float))
-    cmap = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
-    if center is not None:  # seaborn's recentring: the colours of [vmin, vmax] within a range symmetric about center
-        finite = data.compressed()
-        lo = float(finite.min()) if vmin is None else vmin
-        hi = float(finite.max()) if vmax is None else vmax
-        bad, under, over = cmap(np.ma.masked_invalid([np.nan]))[0], cmap(-np.inf), cmap(np.inf)
-        under_set, over_set = under != cmap(0), over != cmap(cmap.N - 1)
-        spread = max(hi - center, center - lo)
-        cmin, cmax = mpl.colors.Normalize(center - spread, center + spread)([lo, hi])
-        cmap = mpl.colors.ListedColormap(cmap(np.linspace(cmin, cmax, 256)))
-        cmap.set_bad(bad)
-        if under_set:
-            cmap.set_under(under)
-        if over_set:
-            cmap.set_over(over)
-        vmin, vmax = lo, hi
     for spine in ax.spines.values():
         spine.set_visible(False)
     scale = {"norm": norm} if norm is not None else {"vmin": vmin, "vmax": vmax}
@@ -58,8 +40,7 @@ def heatmap(ax, values, *, cmap="Blues", vmin=None, vmax=None, center=None, norm
 
 
 def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", cbar_label=None,
-                 center=None, norm=None, cbar_ticks=None, annot=False, nan_color=None, hatch=None,
-                 hatch_label=None):
+                 norm=None, cbar_ticks=None, annot=False, nan_color=None, hatch=None, hatch_label=None):
     """values: [layers, heads]. Size grows with the grid so a 24 x 16 map stays legible.
 
     ``annot`` writes each value in its cell (only for grids of at most 16 heads); ``nan_color`` fills
@@ -78,7 +59,7 @@ def head_heatmap(values, title: str, path, *, vmin=0.0, vmax=1.0, cmap="Blues", 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing map is drawn grey, not warned about
         mesh = heatmap(ax, values, cmap=cmap, cbar_label=cbar_label, annot=annot and heads <= 16,
-                       **({"norm": norm} if norm is not None else {"vmin": vmin, "vmax": vmax, "center": center}))
+                       **({"norm": norm} if norm is not None else {"vmin": vmin, "vmax": vmax}))
     if cbar_ticks is not None:
         cbar = mesh.colorbar
         cbar.set_ticks(cbar_ticks)

@@ -95,7 +95,7 @@ def test_a_tight_box_measured_once_saves_the_next_frame_as_the_tight_save_does(t
 
 def test_the_heatmap_draws_what_seaborns_heatmap_draws_pixel_for_pixel():
     """``figures.heatmap.heatmap`` replaces seaborn's (3 s of imports, one extra full draw per map): for every option
-    the figures use - fixed and automatic limits, a centred colormap, a norm, missing cells on a coloured face, the
+    the figures use - fixed and automatic limits, a norm, missing cells on a coloured face, the
     values written in the cells, a colorbar label - the canvas equals seaborn's, pixel for pixel."""
     import warnings
 
@@ -114,10 +114,10 @@ def test_the_heatmap_draws_what_seaborns_heatmap_draws_pixel_for_pixel():
     cases = [
         (values, dict(vmin=0.0, vmax=1.0)),
         (values, dict(vmin=None, vmax=None)),
-        (holes, dict(vmin=-1.0, vmax=2.0, center=0.0)),
+        (holes, dict(vmin=-1.0, vmax=2.0)),
         (np.abs(values) + 0.01, dict(norm=LogNorm(0.01, 3.0))),
         (holes, dict(vmin=None, vmax=None, annot=True)),
-        (values, dict(vmin=-2.0, vmax=2.0, center=0.5, annot=True, cbar_label="delta")),
+        (values, dict(vmin=-2.0, vmax=2.0, annot=True, cbar_label="delta")),
     ]
 
     def canvas(draw):
