@@ -136,8 +136,8 @@ def organism_folder(explicit: str | None = None) -> Path:
 def organism_sections(runner, folder: Path) -> list[dict]:
     """The report's organism sections: the induction map and verdict of the trained organism's last checkpoint
     with the ablation of its heads, and its dynamics. A trained organism is used when ``folder`` holds a finished
-    run of the recipe with this seed and corpus under this attnlab (its identity); training one takes about nine
-    minutes here (554 s measured), more than the main job should add, so otherwise the section names the command."""
+    run of the recipe with this seed and corpus under this attnlab (its identity); training one takes 8-11 minutes
+    here (494-637 s measured), more than the main job should add, so otherwise the section names the command."""
     from attnlab.core.errors import AttnlabError
     from attnlab.core.outputs import read_json
     from attnlab.organisms.recipes import get_recipe
