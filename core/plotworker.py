@@ -124,8 +124,8 @@ def _warm() -> None:
 
 
 def _draw(ref: str, folder: str, meta: dict) -> tuple[dict, float]:
-    from attnlab.core.runs import _resolve
+    from attnlab.core.runs import draw
 
     t0 = time.perf_counter()
-    figures = _resolve(ref)(Path(folder), meta) or {}
-    return {str(k): v for k, v in figures.items()}, time.perf_counter() - t0
+    figures = draw(ref, Path(folder), meta)
+    return figures, time.perf_counter() - t0

@@ -303,11 +303,15 @@ def start_experiment(exp: Experiment, cfg, out, lm=None, reuse: bool = True, *, 
     return Pending(meta, finish, future)
 
 
-def _plot(exp: Experiment, folder: Path, meta: dict) -> dict:
-    if not exp.plot:
-        return {}
-    figures = exp.fn("plot")(folder, meta) or {}
+def draw(plot, folder: Path, meta: dict) -> dict:
+    """The figures ``{key: file name}`` (keys as strings) that ``plot`` - a callable or ``"module:attr"`` - draws
+    from a run's saved data in ``folder`` and its ``meta``; here or in the plot worker (``core.plotworker``)."""
+    figures = _resolve(plot)(folder, meta) or {}
     return {str(k): v for k, v in figures.items()}
+
+
+def _plot(exp: Experiment, folder: Path, meta: dict) -> dict:
+    return draw(exp.plot, folder, meta) if exp.plot else {}
 
 
 def _redraw(exp: Experiment, run, meta: dict) -> dict:
