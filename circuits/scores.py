@@ -97,14 +97,14 @@ class _BaselineStream:
 
         if kind not in ("Q", "K", "V"):
             raise ValueError(kind)
-        self.shape, self.kind, self.batch = (d_model, d_head), kind, batch
+        self.shape, self.kind, self.batch = (d_model, d_head), _draw_kind(d_model, d_head, kind), batch
         self.rng = np.random.default_rng(seed)
         self.batches: list = []
 
     def _batch(self, i: int) -> torch.Tensor:
         while len(self.batches) <= i:
             d, k = self.shape
-            self.batches.append(_wishart_scores(self.rng, self.batch, d, k) if d >= 2 * k else
+            self.batches.append(_wishart_scores(self.rng, self.batch, d, k) if self.kind == "QKV" else
                                 _factor_scores(self.rng, self.batch, d, k, self.kind))
         return self.batches[i]
 
@@ -117,6 +117,12 @@ class _BaselineStream:
             if len(x) >= max_samples or (len(x) >= min_samples and se <= target_se):
                 return {"mean": float(x.mean()), "se": se, "samples": len(x)}
             i += 1
+
+
+def _draw_kind(d_model: int, d_head: int, kind: str) -> str:
+    """What a baseline stream's draw depends on: "QKV" for the Wishart draw (d_model >= 2 d_head), the same for all
+    three kinds; else the kind, whose factors differ."""
+    return "QKV" if d_model >= 2 * d_head else kind
 
 
 def _wishart(rng, n: int, p: int, dof: int) -> torch.Tensor:
@@ -180,10 +186,13 @@ def composition_scores(weights, *, relative_se: float = 0.01, seed: int = 0, max
                                  ("V", (weights.W_V[l2], weights.W_O[l2]))):
                 raw[kind].append((l1, l2, composition(ov1, second, kind)))
     base = {}
-    shared = _BaselineStream(d_model, d_head, "Q", seed) if d_model >= 2 * d_head else None
+    streams: dict = {}  # one per distinct draw: Q, K and V share the Wishart one
     for kind in "QKV":
         scores = torch.cat([m.flatten() for _, _, m in raw[kind]]) if raw[kind] else torch.zeros(0)
-        stream = shared or _BaselineStream(d_model, d_head, kind, seed)
+        draw = _draw_kind(d_model, d_head, kind)
+        if draw not in streams:
+            streams[draw] = _BaselineStream(d_model, d_head, kind, seed)
+        stream = streams[draw]
         first = stream.estimate(0.0, 256, 256)
         median = float((scores - first["mean"]).abs().median()) if len(scores) else 0.0
         b = stream.estimate(relative_se * median, 256, max_samples)
