@@ -26,32 +26,95 @@ def min_text_px(fig, dpi: int) -> float:
 
 
 def tight_box(fig, dpi: int = 150):
-    """The box (inches) that ``save``'s tight bounding box gives ``fig`` at ``dpi``, measured now. A figure saved
-    again with the same artists in the same places (the next frame) can pass it as ``save(..., box=...)``:
-    matplotlib's tight save draws the whole figure once to measure this and again to render."""
-    import matplotlib
+    """The box (inches) that ``save``'s tight bounding box gives ``fig`` at ``dpi``, measured now (matplotlib's tight
+    box padded by ``savefig.pad_inches``, rounded out to whole pixels). A figure saved again with the same artists
+    in the same places (the next frame) can pass it as ``save(..., box=...)``, which draws it once."""
+    from matplotlib.transforms import Bbox
 
     old = fig.dpi
     try:
         fig.dpi = dpi
-        return fig.get_tightbbox(fig.canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
+        _, (x0, y0, x1, y1) = _tight_pixels(fig, fig.canvas.get_renderer(), dpi)
     finally:
         fig.dpi = old
+    return Bbox.from_extents(x0 / dpi, y0 / dpi, x1 / dpi, y1 / dpi)
+
+
+def _tight_pixels(fig, renderer, dpi: int) -> tuple[tuple, tuple]:
+    """``fig``'s tight bounding box at ``dpi`` in pixels from the lower left, rounded out to whole ones (so that a
+    crop is the figure shifted by whole pixels): ``((x0, y0, x1, y1) unpadded, (x0, y0, x1, y1) padded by
+    savefig.pad_inches)``."""
+    import math
+
+    import matplotlib
+
+    def pixels(box):
+        return (math.floor(box.x0 * dpi + 1e-6), math.floor(box.y0 * dpi + 1e-6),
+                math.ceil(box.x1 * dpi - 1e-6), math.ceil(box.y1 * dpi - 1e-6))
+
+    inner = fig.get_tightbbox(renderer)
+    return pixels(inner), pixels(inner.padded(matplotlib.rcParams["savefig.pad_inches"]))
 
 
 def save(fig, path, dpi: int = 150, close: bool = True, box=None) -> None:
     """Write ``fig`` as a PNG atomically (tight bounding box, or ``box`` from :func:`tight_box`), recording its
     smallest text size in the PNG's metadata (:data:`MIN_TEXT_KEY`); ``close=False`` keeps it for the next
-    frame."""
+    frame. The tight box is rounded out to whole pixels, so that one draw can be cropped to it
+    (:func:`tight_pixels`): matplotlib's own tight save draws the whole figure twice, once to measure the box."""
     import warnings
 
+    import matplotlib.image
+
+    metadata = {MIN_TEXT_KEY: f"{min_text_px(fig, dpi):.2f}"}
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # vocabulary tokens in scripts the default font lacks are drawn as boxes; that is not worth a warning
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight" if box is None else box, format="png",
-                    metadata={MIN_TEXT_KEY: f"{min_text_px(fig, dpi):.2f}"})
+        drawn = tight_pixels(fig, dpi) if box is None else None
+        if isinstance(drawn, tuple):  # the box reaches past the canvas: matplotlib draws it on a larger one
+            box, drawn = drawn[0], None
+        if drawn is None:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight" if box is None else box, format="png", metadata=metadata)
+        else:
+            matplotlib.image.imsave(tmp, drawn, format="png", origin="upper", dpi=dpi, metadata=metadata)
     if close:
         plt.close(fig)
+
+
+def tight_pixels(fig, dpi: int = 150):
+    """``fig`` drawn once at ``dpi`` and cropped to its tight box (:func:`tight_box`): an ``(H, W, 4)`` uint8 array,
+    the pixels ``fig.savefig(bbox_inches=tight_box(fig, dpi))`` writes. The padding is the figure's face colour where
+    it reaches past the canvas. Where an artist itself reaches past the canvas, ``(that box, None)``: only a larger
+    canvas holds it. ``None`` where savefig would draw otherwise (a canvas that is not Agg's; savefig colours or
+    transparency set in rcParams)."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgba
+    from matplotlib.transforms import Bbox
+
+    rc = matplotlib.rcParams
+    if (not isinstance(fig.canvas, FigureCanvasAgg) or rc["savefig.transparent"]
+            or rc["savefig.facecolor"] != "auto" or rc["savefig.edgecolor"] != "auto"):
+        return None
+    old = fig.dpi
+    try:
+        fig.dpi = dpi
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (a0, b0, a1, b1), (x0, y0, x1, y1) = _tight_pixels(fig, renderer, dpi)
+        rgba = np.asarray(renderer.buffer_rgba())
+    finally:
+        fig.dpi = old
+    height, width = rgba.shape[:2]
+    if a0 < 0 or b0 < 0 or a1 > width or b1 > height:
+        return Bbox.from_extents(x0 / dpi, y0 / dpi, x1 / dpi, y1 / dpi), None
+    # only the padding may reach past the canvas: there it is the figure's face, as savefig draws it
+    out = np.empty((y1 - y0, x1 - x0, 4), np.uint8)
+    out[:] = np.round(np.asarray(to_rgba(fig.get_facecolor())) * 255).astype(np.uint8)
+    c0, d0, c1, d1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    # rows count from the top, display y from the bottom
+    out[y1 - d1:y1 - d0, c0 - x0:c1 - x0] = rgba[height - d1:height - d0, c0:c1]
+    return out
 
 
 def save_or_return(fig, path):

@@ -144,3 +144,42 @@ def test_the_heatmap_draws_what_seaborns_heatmap_draws_pixel_for_pixel():
                                                  **theirs))
         got = canvas(lambda ax: heatmap(ax, data, cmap="Blues", **ours))
         assert got.shape == expected.shape and np.array_equal(got, expected), opts
+
+
+def test_a_tight_save_is_one_draw_cropped_and_equals_savefig_with_the_same_box(tmp_path):
+    """``save`` draws a figure once and crops the canvas to its tight box (matplotlib's tight save draws it twice). For
+    each path - a crop inside the canvas, padding past the canvas's edge filled with the figure's face, and a title
+    past the edge (drawn again on a larger canvas) - the PNG equals ``savefig(bbox_inches=tight_box(fig))`` pixel
+    for pixel."""
+    from PIL import Image
+
+    from attnlab.figures.heatmap import induction_map
+    from attnlab.figures.style import plt, save, tight_box, tight_pixels
+
+    def inside():  # a layers x heads map: colorbar, annotations, tight layout
+        mean = np.random.default_rng(0).uniform(0, 0.5, (6, 8))
+        return induction_map(mean, mean / 10, "planted", None, outline=[(1, 2)], finding="one head")
+
+    def padding_past_the_edge():
+        fig = plt.figure(figsize=(3, 2), facecolor="#ffe4b5")
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.imshow(np.random.default_rng(1).random((4, 6)), aspect="auto")
+        ax.set_axis_off()
+        return fig
+
+    def title_past_the_edge():
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.imshow(np.random.default_rng(2).random((5, 5)))
+        fig.text(0.5, 1.04, "a title above the canvas", ha="center")
+        return fig
+
+    for make, path in ((inside, "crop"), (padding_past_the_edge, "pad"), (title_past_the_edge, "larger canvas")):
+        fig = make()
+        kind = tight_pixels(fig)
+        assert (isinstance(kind, tuple) if path == "larger canvas" else isinstance(kind, np.ndarray)), path
+        if path == "pad":
+            assert kind.shape[1] > 3 * 150 and (kind[0, 0] == (255, 228, 181, 255)).all()
+        fig.savefig(tmp_path / f"{path}-savefig.png", dpi=150, bbox_inches=tight_box(fig))
+        save(fig, tmp_path / f"{path}.png")
+        ours, theirs = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in (path, f"{path}-savefig"))
+        assert ours.shape == theirs.shape and (ours == theirs).all(), path
