@@ -69,33 +69,37 @@ def save(fig, path, dpi: int = 150, close: bool = True, box=None) -> None:
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # vocabulary tokens in scripts the default font lacks are drawn as boxes; that is not worth a warning
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        drawn = tight_pixels(fig, dpi) if box is None else None
-        if isinstance(drawn, tuple):  # the box reaches past the canvas: matplotlib draws it on a larger one
-            box, drawn = drawn[0], None
-        if drawn is None:
+        pixels = None
+        if box is None and _croppable(fig):
+            box, pixels = tight_pixels(fig, dpi)
+        if pixels is None:  # the box reaches past the canvas (matplotlib draws it on a larger one), or not croppable
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight" if box is None else box, format="png", metadata=metadata)
         else:
-            matplotlib.image.imsave(tmp, drawn, format="png", origin="upper", dpi=dpi, metadata=metadata)
+            matplotlib.image.imsave(tmp, pixels, format="png", origin="upper", dpi=dpi, metadata=metadata)
     if close:
         plt.close(fig)
 
 
-def tight_pixels(fig, dpi: int = 150):
-    """``fig`` drawn once at ``dpi`` and cropped to its tight box (:func:`tight_box`): an ``(H, W, 4)`` uint8 array,
-    the pixels ``fig.savefig(bbox_inches=tight_box(fig, dpi))`` writes. The padding is the figure's face colour where
-    it reaches past the canvas. Where an artist itself reaches past the canvas, ``(that box, None)``: only a larger
-    canvas holds it. ``None`` where savefig would draw otherwise (a canvas that is not Agg's; savefig colours or
-    transparency set in rcParams)."""
+def _croppable(fig) -> bool:
+    """Whether a draw of ``fig`` on its canvas is what savefig draws: Agg's canvas, no savefig colours or
+    transparency set in rcParams."""
     import matplotlib
-    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rc = matplotlib.rcParams
+    return (isinstance(fig.canvas, FigureCanvasAgg) and not rc["savefig.transparent"]
+            and rc["savefig.facecolor"] == "auto" and rc["savefig.edgecolor"] == "auto")
+
+
+def tight_pixels(fig, dpi: int = 150):
+    """``(box, pixels)``: ``fig`` drawn once at ``dpi`` on its (Agg) canvas, its tight box (:func:`tight_box`, inches)
+    and the canvas cropped to it, an ``(H, W, 4)`` uint8 array: the pixels ``fig.savefig(bbox_inches=box)`` writes.
+    The padding is the figure's face colour where it reaches past the canvas. ``pixels`` is None where an artist
+    itself reaches past the canvas: only a larger canvas holds it."""
+    import numpy as np
     from matplotlib.colors import to_rgba
     from matplotlib.transforms import Bbox
 
-    rc = matplotlib.rcParams
-    if (not isinstance(fig.canvas, FigureCanvasAgg) or rc["savefig.transparent"]
-            or rc["savefig.facecolor"] != "auto" or rc["savefig.edgecolor"] != "auto"):
-        return None
     old = fig.dpi
     try:
         fig.dpi = dpi
@@ -105,16 +109,17 @@ def tight_pixels(fig, dpi: int = 150):
         rgba = np.asarray(renderer.buffer_rgba())
     finally:
         fig.dpi = old
+    box = Bbox.from_extents(x0 / dpi, y0 / dpi, x1 / dpi, y1 / dpi)
     height, width = rgba.shape[:2]
     if a0 < 0 or b0 < 0 or a1 > width or b1 > height:
-        return Bbox.from_extents(x0 / dpi, y0 / dpi, x1 / dpi, y1 / dpi), None
+        return box, None
     # only the padding may reach past the canvas: there it is the figure's face, as savefig draws it
     out = np.empty((y1 - y0, x1 - x0, 4), np.uint8)
     out[:] = np.round(np.asarray(to_rgba(fig.get_facecolor())) * 255).astype(np.uint8)
     c0, d0, c1, d1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
     # rows count from the top, display y from the bottom
     out[y1 - d1:y1 - d0, c0 - x0:c1 - x0] = rgba[height - d1:height - d0, c0:c1]
-    return out
+    return box, out
 
 
 def save_or_return(fig, path):
