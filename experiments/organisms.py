@@ -154,8 +154,8 @@ def organism_sections(runner, folder: Path) -> list[dict]:
     meta = read_json(folder / "meta.json")
     if not meta or not meta.get("finished") or meta.get("identity") != identity(recipe, s.seed, digest):
         return [{"title": title, "job": "organism", "error": (
-            f"no trained organism of this recipe, seed, corpus and training code at {folder}. Training one takes about "
-            f"9 minutes on a 2-core CPU; run `{command}` and then rerun this command")}]
+            f"no trained organism of this recipe, seed, corpus and training code at {folder}. Training one takes 8-11 "
+            f"minutes on a 2-core CPU; run `{command}` and then rerun this command")}]
     final = folder / "checkpoints" / checkpoint_name(recipe.steps)
     sections = []
     forming = "The organism's induction head forming during training"
