@@ -110,13 +110,13 @@ class _BaselineStream:
 
     def estimate(self, target_se: float, min_samples: int, max_samples: int) -> dict:
         """What :func:`random_baseline` returns, from this stream's first batches."""
-        i = 0
+        x, i = self._batch(0), 0
         while True:
-            x = torch.cat([self._batch(j) for j in range(i + 1)])
             se = float(x.std(unbiased=True) / math.sqrt(len(x)))
             if len(x) >= max_samples or (len(x) >= min_samples and se <= target_se):
                 return {"mean": float(x.mean()), "se": se, "samples": len(x)}
             i += 1
+            x = torch.cat([x, self._batch(i)])  # the samples so far, in order: each batch joined once
 
 
 def _draw_kind(d_model: int, d_head: int, kind: str) -> str:
