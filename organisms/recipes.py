@@ -19,6 +19,9 @@ Why these choices (``docs/organisms.md`` has the measurements):
   (64-128 tokens), so [SEP] is seen at many positions and always at the end - as in attnlab's masked protocols
   (``[CLS] X X [SEP]``). A model that never saw [SEP] (the earlier recipe) formed a head in one seed that the
   protocol's [SEP] then hid; with [SEP] at a fixed position the evaluation losses rose to 13-15 nats.
+- **Eight heads of 16 dimensions in the causal model**: with four heads of 32, seed 0 formed its induction head only
+  at step 3,000 (through a layer-0 head whose role three heads shared) and seed 1 formed none in 3,000 steps; with
+  eight, seed 0's phase change came at step 1,800, with one previous-token head feeding one induction head.
 - **A 2,048-entry WordPiece vocabulary** chosen on the corpus (every character, then the most frequent words):
   every token is seen often enough in a few thousand steps, and the softmax over the vocabulary stays cheap.
 """
@@ -66,10 +69,10 @@ class Recipe:
 
 
 RECIPES = {r.name: r for r in [
-    Recipe("induction-causal", "causal", "gpt_neox", layers=2, d_model=128, heads=4, vocab_size=2048, seq_len=128,
+    Recipe("induction-causal", "causal", "gpt_neox", layers=2, d_model=128, heads=8, vocab_size=2048, seq_len=128,
            batch=32, steps=3000, lr=3e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2,
            linear_checkpoints=10,
-           summary="2-layer GPT-NeoX (rotary), d_model 128, 4 heads; next-token loss on text and repeated random spans"),
+           summary="2-layer GPT-NeoX (rotary), d_model 128, 8 heads; next-token loss on text and repeated random spans"),
     Recipe("induction-mlm", "mlm", "modernbert", layers=2, d_model=128, heads=4, vocab_size=2048, seq_len=128,
            batch=32, steps=8000, lr=4e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.3,
            sep_end=True, min_len=64, linear_checkpoints=10,
