@@ -7,6 +7,8 @@ pyplot; headless machines without a display fall back to Agg by themselves.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import matplotlib.pyplot as plt
 
 from attnlab.core.outputs import atomic_path
@@ -31,13 +33,20 @@ def tight_box(fig, dpi: int = 150):
     in the same places (the next frame) can pass it as ``save(..., box=...)``, which draws it once."""
     from matplotlib.transforms import Bbox
 
+    with _at_dpi(fig, dpi):
+        _, (x0, y0, x1, y1) = _tight_pixels(fig, fig.canvas.get_renderer(), dpi)
+    return Bbox.from_extents(x0 / dpi, y0 / dpi, x1 / dpi, y1 / dpi)
+
+
+@contextmanager
+def _at_dpi(fig, dpi: int):
+    """``fig`` at ``dpi`` inside the block (as savefig sets it), its own dpi again after."""
     old = fig.dpi
     try:
         fig.dpi = dpi
-        _, (x0, y0, x1, y1) = _tight_pixels(fig, fig.canvas.get_renderer(), dpi)
+        yield
     finally:
         fig.dpi = old
-    return Bbox.from_extents(x0 / dpi, y0 / dpi, x1 / dpi, y1 / dpi)
 
 
 def _tight_pixels(fig, renderer, dpi: int) -> tuple[tuple, tuple]:
@@ -100,15 +109,11 @@ def tight_pixels(fig, dpi: int = 150):
     from matplotlib.colors import to_rgba
     from matplotlib.transforms import Bbox
 
-    old = fig.dpi
-    try:
-        fig.dpi = dpi
+    with _at_dpi(fig, dpi):
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
         (a0, b0, a1, b1), (x0, y0, x1, y1) = _tight_pixels(fig, renderer, dpi)
         rgba = np.asarray(renderer.buffer_rgba())
-    finally:
-        fig.dpi = old
     box = Bbox.from_extents(x0 / dpi, y0 / dpi, x1 / dpi, y1 / dpi)
     height, width = rgba.shape[:2]
     if a0 < 0 or b0 < 0 or a1 > width or b1 > height:
