@@ -20,8 +20,9 @@ Why these choices (``docs/organisms.md`` has the measurements):
   (``[CLS] X X [SEP]``). A model that never saw [SEP] (the earlier recipe) formed a head in one seed that the
   protocol's [SEP] then hid; with [SEP] at a fixed position the evaluation losses rose to 13-15 nats.
 - **Eight heads of 16 dimensions in the causal model**: with four heads of 32, seed 0 formed its induction head only
-  at step 3,000 (through a layer-0 head whose role three heads shared) and seed 1 formed none in 3,000 steps; with
-  eight, seed 0's phase change came at step 1,800, with one previous-token head feeding one induction head.
+  at step 3,000 (three layer-0 heads each necessary to it) and seed 1 formed none in 3,000 steps; with eight, seed
+  0's phase change came at step 1,800 (one previous-token head feeding one induction head) and seed 1's at steps
+  2,100-2,300 (two induction heads sharing the work).
 - **A 2,048-entry WordPiece vocabulary** chosen on the corpus (every character, then the most frequent words):
   every token is seen often enough in a few thousand steps, and the softmax over the vocabulary stays cheap.
 """
