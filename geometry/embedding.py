@@ -13,6 +13,8 @@ What makes a grid of six fits cost seconds rather than a minute, each measured i
   fitted in two threads (the compiled epochs release the GIL);
 - **compiled once, ever**: umap-learn compiles its numba functions in every new process (about 7 s); attnlab turns
   on numba's on-disk cache for them (``~/.cache/attnlab/numba-nogil``, or ``ATTNLAB_CACHE``/``NUMBA_CACHE_DIR``).
+  pynndescent, which umap-learn imports, is left to its own cache: recompiling its functions for attnlab's cache
+  took a first run 26 s more.
 
 Quality is held: sklearn's ``trustworthiness`` (k = 10) of every panel stays within 0.01 of umap-learn's defaults on
 the same points and seed (the benchmark reports both). Every fit is single-threaded and seeded: reproducible, and
@@ -43,6 +45,12 @@ def cached_numba():
     import numba
     from numba.core import config
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # pynndescent (imported by umap-learn; unused here: the neighbours are precomputed) compiles dozens of
+        # functions as it is imported. Imported before the patch, they load from the library's own cache as it
+        # ships them; under it, they were compiled again for the nogil cache: 26 s instead of 3.4 on a first run
+        import pynndescent  # noqa: F401
     if not os.environ.get("NUMBA_CACHE_DIR"):
         root = os.environ.get("ATTNLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnlab")
         # its own folder: numba's cache index does not tell GIL-releasing builds from others

@@ -240,6 +240,23 @@ def test_umap_panels_are_seeded_thread_independent_and_as_trustworthy_as_umap_de
     assert ours >= trustworthiness(base, default, n_neighbors=10, metric="cosine") - 0.01
 
 
+def test_the_numba_cache_holds_umaps_functions_and_leaves_pynndescent_to_its_own(tmp_path):
+    """attnlab's nogil cache gets umap-learn's functions; pynndescent's (compiled as it is imported, unused here)
+    stay in the library's own cache, so a first run does not compile them a second time (26 s)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["ATTNLAB_CACHE"] = str(tmp_path)
+    code = ("from attnlab.geometry.embedding import cached_numba\n"
+            "with cached_numba():\n    import umap\n"
+            "from umap import layouts\nassert layouts.rdist.targetoptions.get('nogil')\n")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    folders = sorted(p.name.split("_")[0] for p in (tmp_path / "numba-nogil").iterdir())
+    assert "umap" in folders and "pynndescent" not in folders, folders
+
+
 def test_the_fit_worker_gives_the_in_process_layouts_and_a_dead_one_falls_back(monkeypatch):
     """The grid's fits in a second process (started before the model loads, so that umap-learn's import overlaps
     it) equal the in-process fits bit for bit; a worker that died is dropped and the fits run here."""
