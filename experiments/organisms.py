@@ -136,8 +136,9 @@ def organism_folder(explicit: str | None = None) -> Path:
 def organism_sections(runner, folder: Path) -> list[dict]:
     """The report's organism sections: the induction map and verdict of the trained organism's last checkpoint
     with the ablation of its heads, and its dynamics. A trained organism is used when ``folder`` holds a finished
-    run of the recipe with this seed and corpus under this attnlab (its identity); training one takes 8-11 minutes
-    here (494-637 s measured), more than the main job should add, so otherwise the section names the command."""
+    run of the recipe with this seed and corpus under this attnlab (its identity); training one takes about 16 minutes
+    here (956 s measured alone on 2 cores), more than the main job should add, so otherwise the section names the
+    command."""
     from attnlab.core.errors import AttnlabError
     from attnlab.core.outputs import read_json
     from attnlab.organisms.recipes import get_recipe
@@ -154,8 +155,8 @@ def organism_sections(runner, folder: Path) -> list[dict]:
     meta = read_json(folder / "meta.json")
     if not meta or not meta.get("finished") or meta.get("identity") != identity(recipe, s.seed, digest):
         return [{"title": title, "job": "organism", "error": (
-            f"no trained organism of this recipe, seed, corpus and training code at {folder}. Training one takes 8-11 "
-            f"minutes on a 2-core CPU; run `{command}` and then rerun this command")}]
+            f"no trained organism of this recipe, seed, corpus and training code at {folder}. Training one takes about "
+            f"16 minutes on a 2-core CPU; run `{command}` and then rerun this command")}]
     final = folder / "checkpoints" / checkpoint_name(recipe.steps)
     sections = []
     forming = "The organism's induction head forming during training"
