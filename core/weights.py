@@ -39,6 +39,31 @@ class HeadWeights:
         return self.W_Q.shape[1]
 
 
+@dataclass
+class LayerWeights:
+    """One layer's slice of :class:`HeadWeights`: W_Q, W_K, W_V ``[H, d_model, d_head]``; b_Q, b_K, b_V
+    ``[H, d_head]``; W_O ``[H, d_head, d_model]``; b_O ``[d_model]``; scaling a number."""
+
+    W_Q: torch.Tensor
+    b_Q: torch.Tensor
+    W_K: torch.Tensor
+    b_K: torch.Tensor
+    W_V: torch.Tensor
+    b_V: torch.Tensor
+    W_O: torch.Tensor
+    b_O: torch.Tensor
+    scaling: float
+
+
+def layer_weights(model, layer: int, dtype: torch.dtype = torch.float32, device=None) -> LayerWeights:
+    """Layer ``layer``'s per-head weights (copies, detached, on ``device``; default the model's), in the convention
+    of :func:`head_weights` - which holds the same numbers for every layer - read for that layer alone."""
+    lm: LoadedModel = as_loaded(model)
+    *tensors, scaling = lm.arch.qkvo(lm, layer)
+    with torch.no_grad():
+        return LayerWeights(*[t.detach().to(device=device, dtype=dtype) for t in tensors], scaling=float(scaling))
+
+
 def head_weights(model, dtype: torch.dtype = torch.float32, device=None) -> HeadWeights:
     """Per-head weight slices of every layer (copies, detached, on ``device``; default the model's).
 

@@ -15,6 +15,7 @@ import torch
 from attnlab.core.errors import InputError
 from attnlab.core.extractor import extract_attention
 from attnlab.core.outputs import atomic_path, csv_cell, write_csv
+from attnlab.core.weights import layer_weights
 from attnlab.firstlayer import decompose as D
 from attnlab.firstlayer.experiment import DecomposeConfig
 
@@ -122,7 +123,7 @@ def compute(cfg: DecomposeConfig, lm, ctx) -> DecomposeResult:
         classes = D.classify(torch.as_tensor(pattern), causal, np.full(lm.n_heads, np.nan), thresholds)
         return DecomposeResult(cfg, causal, False, pattern, "empirical: attention averaged over content-shuffled "
                                "texts", dest_text, classes, notes, timings={"total_s": time.perf_counter() - t0})
-    aff, w = D.affine_of(lm, cfg.layer), D.qk_of(lm, cfg.layer)
+    aff, w = D.affine_of(lm, cfg.layer), layer_weights(lm, cfg.layer, dtype=torch.float64, device="cpu")
     seqs = _sequences(lm, ctx.docs, n, cfg.texts + cfg.heldout)
     fit_seqs, held = seqs[:cfg.texts], seqs[cfg.texts:]
     scale_p = D.scale_by_position(aff, fit_seqs, n)

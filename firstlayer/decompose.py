@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from attnlab.core.errors import InputError
-from attnlab.core.weights import head_weights
+from attnlab.core.weights import LayerWeights, layer_weights
 
 TERMS = ("tt", "tp", "pt", "pp", "bias")
 
@@ -92,28 +92,7 @@ def affine_of(lm, layer: int) -> Affine:
                   float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5))), proj_w, proj_b)
 
 
-@dataclass
-class QK:
-    """Layer ``layer``'s per-head query/key/value weights in float64 (``[H, D, d]``, biases ``[H, d]``)."""
-
-    W_Q: torch.Tensor
-    b_Q: torch.Tensor
-    W_K: torch.Tensor
-    b_K: torch.Tensor
-    W_V: torch.Tensor
-    b_V: torch.Tensor
-    W_O: torch.Tensor
-    b_O: torch.Tensor
-    scaling: float
-
-
-def qk_of(lm, layer: int) -> QK:
-    w = head_weights(lm, dtype=torch.float64, device="cpu")
-    return QK(w.W_Q[layer], w.b_Q[layer], w.W_K[layer], w.b_K[layer], w.W_V[layer], w.b_V[layer], w.W_O[layer],
-              w.b_O[layer], float(w.scaling[layer]))
-
-
-def terms(e_q, pi_q, e_k, pi_k, b, w: QK) -> dict:
+def terms(e_q, pi_q, e_k, pi_k, b, w: LayerWeights) -> dict:
     """The five score terms ``{name: [H, Sq, Sk]}`` (scaled) for query parts ``e_q, pi_q [Sq, D]`` and key parts
     ``e_k, pi_k [Sk, D]`` sharing the bias ``b [D]``."""
     qe, qp = e_q @ w.W_Q, pi_q @ w.W_Q  # [H, Sq, d]
@@ -127,7 +106,7 @@ def terms(e_q, pi_q, e_k, pi_k, b, w: QK) -> dict:
     return {k: v * w.scaling for k, v in out.items()}
 
 
-def sequence_terms(aff: Affine, w: QK, tokens, scale=None) -> dict:
+def sequence_terms(aff: Affine, w: LayerWeights, tokens, scale=None) -> dict:
     """The terms of one sequence's scores ``{name: [H, S, S]}`` (positions 0..S-1)."""
     tokens = torch.as_tensor(tokens)
     pos = torch.arange(len(tokens))
@@ -157,7 +136,7 @@ def scale_by_position(aff: Affine, sequences, n_positions: int) -> np.ndarray:
 # ---------------------------------------------------------------- positional patterns
 
 
-def positional_pattern(aff: Affine, w: QK, token: int, n: int, causal: bool, scale=None) -> torch.Tensor:
+def positional_pattern(aff: Affine, w: LayerWeights, token: int, n: int, causal: bool, scale=None) -> torch.Tensor:
     """``[H, n, n]``: the attention each head gives on a sequence of ``n`` copies of ``token`` (no special tokens):
     the softmax over key positions of the position-dependent part of the score. Exact LayerNorm when ``scale`` is
     None, else the linearised one with ``scale [n]``."""
@@ -241,7 +220,7 @@ def classify(pattern: torch.Tensor, causal: bool, duplicate: np.ndarray, t: Thre
     return rows
 
 
-def duplicate_scores(aff: Affine, w: QK, sample, scale: float) -> np.ndarray:
+def duplicate_scores(aff: Affine, w: LayerWeights, sample, scale: float) -> np.ndarray:
     """``[H]``: the token-token term for a token meeting itself minus meeting another token, in logits, averaged
     over ``sample`` tokens (``[n, n]`` per head; never vocab x vocab)."""
     e = aff.linear(aff.token[torch.as_tensor(sample)]) / scale
@@ -283,7 +262,7 @@ class Bag:
     scale: float
     causal: bool
 
-    def token_factor(self, aff: Affine, w: QK, tokens, linear=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_factor(self, aff: Affine, w: LayerWeights, tokens, linear=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(exp(s_tok(t)) [n], value_tok(t) = e_t W_V W_O [n, D])`` of ``tokens [n]``; ``linear [n, D]``:
         ``aff.linear`` of their embeddings, when the caller has it already (then ``tokens`` is not read)."""
         e = (aff.linear(aff.token[torch.as_tensor(tokens)]) if linear is None else linear) / self.scale
@@ -305,7 +284,7 @@ class Bag:
         return weights @ (v_tok + self.value_pos[:s])
 
 
-def make_bag(aff: Affine, w: QK, head: int, sequences, scale_p, causal: bool, n: int) -> Bag:
+def make_bag(aff: Affine, w: LayerWeights, head: int, sequences, scale_p, causal: bool, n: int) -> Bag:
     """The bag-of-tokens approximation of ``head`` from corpus ``sequences`` (for the query means and the median
     normaliser) and the position scales ``scale_p [n]``."""
     s_bar = float(np.median(scale_p))
@@ -328,7 +307,7 @@ def make_bag(aff: Affine, w: QK, head: int, sequences, scale_p, causal: bool, n:
     return bag
 
 
-def extended_embeddings(aff: Affine, w: QK, bags: list[Bag], tokens, chunk: int = 4096) -> torch.Tensor:
+def extended_embeddings(aff: Affine, w: LayerWeights, bags: list[Bag], tokens, chunk: int = 4096) -> torch.Tensor:
     """``[n, D]``: each token's extended embedding - what one occurrence of it adds through the contextual heads:
     ``exp(s_tok(t)) e_t W_V W_O`` times the head's typical weight of one key (the median over destinations ``i`` of
     the mean over visible keys ``j`` of ``exp(s_pos(i, j)) / Z_med(i)``), summed over the heads."""

@@ -14,6 +14,7 @@ from planted import planted_first_layer_gpt2
 
 from attnlab import extract_attention
 from attnlab.core.models import wrap_model
+from attnlab.core.weights import layer_weights
 from attnlab.firstlayer import decompose as D
 
 
@@ -26,7 +27,7 @@ def _models():
 
 @pytest.mark.parametrize("name, lm", _models(), ids=[n for n, _ in _models()])
 def test_exact_terms_sum_to_the_models_scores_and_eager_attention(name, lm):
-    aff, w = D.affine_of(lm, 0), D.qk_of(lm, 0)
+    aff, w = D.affine_of(lm, 0), layer_weights(lm, 0, dtype=torch.float64, device="cpu")
     ids = torch.randint(3, 100, (24,), generator=torch.Generator().manual_seed(0))
     terms = D.sequence_terms(aff, w, ids)
     assert set(terms) == set(D.TERMS)
@@ -44,7 +45,7 @@ def test_exact_terms_on_the_real_minilm_weights(minilm, simplewiki_path):
 
     docs = load_corpus(str(simplewiki_path), limit=3)
     ids = minilm.tokenizer(docs[0].text, truncation=True, max_length=200)["input_ids"]
-    aff, w = D.affine_of(minilm, 0), D.qk_of(minilm, 0)
+    aff, w = D.affine_of(minilm, 0), layer_weights(minilm, 0, dtype=torch.float64, device="cpu")
     total = sum(D.sequence_terms(aff, w, ids).values())
     real = extract_attention(minilm, torch.tensor([ids]), return_scores=True, layers=[0]).scores[0, :, 0]
     err = (total.float() - real.permute(1, 0, 2)).abs().max().item()
@@ -59,7 +60,7 @@ def test_positional_pattern_is_the_attention_on_one_repeated_token(name, lm):
         from attnlab import load_model
 
         lm = load_model(str(minilm_dir()), device="cpu")
-    aff, w = D.affine_of(lm, 0), D.qk_of(lm, 0)
+    aff, w = D.affine_of(lm, 0), layer_weights(lm, 0, dtype=torch.float64, device="cpu")
     n, token = 48, 57
     pattern = D.positional_pattern(aff, w, token, n, lm.is_causal)  # exact LayerNorm
     att = extract_attention(lm, torch.full((1, n), token), layers=[0]).attention[0, :, 0].permute(1, 0, 2)
@@ -70,7 +71,7 @@ def test_positional_pattern_is_the_attention_on_one_repeated_token(name, lm):
 
 def test_planted_first_layer_heads_are_classed_and_the_decay_length_recovered():
     lm = wrap_model(planted_first_layer_gpt2(decay=10.0))
-    aff, w = D.affine_of(lm, 0), D.qk_of(lm, 0)
+    aff, w = D.affine_of(lm, 0), layer_weights(lm, 0, dtype=torch.float64, device="cpu")
     sigma = float(aff.sigma(aff.residual(torch.arange(1, 50), torch.arange(49))).median())
     pattern = D.positional_pattern(aff, w, 7, 128, causal=True)
     rows = D.classify(pattern, True, D.duplicate_scores(aff, w, torch.arange(1, 400), sigma), D.Thresholds())
@@ -79,7 +80,7 @@ def test_planted_first_layer_heads_are_classed_and_the_decay_length_recovered():
     assert rows[0]["prev_mass"] > 0.9 and rows[2]["duplicate_logit"] == pytest.approx(10.0, rel=0.01)
     other = planted_first_layer_gpt2(decay=25.0)
     lm = wrap_model(other)
-    aff, w = D.affine_of(lm, 0), D.qk_of(lm, 0)
+    aff, w = D.affine_of(lm, 0), layer_weights(lm, 0, dtype=torch.float64, device="cpu")
     rows = D.classify(D.positional_pattern(aff, w, 7, 128, True), True, np.zeros(3), D.Thresholds())
     assert rows[1]["decay_left"] == pytest.approx(25.0, rel=0.05)
 
@@ -90,7 +91,7 @@ def test_the_bag_of_tokens_is_exact_when_the_normaliser_is_constant():
     from attnlab.circuits.ablation import head_outputs
 
     lm = wrap_model(planted_first_layer_gpt2())
-    aff, w = D.affine_of(lm, 0), D.qk_of(lm, 0)
+    aff, w = D.affine_of(lm, 0), layer_weights(lm, 0, dtype=torch.float64, device="cpu")
     seq = torch.randint(1, 500, (128,), generator=torch.Generator().manual_seed(1))
     scale = D.scale_by_position(aff, [seq.tolist()], 128)
     bag = D.make_bag(aff, w, 1, [seq.tolist()], scale, True, 128)

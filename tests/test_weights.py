@@ -41,3 +41,19 @@ def test_value_and_output_slices_rebuild_attention_output():
         ctx = layer.self(x[None])[0][0]
         expected = layer.output.dense(ctx)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "albert", "gpt2", "llama"])
+def test_one_layers_weights_are_that_layers_slice_of_every_layers(family):
+    """layer_weights (read for one layer: the first-layer decomposition) holds head_weights' numbers for that
+    layer: fused (GPT-2), shared (ALBERT) and grouped-query (Llama) layouts included."""
+    from attnlab.core.weights import layer_weights
+    from families import tiny_family
+
+    lm = wrap_model(tiny_family(family))
+    every = head_weights(lm, dtype=torch.float64)
+    for layer in range(lm.n_layers):
+        one = layer_weights(lm, layer, dtype=torch.float64)
+        for name in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O"):
+            assert torch.equal(getattr(one, name), getattr(every, name)[layer]), (family, layer, name)
+        assert one.scaling == float(every.scaling[layer])
