@@ -11,7 +11,7 @@ W_O ``[L, H, d_head, d_model]``; b_O ``[L, d_model]``; scaling ``[L]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -71,12 +71,10 @@ def head_weights(model, dtype: torch.dtype = torch.float32, device=None) -> Head
     repeated per query head. Rotary families: these weights give the *pre-rotary* q and k
     (``architectures.rotate`` applies the rotation), so W_Q W_K^T compares token content, not position."""
     lm: LoadedModel = as_loaded(model)
-    layers = [lm.arch.qkvo(lm, layer) for layer in range(lm.n_layers)]
-    with torch.no_grad():
-        cols = list(zip(*layers))
-        stacked = [torch.stack([t.detach().to(device=device, dtype=dtype) for t in col]) for col in cols[:-1]]
-        scaling = torch.tensor([float(s) for s in cols[-1]], dtype=dtype)
-    return HeadWeights(*stacked, scaling=scaling)
+    layers = [layer_weights(lm, layer, dtype, device) for layer in range(lm.n_layers)]
+    names = [f.name for f in fields(LayerWeights) if f.name != "scaling"]
+    return HeadWeights(*[torch.stack([getattr(w, name) for w in layers]) for name in names],
+                       scaling=torch.tensor([w.scaling for w in layers], dtype=dtype))
 
 
 def token_embedding(model) -> tuple[torch.Tensor, str]:
