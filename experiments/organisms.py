@@ -133,6 +133,15 @@ def organism_folder(explicit: str | None = None) -> Path:
     return Path(root) / "organisms" / ORGANISM_RECIPE
 
 
+def organism_line(sections: list[dict]) -> str | None:
+    """The console's one line on the organism sections: the induction verdict (a section's ``summary``), or why
+    they were not produced; None when there are none."""
+    mine = [s for s in sections if s.get("job") == "organism"]
+    if not mine:
+        return None
+    return mine[0].get("summary") or f"organism sections not produced: {mine[0]['error']}"
+
+
 def organism_sections(runner, folder: Path) -> list[dict]:
     """The report's organism sections: the induction map and verdict of the trained organism's last checkpoint
     with the ablation of its heads, and its dynamics. A trained organism is used when ``folder`` holds a finished
@@ -215,7 +224,8 @@ def _organism_map(runner, final: Path, title: str) -> dict:
             "below." + paths_text + " Full tables: runs/organism_induction, runs/organism_ablate, runs/organism_heads.")
     image = f"runs/organism_induction/{meta['figures']['after']}"
     return {"title": title, "job": "organism", "image": image, "text": text, "rows": rows,
-            "header": ["head zeroed", "change in copying gain (nats)", "share of the gain removed", "role"]}
+            "header": ["head zeroed", "change in copying gain (nats)", "share of the gain removed", "role"],
+            "summary": f"{ORGANISM_RECIPE} (a small model trained here) verdict: {verdict_line('after', verdict)}"}
 
 
 def _strongest_k_composition(path: Path, receiver: str) -> tuple[str, float] | None:

@@ -62,6 +62,7 @@ class Settings:
     organism: str | None = None  # a trained organism's folder (default: the cache's, see experiments/organisms.py)
     reused: int = 0  # filled in by reproduce(): experiments reused from an earlier run
     advice: str | None = None  # filled in by reproduce(): how to supply missing weights, said once
+    organism_line: str | None = None  # filled in by reproduce(): the organism's verdict, or why it is missing
 
     def trials(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -525,9 +526,10 @@ def _reproduce(settings: Settings, only: list[str] | None, say):
         results = _figure_results(runner, finished, only)
         sections = [builders[name]() for name in REPORT_ORDER if name in builders]
         if not only:
-            from attnlab.experiments.organisms import organism_folder, organism_sections
+            from attnlab.experiments.organisms import organism_folder, organism_line, organism_sections
 
             sections += organism_sections(runner, organism_folder(settings.organism))
+            settings.organism_line = organism_line(sections)
         runner.cache.loaded.clear()
     runner.plotter = None
     done = {r.id for r in results}
@@ -714,6 +716,8 @@ def _run(args) -> int:
     for r in ran:
         if r.target and r.meta is not None and r.id in ("figure7a", "figure7b", "figure7c"):
             print(f"{r.id} verdict: {verdict_line(r.target, r.meta['verdict'][r.target])}")
+    if settings.organism_line:
+        print(settings.organism_line)
     print(f"{len(ran) - len(failed)} of {len(ran)} figures produced" + (f"; {'; '.join(notes)}" if notes else "")
           + f"; report: {settings.out / 'index.html'}")
     by_reason: dict = {}

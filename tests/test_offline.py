@@ -67,6 +67,8 @@ def test_offline_main_job_runs_on_the_embedded_model(tmp_path):
                    if ": " in line) == 1, run.stderr
     assert (run.stdout + run.stderr).count("To run without the Hub") == 1
     closing = [line for line in run.stdout.splitlines() if "figures produced" in line][0]
+    lines = run.stdout.splitlines()  # no organism is cached here: the console says so, and how to train one
+    assert lines[lines.index(closing) - 1].startswith("organism sections not produced: no trained organism")
     assert closing.startswith("12 of 17 figures produced; quick mode") and "embedded all-MiniLM-L6-v2" in closing
     # the substituted figures exist and are labelled; the others are listed once, with the reason
     for fid in ("figure2a", "figure2b", "figure2c", "figure3", "figure4", "figure7a", "figure7b", "figure7c",

@@ -217,12 +217,16 @@ def test_the_main_job_shows_a_cached_organism_and_names_the_command_without_one(
     runner = Runner(settings, say=lambda *_: None)
     missing = organisms.organism_sections(runner, tmp_path / "none")
     assert len(missing) == 1 and "attnlab train --recipe induction-causal" in missing[0]["error"]
+    assert organisms.organism_line(missing) == f"organism sections not produced: {missing[0]['error']}"
     monkeypatch.setattr(organisms, "ORGANISM_RECIPE", "smoke")  # the test's organism: the seconds-long recipe
     shown = organisms.organism_sections(runner, trained)
     assert [s.get("error") for s in shown] == [None, None]
     assert all((settings.out / s["image"]).is_file() for s in shown)
     assert "a small model, not a published checkpoint" in shown[0]["text"] and "after: " in shown[0]["text"]
     assert len(shown[0]["rows"]) == 4 and shown[1]["image"].endswith("dynamics.png")
+    line = organisms.organism_line(shown)  # the console's line: the verdict the section's text gives
+    assert line.startswith("smoke (a small model trained here) verdict: after: ") and line.split("verdict: ")[1] in \
+        shown[0]["text"]
     assert "runs/organism_heads" in shown[0]["text"] and (settings.out / "runs" / "organism_heads" / "meta.json").is_file()
     # the dynamics table is reused only under the code that measured it
     import json
