@@ -139,7 +139,11 @@ def organism_line(sections: list[dict]) -> str | None:
     mine = [s for s in sections if s.get("job") == "organism"]
     if not mine:
         return None
-    return mine[0].get("summary") or f"organism sections not produced: {mine[0]['error']}"
+    if mine[0].get("summary"):
+        return mine[0]["summary"]
+    if any(not s.get("error") for s in mine):  # the map failed, a later section (the dynamics) did not
+        return f"organism section {mine[0]['title']!r} not produced: {mine[0]['error']}"
+    return f"organism sections not produced: {mine[0]['error']}"
 
 
 def organism_sections(runner, folder: Path) -> list[dict]:
@@ -189,6 +193,7 @@ def _organism_map(runner, final: Path, title: str) -> dict:
     meta = runner.run_record("induction", InductionConfig(model=str(final), seq_len=n, trials=trials, seed=s.seed),
                              s.out / "runs" / "organism_induction", lambda: runner.cache.get(str(final), True))
     verdict = meta["verdict"]["after"]
+    said = verdict_line("after", verdict)  # in the section's text and on the console
     runner.run_record("ablate", AblationConfig(model=str(final), scan=True, trials=trials, seq_len=n,
                                                           seed=s.seed),
                                  s.out / "runs" / "organism_ablate", lambda: runner.cache.get(str(final), True))
@@ -219,13 +224,13 @@ def _organism_map(runner, final: Path, title: str) -> dict:
     text = (f"{final.parent.parent.name}: a 2-layer GPT-NeoX trained here by `attnlab train --recipe "
             f"{ORGANISM_RECIPE}` (a small model, not a published checkpoint), step {int(final.name[5:])}. Its induction map "
             f"({trials} trials of BOS X X, |X| = {n}; target: the token after the previous instance, which a causal "
-            f"induction head attends to): {verdict_line('after', verdict)}. Zeroing one head at a time, the in-context "
+            f"induction head attends to): {said}. Zeroing one head at a time, the in-context "
             f"copying gain (loss on the first copy minus the second; {base:.3f} nats unablated) falls most for the heads "
             "below." + paths_text + " Full tables: runs/organism_induction, runs/organism_ablate, runs/organism_heads.")
     image = f"runs/organism_induction/{meta['figures']['after']}"
     return {"title": title, "job": "organism", "image": image, "text": text, "rows": rows,
             "header": ["head zeroed", "change in copying gain (nats)", "share of the gain removed", "role"],
-            "summary": f"{ORGANISM_RECIPE} (a small model trained here) verdict: {verdict_line('after', verdict)}"}
+            "summary": f"{ORGANISM_RECIPE} (a small model trained here) verdict: {said}"}
 
 
 def _strongest_k_composition(path: Path, receiver: str) -> tuple[str, float] | None:

@@ -218,6 +218,9 @@ def test_the_main_job_shows_a_cached_organism_and_names_the_command_without_one(
     missing = organisms.organism_sections(runner, tmp_path / "none")
     assert len(missing) == 1 and "attnlab train --recipe induction-causal" in missing[0]["error"]
     assert organisms.organism_line(missing) == f"organism sections not produced: {missing[0]['error']}"
+    dynamics_only = [{"title": "Map", "job": "organism", "error": "broken"}, {"title": "Dynamics", "job": "organism"}]
+    assert organisms.organism_line(dynamics_only) == "organism section 'Map' not produced: broken"
+    assert organisms.organism_line([{"title": "Other", "job": "firstlayer"}]) is None
     monkeypatch.setattr(organisms, "ORGANISM_RECIPE", "smoke")  # the test's organism: the seconds-long recipe
     shown = organisms.organism_sections(runner, trained)
     assert [s.get("error") for s in shown] == [None, None]
