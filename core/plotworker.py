@@ -112,7 +112,10 @@ def drawn(future: Future, draw_here) -> tuple[dict, float]:
 
 
 def _init() -> None:
+    from attnlab.core.resources import keep_freed_memory
+
     os.environ["MPLBACKEND"] = "Agg"  # headless, as the command line is
+    keep_freed_memory()  # attnlab's own process, as the command line's is
 
 
 def _warm() -> None:

@@ -236,7 +236,12 @@ def run() -> int:
     """The ``attnlab`` command: :func:`main`, then an exit without the interpreter's last garbage collections. With
     torch, transformers and umap-learn loaded they cost about 0.7 s of every command's time after its output is
     written. ``gc.freeze()`` keeps them from walking every object; the exit handlers still run. Not in ``main``,
-    which tests and notebooks call in a process that goes on."""
+    which tests and notebooks call in a process that goes on. Large freed blocks stay with the process
+    (:func:`~attnlab.core.resources.keep_freed_memory`): set here, for the command's own process, not in ``main``
+    for the same reason."""
+    from attnlab.core.resources import keep_freed_memory
+
+    keep_freed_memory()
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

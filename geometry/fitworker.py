@@ -90,6 +90,9 @@ def fit_remote(points, kwargs: dict):
 
 
 def main() -> None:
+    from attnlab.core.resources import keep_freed_memory
+
+    keep_freed_memory()  # attnlab's own process, as the command line's is
     answer = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever umap-learn, numba or scikit-learn print goes to stderr, never into the answer
     requests = sys.stdin.buffer

@@ -298,3 +298,41 @@ def test_progress_is_plain_lines_off_a_terminal(capsys):
     assert list(_PlainLines(range(3), "induction", 3, every_s=0)) == [0, 1, 2]
     err = capsys.readouterr().err
     assert err.count("induction: ") == 3 and "\r" not in err and "\x1b[" not in err
+
+
+_RETAINED = """
+import numpy as np
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+def handed_back():  # bytes the process gives back to the system when a 64 MiB array is freed
+    a = np.ones(1 << 23)
+    held = rss()
+    del a
+    return held - rss()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc's malloc and /proc")
+@pytest.mark.parametrize("entry", ["attnlab.experiments.cli:run", "attnlab.core.plotworker:_init"])
+def test_attnlab_processes_keep_large_freed_blocks_and_a_library_import_does_not(entry):
+    """The command line and the plot worker keep freed arrays for reuse (a fresh mmap zeroed by the kernel for each
+    large temporary cost the main job 13 s of system time); importing attnlab leaves the allocator alone."""
+    module, name = entry.split(":")
+    code = _RETAINED + f"""
+import sys
+import attnlab.experiments.cli as cli
+import {module} as entry
+default = handed_back()  # attnlab imported, nothing applied: a library import changes nothing
+cli.main = lambda argv=None: print(default, handed_back()) or 0  # run() calls main(): measure inside it
+entry.{name}() if entry.__name__ != "attnlab.experiments.cli" else cli.run()
+if entry.__name__ != "attnlab.experiments.cli":
+    print(default, handed_back())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    default, tuned = (int(v) for v in out.stdout.split())
+    assert default > 60 * 2**20, "a freed 64 MiB array is handed back by default"
+    assert tuned < 4 * 2**20, f"{entry} still hands {tuned / 2**20:.0f} MiB back on free"
