@@ -15,6 +15,7 @@ from attnlab.core.errors import InputError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, as in BERT's layout
 ORDINARY = len(SPECIALS)  # random spans draw from ids ORDINARY..vocab-1
+OTHER, SECOND, FIRST = 0, 1, 2  # a position's role: text (or gap), second copy of a span, first copy of a span
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, folder: Path, causal: bool):
@@ -75,20 +76,21 @@ def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator,
     """One training sequence ``[length]`` (default ``seq_len``) starting with [CLS], built from blocks: plain text
     (``p_text``) or a random span X of ``span_min..span_max`` tokens, 0..``gap_max`` tokens of text, and X again -
     or, with probability ``p_fragment``, only a contiguous piece of X (at least ``span_min`` tokens). With
-    ``sep_end`` the sequence ends in [SEP], as BERT's inputs do. Returns the ids and, per position, 1 where the token
-    is a second copy (the tokens induction can predict)."""
+    ``sep_end`` the sequence ends in [SEP], as BERT's inputs do. Returns the ids and, per position, its role:
+    :data:`SECOND` where the token is a second copy (the tokens induction can predict), :data:`FIRST` where it is a
+    span's first copy (random: nothing can predict it), :data:`OTHER` elsewhere."""
     def rint(lo, hi):  # lo..hi inclusive
         return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
     length = length or recipe.seq_len
     body = length - 1 if recipe.sep_end else length
-    ids, copy = [2], [0]
+    ids, role = [2], [OTHER]
     while len(ids) < body:
         if float(torch.rand(1, generator=g)) < recipe.p_text:
             n = rint(8, 40)
             s = rint(0, len(text) - n)
             ids += text[s:s + n].tolist()
-            copy += [0] * n
+            role += [OTHER] * n
         else:
             n = rint(recipe.span_min, recipe.span_max)
             span = torch.randint(ORDINARY, vocab, (n,), generator=g).tolist()
@@ -102,23 +104,24 @@ def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator,
                 a = rint(0, n - m)
                 again = span[a:a + m]
             ids += span + text[s:s + gap].tolist() + again
-            copy += [0] * (n + gap) + [1] * len(again)
-    ids, copy = ids[:body], copy[:body]
+            role += [FIRST] * n + [OTHER] * gap + [SECOND] * len(again)
+    ids, role = ids[:body], role[:body]
     if recipe.sep_end:
-        ids, copy = ids + [SPECIALS.index("[SEP]")], copy + [0]
-    return ids, copy
+        ids, role = ids + [SPECIALS.index("[SEP]")], role + [OTHER]
+    return ids, role
 
 
 def batch(recipe, text: torch.Tensor, vocab: int, seed: int, step: int,
           length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step ``step``'s batch: ids ``[batch, L]`` and the second-copy mask ``[batch, L]``. L is ``seq_len``, or with
+    """Step ``step``'s batch: ids ``[batch, L]`` and each position's role ``[batch, L]`` int8 (:data:`SECOND`,
+    :data:`FIRST` or :data:`OTHER`, as :func:`sequence`'s). L is ``seq_len``, or with
     ``min_len`` one length per batch drawn from ``min_len..seq_len`` (``length`` fixes it), so that [SEP] is seen
     at many positions without padding."""
     g = generator(seed, step)
     if length is None and recipe.min_len:
         length = int(torch.randint(recipe.min_len, recipe.seq_len + 1, (1,), generator=g))
     rows = [sequence(recipe, text, vocab, g, length) for _ in range(recipe.batch)]
-    return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.bool)
+    return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.int8)
 
 
 def mask_for_mlm(ids: torch.Tensor, prob: float, vocab: int, g: torch.Generator, copy: torch.Tensor | None = None,

@@ -135,7 +135,7 @@ def test_bert_framing_ends_every_sequence_in_sep_at_varied_lengths_and_never_mas
     sep = D.SPECIALS.index("[SEP]")
     lengths = set()
     for step in range(1, 30):
-        ids, copy = D.batch(recipe, text, 2048, 0, step)
+        ids, _ = D.batch(recipe, text, 2048, 0, step)
         lengths.add(ids.shape[1])
         assert recipe.min_len <= ids.shape[1] <= recipe.seq_len
         assert (ids[:, 0] == 2).all() and (ids[:, -1] == sep).all() and int((ids == sep).sum()) == len(ids)
@@ -158,8 +158,8 @@ def test_a_fragment_copy_is_a_contiguous_piece_of_the_span_before_it():
     text = torch.arange(D.ORDINARY, 600).repeat(4)
     whole = pieces = 0
     for step in range(1, 6):
-        ids, copy = D.batch(recipe, text, 2048, 0, step)
-        for row, marks in zip(ids.tolist(), copy.tolist()):
+        ids, role = D.batch(recipe, text, 2048, 0, step)
+        for row, marks in zip(ids.tolist(), (role == D.SECOND).tolist()):
             p = 1
             while p < len(row):
                 if not marks[p]:
@@ -186,7 +186,8 @@ def test_copies_masked_apart_keep_each_predicted_copy_token_between_visible_neig
 
     recipe = replace(get_recipe("induction-mlm"), batch=8)
     text = torch.arange(D.ORDINARY, 600).repeat(4)
-    ids, copy = D.batch(recipe, text, 2048, 0, 3)
+    ids, role = D.batch(recipe, text, 2048, 0, 3)
+    copy = role == D.SECOND
     plain = D.mask_for_mlm(ids, 0.15, 2048, D.generator(0, 3, stream=1))
     assert torch.equal(plain[1], D.mask_for_mlm(ids, 0.15, 2048, D.generator(0, 3, stream=1), copy, 0.0)[1])
     inputs, labels = D.mask_for_mlm(ids, 0.15, 2048, D.generator(0, 3, stream=1), copy, 0.8)
@@ -336,3 +337,67 @@ def test_the_organism_section_reads_the_k_composition_into_its_induction_head(tm
     below = _k_composition_text("L1H0", ("L0H2", -0.000876))  # the shipped organism: all four below the baseline
     assert "puts no earlier head above its random baseline (the highest, L0H2, is -0.000876" in below
     assert "ranks" not in below
+
+
+def test_each_first_copy_is_marked_and_followed_by_its_second_copy():
+    """:func:`data.batch`'s roles: a span's first copy (random tokens) is FIRST, its copy after a gap of at most
+    ``gap_max`` text tokens is SECOND with the same tokens, and text is neither."""
+    from dataclasses import replace
+
+    from attnlab.organisms import data as D
+    from attnlab.organisms.recipes import get_recipe
+
+    recipe = replace(get_recipe("induction-causal"), batch=8)
+    text = torch.arange(D.ORDINARY, 600).repeat(4)  # text ids < 600; random spans draw from the whole vocabulary
+    checked = 0
+    for step in range(1, 4):
+        ids, role = D.batch(recipe, text, 2048, 0, step)
+        assert role.dtype == torch.int8 and set(role.unique().tolist()) == {D.OTHER, D.SECOND, D.FIRST}
+        for row, marks in zip(ids.tolist(), role.tolist()):
+            p = 0
+            while p < len(row):
+                if marks[p] != D.FIRST:
+                    p += 1
+                    continue
+                end = p
+                while end < len(row) and marks[end] == D.FIRST:
+                    end += 1
+                gap = end
+                while gap < len(row) and marks[gap] == D.OTHER:
+                    gap += 1
+                copy_end = gap + (end - p)
+                if copy_end <= len(row):  # not cut by the sequence's end
+                    assert gap - end <= recipe.gap_max
+                    assert row[gap:copy_end] == row[p:end] and set(marks[gap:copy_end]) == {D.SECOND}
+                    checked += 1
+                p = end
+    assert checked > 30
+
+
+def test_the_causal_loss_with_a_share_of_first_copies_is_the_loss_without_the_others():
+    """``first_copy_loss`` < 1: the loss equals transformers' own loss with the dropped first-copy targets labelled
+    -100 (ignored), the kept share is about ``first_copy_loss``, and at 1 it is transformers' loss unchanged."""
+    from dataclasses import replace
+
+    from attnlab.organisms import data as D
+    from attnlab.organisms.recipes import get_recipe
+    from attnlab.organisms.train import _loss, build_model
+
+    smoke = get_recipe("smoke")
+    text = torch.arange(D.ORDINARY, 250).repeat(8)
+    model = build_model(smoke, 256, 0)
+    ids, role = D.batch(replace(smoke, batch=16), text, 256, 0, 1)
+    full = replace(smoke, first_copy_loss=1.0)
+    assert torch.equal(_loss(model, full, ids, 256, D.generator(0, 1, 1), role),
+                       model(input_ids=ids, labels=ids).loss)
+    part = replace(smoke, first_copy_loss=0.25)
+    target = role[:, 1:]
+    kept = (target != D.FIRST) | (torch.rand(target.shape, generator=D.generator(0, 1, 1)) < 0.25)
+    labels = ids.clone()
+    labels[:, 1:][~kept] = -100
+    reference = model(input_ids=ids, labels=labels).loss
+    ours = _loss(model, part, ids, 256, D.generator(0, 1, 1), role)
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours, model(input_ids=ids, labels=ids).loss, rtol=1e-4)
+    first = target == D.FIRST
+    assert 0.15 < kept[first].float().mean() < 0.35 and kept[~first].all()
