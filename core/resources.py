@@ -38,7 +38,8 @@ def keep_freed_memory() -> bool:
     ``mmap``, which the kernel zeroes page by page on first touch, unmapped again when freed: arrays of tens to
     hundreds of MB made and dropped in a loop (the geometry's scaling metrics and their resamples) then spend as
     much time in the kernel as in the computation. Raising both thresholds to 1 GiB made the offline main job's
-    system time fall from 17 s to 4 s (``docs/benchmarks.md``); the price is a resident size that stays at its peak.
+    system time fall from 14.5-17.2 s to 3.3-4.2 s (``docs/benchmarks.md``); the price is a resident size that
+    stays near its peak.
 
     For attnlab's own processes only (the command line and its worker processes): a library must not change its
     user's allocator. Returns whether it applied (False where the C library has no ``mallopt``, e.g. macOS)."""
