@@ -401,3 +401,33 @@ def test_the_causal_loss_with_a_share_of_first_copies_is_the_loss_without_the_ot
     assert not torch.allclose(ours, model(input_ids=ids, labels=ids).loss, rtol=1e-4)
     first = target == D.FIRST
     assert 0.15 < kept[first].float().mean() < 0.35 and kept[~first].all()
+
+
+def test_the_first_copy_share_is_seeded_and_an_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path,
+                                                                                           monkeypatch):
+    """The loss's draw of first copies comes from (seed, step) alone: two runs give the same weights, and a run
+    interrupted at step 23 resumes to them."""
+    from dataclasses import replace
+
+    from attnlab.experiments.organisms import _texts
+    from attnlab.organisms import data
+    from attnlab.organisms.recipes import get_recipe
+    from attnlab.organisms.train import train
+
+    recipe = replace(get_recipe("smoke"), first_copy_loss=0.25)
+    texts, digest, spec = _texts(str(corpus))
+    train(recipe, tmp_path / "a", texts, digest, seed=0, say=lambda *_: None, corpus=spec)
+    real = data.batch
+
+    def interrupted(recipe, text, vocab, seed, step):
+        if step == 23:
+            raise KeyboardInterrupt
+        return real(recipe, text, vocab, seed, step)
+
+    monkeypatch.setattr(data, "batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path / "b", texts, digest, seed=0, say=lambda *_: None, corpus=spec)
+    monkeypatch.setattr(data, "batch", real)
+    train(recipe, tmp_path / "b", texts, digest, seed=0, say=lambda *_: None, corpus=spec)
+    a, b = (_weights(tmp_path / run / "checkpoints" / "step-000040") for run in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
