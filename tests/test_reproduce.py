@@ -188,6 +188,33 @@ def test_bad_role_and_figure_are_rejected(tmp_path, capsys):
     assert "unknown figure id(s) figure42" in capsys.readouterr().err
 
 
+def test_the_workers_start_before_torch_loads_and_the_fit_worker_only_for_umap_figures():
+    """The command starts its plot worker, and the fit worker where a selected figure needs UMAP, before it imports
+    torch (their imports then use the other core); a run without UMAP figures starts no fit worker."""
+    import subprocess
+    import sys
+
+    from attnlab.experiments import reproduce as R
+    from attnlab.geometry import fitworker
+
+    fitworker.stop()
+    for only, fits in ((["figure7a"], False), (["figure3"], True), (None, True)):
+        with R.start_workers(only) as plotter:
+            assert plotter._pool is not None
+            assert ("proc" in fitworker._child) == fits, only
+        fitworker.stop()
+    # in the command's own process: both worker kinds exist before torch is imported
+    code = ("import sys; from attnlab.experiments import reproduce as R; from attnlab.geometry import fitworker\n"
+            "import attnlab.core.plotworker as P\n"
+            "seen = []\n"
+            "real = P.Plotter.__init__\n"
+            "P.Plotter.__init__ = lambda self: (seen.append('torch' in sys.modules), real(self))[1]\n"
+            "R._run_with = lambda *a: print(seen, 'proc' in fitworker._child, 'torch' in sys.modules) or 0\n"
+            "from attnlab.experiments.cli import main; main(['reproduce', '--out', sys.argv[1], '--no-progress'])")
+    out = subprocess.run([sys.executable, "-c", code, "unused"], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["[False]", "True", "False"], out.stdout + out.stderr
+
+
 def test_share_of_r0_trials_is_reported(tmp_path, bert_tokenizer):
     from attnlab.experiments.report import FigureResult, _top_table
 
