@@ -198,7 +198,7 @@ def test_the_workers_start_before_torch_loads_and_the_fit_worker_only_for_umap_f
     from attnlab.geometry import fitworker
 
     fitworker.stop()
-    for only, fits in ((["figure7a"], False), (["figure3"], True), (None, True)):
+    for only, fits in ((["figure7a"], False), (None, True)):
         with R.start_workers(only) as plotter:
             assert plotter._pool is not None
             assert ("proc" in fitworker._child) == fits, only
