@@ -709,21 +709,24 @@ def _run(args) -> int:
     if args.paper_figures and not Path(args.paper_figures).is_dir():
         raise InputError(f"paper figures folder {args.paper_figures} does not exist; pass the folder of the paper's "
                          "images (e.g. ../shared/reference/paper-figures)")
-    with start_workers(only) as plotter:  # before torch's import below, which leaves the other core idle
-        return _run_with(args, models, only, plotter)
+    if args.device not in ("auto", "cpu") and not args.device.startswith("map:"):
+        from attnlab.core.models import resolve_device  # imports torch: only for a device that must be looked up
 
-
-def _run_with(args, models: dict, only: list[str] | None, plotter) -> int:
-    from attnlab.core.models import device_map_of, resolve_device
-
-    if device_map_of(args.device) is None:
         resolve_device(args.device)  # a bad device fails now, not once per experiment
     out = check_out_dir(args.out)  # only now: a refused command creates no folder
-    settings = Settings(out=out, models=models, corpus=_corpus_default(args), quick=args.quick, seed=args.seed,
-                        device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                        progress=not args.no_progress, command="attnlab " + shlex.join(args.argv),
-                        fallback=not args.no_fallback, force=args.force, geometry_protocol=args.geometry_protocol,
-                        paper_figures=args.paper_figures, organism=args.organism)
+    # the workers start once the input is accepted and, for auto or cpu, before torch is imported (by the Hub probe
+    # of the default corpus, or by the first job), which leaves the other core idle
+    with start_workers(only) as plotter:
+        settings = Settings(out=out, models=models, corpus=_corpus_default(args), quick=args.quick, seed=args.seed,
+                            device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                            progress=not args.no_progress, command="attnlab " + shlex.join(args.argv),
+                            fallback=not args.no_fallback, force=args.force, geometry_protocol=args.geometry_protocol,
+                            paper_figures=args.paper_figures, organism=args.organism)
+        return _report(settings, only, plotter)
+
+
+def _report(settings: Settings, only: list[str] | None, plotter) -> int:
+    """The command's run and its terminal summary."""
     results = reproduce(settings, only, say=lambda line: print(line, file=sys.stderr), plotter=plotter)
     ran = [r for r in results if not getattr(r, "earlier", False)]
     failed = [r for r in ran if r.error]

@@ -181,14 +181,22 @@ def test_captions_name_the_model_used_and_reuse_tracks_its_content(tmp_path, loc
     assert layers == {"0", "1", "2", "3"}
 
 
-def test_bad_role_and_figure_are_rejected(tmp_path, capsys):
+def test_bad_input_is_rejected_before_any_worker_starts(tmp_path, capsys, monkeypatch):
+    from attnlab.experiments import reproduce as R
+
+    monkeypatch.setattr(R, "start_workers", lambda only: pytest.fail("a worker started for refused input"))
     assert main(["reproduce", "--out", str(tmp_path), "--model", "gpt3=x"]) == 2
     assert "unknown model role 'gpt3'" in capsys.readouterr().err
     assert main(["reproduce", "--out", str(tmp_path), "--only", "figure42"]) == 2
     assert "unknown figure id(s) figure42" in capsys.readouterr().err
+    assert main(["reproduce", "--out", str(tmp_path / "new"), "--device", "bogus"]) == 2
+    assert "unknown device 'bogus'" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["reproduce", "--out", str(tmp_path / "file" / "x")]) == 2
+    assert "lies under" in capsys.readouterr().err
 
 
-def test_the_workers_start_before_torch_loads_and_the_fit_worker_only_for_umap_figures():
+def test_the_workers_start_before_torch_loads_and_the_fit_worker_only_for_umap_figures(tmp_path):
     """The command starts its plot worker, and the fit worker where a selected figure needs UMAP, before it imports
     torch (their imports then use the other core); a run without UMAP figures starts no fit worker."""
     import subprocess
@@ -209,10 +217,11 @@ def test_the_workers_start_before_torch_loads_and_the_fit_worker_only_for_umap_f
             "seen = []\n"
             "real = P.Plotter.__init__\n"
             "P.Plotter.__init__ = lambda self: (seen.append('torch' in sys.modules), real(self))[1]\n"
-            "R._run_with = lambda *a: print(seen, 'proc' in fitworker._child, 'torch' in sys.modules) or 0\n"
+            "R._report = lambda *a: print(seen, 'proc' in fitworker._child) or 0\n"
             "from attnlab.experiments.cli import main; main(['reproduce', '--out', sys.argv[1], '--no-progress'])")
-    out = subprocess.run([sys.executable, "-c", code, "unused"], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["[False]", "True", "False"], out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["[False]", "True"], out.stdout + out.stderr
 
 
 def test_share_of_r0_trials_is_reported(tmp_path, bert_tokenizer):
