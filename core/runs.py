@@ -56,7 +56,7 @@ class Experiment:
     warm_up(cfg)                                    first of all, before torch or the model is imported, even
                                                     for a run that will be reused: start in the background what
                                                     compute will need (the UMAP fit worker); never changes a result;
-                                                    cfg is None when `reproduce` starts it a job ahead
+                                                    cfg is None when `reproduce` starts it before any job
     """
 
     name: str

@@ -493,8 +493,8 @@ def _previous_results(settings: Settings, skip: set):
 
 def reproduce(settings: Settings, only: list[str] | None = None, say=print, plotter=None):
     """Run every job (or those producing the figures in ``only``) and write the report. Returns the results.
-    ``plotter``: a started :class:`~attnlab.core.plotworker.Plotter` to draw in (the caller closes it); None: one
-    is started here."""
+    ``plotter``: a started :class:`~attnlab.core.plotworker.Plotter` to draw in (the caller closes it); None: the
+    workers are started here (:func:`start_workers`)."""
     check_out_dir(settings.out)
     with folder_lock(settings.out):
         return _reproduce(settings, only, say, plotter)
@@ -526,10 +526,9 @@ def _reproduce(settings: Settings, only: list[str] | None, say, plotter=None):
                          "report to another folder (out)")
     selected = [j for j in jobs() if not only or any(f.id in only for f in j.figures)]
     runner = Runner(settings, say)
-    from attnlab.core.plotworker import Plotter
     from attnlab.experiments.sections import REPORT_ORDER, sizes_section, start_sections
 
-    with (contextlib.nullcontext(plotter) if plotter is not None else Plotter()) as runner.plotter:
+    with (contextlib.nullcontext(plotter) if plotter is not None else start_workers(only)) as runner.plotter:
         # figures drawn in a second process while the next job computes
         started: list = []
         builders: dict = {}
@@ -577,12 +576,9 @@ def _start_jobs(runner: Runner, selected: list, started: list, after=None) -> No
         from attnlab.core.progress import bar
 
         iterator = bar(selected, desc="reproduce", unit="experiment")
-    for i, job in enumerate(iterator):
+    for job in iterator:
         if settings.progress and hasattr(iterator, "set_postfix_str"):
             iterator.set_postfix_str(job.name)
-        for upcoming in selected[i + 1:i + 2]:  # the next job's warm-up (the UMAP fit worker) runs beside this one
-            if upcoming.record.warm_up:
-                upcoming.record.fn("warm_up")(None)
         pending, model, reason, unavailable = runner.start(job)
         started.append((job, pending, model, reason, unavailable))
         if pending is not None:
