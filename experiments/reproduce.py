@@ -501,19 +501,24 @@ def reproduce(settings: Settings, only: list[str] | None = None, say=print, plot
 
 
 def start_workers(only: list[str] | None = None):
-    """The worker processes of a ``reproduce`` of ``only``, started before this process imports torch: the plot
-    worker (a :class:`~attnlab.core.plotworker.Plotter`, returned; the caller closes it) and, when a selected job
-    fits UMAP layouts, the fit worker. Their start-up imports (matplotlib; umap-learn and numba's compiled
-    functions) then use the core that torch's import leaves idle: in a fresh ``reproduce`` process the first 3.7 s
-    ran on one core."""
+    """The worker processes of a ``reproduce`` of ``only``, started first (by the command, before it imports
+    torch): the plot worker (a :class:`~attnlab.core.plotworker.Plotter`, returned; the caller closes it) and, when
+    a selected job fits UMAP layouts, the fit worker. Their start-up imports (matplotlib; umap-learn and numba's
+    compiled functions) then use the core that torch's import leaves idle: in a fresh ``reproduce`` process the
+    first 3.7 s ran on one core."""
     from attnlab.core.plotworker import Plotter
 
     plotter = Plotter()
-    for job in jobs():
-        if job.record.warm_up and (not only or any(f.id in only for f in job.figures)):
+    for job in selected_jobs(only):
+        if job.record.warm_up:
             job.record.fn("warm_up")(None)
             break
     return plotter
+
+
+def selected_jobs(only: list[str] | None = None) -> list[Job]:
+    """The jobs that make the figures in ``only`` (every job when None), in their order."""
+    return [j for j in jobs() if not only or any(f.id in only for f in j.figures)]
 
 
 def _reproduce(settings: Settings, only: list[str] | None, say, plotter=None):
@@ -524,7 +529,7 @@ def _reproduce(settings: Settings, only: list[str] | None, say, plotter=None):
     if (settings.out / "meta.json").exists():
         raise InputError(f"output folder {settings.out} holds a single experiment's run (meta.json); write the "
                          "report to another folder (out)")
-    selected = [j for j in jobs() if not only or any(f.id in only for f in j.figures)]
+    selected = selected_jobs(only)
     runner = Runner(settings, say)
     from attnlab.experiments.sections import REPORT_ORDER, sizes_section, start_sections
 
