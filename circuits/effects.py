@@ -54,8 +54,9 @@ def compute(cfg: AblationConfig, lm, ctx=None) -> AblationResult:
     docs = getattr(ctx, "docs", None)
     progress = getattr(ctx, "progress", False)
     if cfg.task == "rrt":
-        task = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed)
-        reference = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed + 1000).ids_second if cfg.mode == "mean" else None
+        task = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed, cfg.end_sep)
+        reference = (rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed + 1000, cfg.end_sep).ids_second
+                     if cfg.mode == "mean" else None)
         base = rrt_metrics(lm, task)
         if cfg.scan:
             scanned = scan_rrt(lm, task, mode=cfg.mode, reference=reference, progress=progress)

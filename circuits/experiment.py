@@ -30,6 +30,8 @@ class HeadsConfig:
     trials: int = option(16, "rrt trials: the [MASK] detector, DLA and the ablation scan", minimum=2)
     detector_trials: int = option(4, "sequences whose full attention maps feed the other detectors", minimum=1)
     seq_len: int = option(50, "length n of the random block", minimum=3)
+    end_sep: bool = option(True, "masked LMs: leave out the rrt sequences' final [SEP] ([CLS] X X), for a model "
+                                 "trained without an end marker", flag="--no-end-sep")
     ablation: bool = option(True, "skip the per-head ablation scan", flag="--no-ablation")
     paths: int = option(2, "trace the key and query paths into the N strongest induction-like heads (induction score "
                         "at least 0.1 over chance; 0: none)", minimum=0)
@@ -53,6 +55,8 @@ class AblationConfig:
     task: str = option("rrt", "rrt (copying gain) or icl (the ICL score)", choices=TASKS)
     trials: int = option(50, "trials", minimum=2)
     seq_len: int = option(200, "rrt: length n of the random block", minimum=3)
+    end_sep: bool = option(True, "masked LMs: leave out the rrt sequences' final [SEP] ([CLS] X X), for a model "
+                                 "trained without an end marker", flag="--no-end-sep")
     corpus: str = option(DEFAULT_CORPUS, "icl: " + CORPUS_HELP)
     seed: int = option(0, "random seed")
     revision: str | None = revision_option()

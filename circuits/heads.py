@@ -55,10 +55,11 @@ def _specials(protocol) -> dict:
     return {"cls": spec.cls_id, "sep": spec.sep_id, "mask": None if protocol.causal else protocol.mask_id}
 
 
-def pattern_scores(lm, trials: int, n: int, seed: int, names: list[str]) -> dict:
+def pattern_scores(lm, trials: int, n: int, seed: int, names: list[str], end_sep: bool = True) -> dict:
     """The detectors ``names`` (:func:`~attnlab.circuits.scores.detector_scores`: ``{name: (raw, chance, corrected
-    [L, H])}``) on every query row of ``trials`` clean RRT sequences X X, |X| = ``n``."""
-    protocol = make_protocol("clean", token_spec_for(lm))
+    [L, H])}``) on every query row of ``trials`` clean RRT sequences X X, |X| = ``n`` (masked LMs: without the
+    final [SEP] when not ``end_sep``)."""
+    protocol = make_protocol("clean", token_spec_for(lm), end_sep)
     batch = build_batch(get_variant("standard"), protocol, trials, n, seed, max_positions=lm.max_positions)
     att = extract_attention(lm, batch.input_ids).attention  # [B, S, L, H, S]: every query row
     return detector_scores(att, batch.input_ids, _specials(protocol), causal=lm.is_causal, names=names)
@@ -68,7 +69,7 @@ def check(cfg: HeadsConfig, lm, ctx=None) -> None:
     """Before anything is built: the sequences fit the model, and the detectors' full attention maps fit in memory."""
     from attnlab.induction.variants import check_length
 
-    protocol = make_protocol("clean", token_spec_for(lm))
+    protocol = make_protocol("clean", token_spec_for(lm), cfg.end_sep)
     s = check_length(get_variant("standard"), protocol, cfg.seq_len, lm.max_positions)
     per_seq = s * s * lm.n_layers * lm.n_heads * 4 * 2
     check_fits(cfg.detector_trials * per_seq, f"full attention maps of {cfg.detector_trials} sequences of {s} tokens",
@@ -87,12 +88,12 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
     else:
         notes.append(f"ov_copying needs the model's unembedding: {sources['unembedding']} (load a checkpoint with "
                      "its LM head)")
-    protocol = make_protocol("clean", token_spec_for(lm))
+    protocol = make_protocol("clean", token_spec_for(lm), cfg.end_sep)
     variant = get_variant("standard")
     specials = _specials(protocol)
     check(cfg, lm)
     detected = pattern_scores(lm, cfg.detector_trials, cfg.seq_len, cfg.seed,
-                              [d for d in DETECTORS if d != "induction_at_mask"])
+                              [d for d in DETECTORS if d != "induction_at_mask"], cfg.end_sep)
     # the [MASK] detector's and path patching's own, larger set of trials, one query row each
     task_batch = build_batch(variant, protocol, cfg.trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
     if not lm.is_causal:  # induction at the [MASK]
@@ -110,7 +111,8 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
     if has_head:
         from attnlab.circuits.tasks import rrt_metrics, rrt_task, scan_rrt
 
-        task = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed)  # masked LMs: one masked token; decoders: X X
+        # masked LMs: one masked token; decoders: X X
+        task = rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed, cfg.end_sep)
         if bert_style and not lm.is_causal:
             from attnlab.circuits.attribution import direct_logit_attribution
 

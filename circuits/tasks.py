@@ -64,9 +64,10 @@ class CausalRRTTask:
         return self.ids
 
 
-def rrt_task(lm, trials: int, n: int, seed: int):
+def rrt_task(lm, trials: int, n: int, seed: int, end_sep: bool = True):
     """Standard RRT, clean protocol: every token of X occurs exactly once per copy. Masked LMs: one token masked
-    per trial (:class:`RRTTask`); decoders: every token of X read left to right (:class:`CausalRRTTask`)."""
+    per trial (:class:`RRTTask`), ``[CLS] X X [SEP]`` (without the [SEP] when not ``end_sep``); decoders: every
+    token of X read left to right (:class:`CausalRRTTask`)."""
     if lm.is_causal:
         if not lm.has_lm_head or lm.lm_head() is None:
             raise MissingHeadError(f"model '{lm.name}' has no LM head; the rrt task reads its next-token predictions "
@@ -78,7 +79,7 @@ def rrt_task(lm, trials: int, n: int, seed: int):
     if not lm.has_lm_head or lm.lm_head() is None:
         raise MissingHeadError(f"model '{lm.name}' has no masked-LM head; the rrt task reads the masked token's "
                                "prediction (load it with masked_lm=True, e.g. bert-base-uncased)")
-    protocol = make_protocol("clean", token_spec_for(lm))
+    protocol = make_protocol("clean", token_spec_for(lm), end_sep)
     variant = get_variant("standard")
     batch = build_batch(variant, protocol, trials, n, seed, max_positions=lm.max_positions)
     control = build_null(variant, protocol, batch, n, seed)  # the [MASK] kept in place, no token repeated

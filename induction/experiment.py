@@ -40,6 +40,8 @@ class InductionConfig:
     variant: str = option("standard", "RRT variant (list them with `attnlab variants`)")
     protocol: str = option("clean", "token protocol: clean (every target well defined) or paper (replicates its "
                                     "code; what `reproduce` uses)", choices=PROTOCOLS)
+    end_sep: bool = option(True, "masked LMs, protocol clean: leave out the final [SEP], for a model trained without "
+                                 "an end marker", flag="--no-end-sep")
     trials: int = option(50, "number of random sequences", minimum=1)
     seq_len: int | None = option(None, "length n of the random block X", minimum=3,
                                  show_default="200; triple 150")
@@ -53,6 +55,9 @@ class InductionConfig:
                                          or self.seq_len < 3):
             raise InputError(f"seq_len must be at least 3 (a masked token needs both neighbours), got {self.seq_len}")
         check_fields(self)
+        if not self.end_sep and self.protocol == "paper":
+            raise InputError("end_sep=False leaves out the clean protocol's final [SEP]; protocol 'paper' has none "
+                             "(its [SEP] leads the sequence) - use protocol 'clean'")
         if not 0 < self.min_lift <= 1:
             raise InputError(f"min_lift must be a number in (0, 1], got {self.min_lift!r}")
 
@@ -62,6 +67,19 @@ PROTOCOL_NOTES = {
     "paper": "paper protocol: the paper's code, quirks included (leading [SEP], ids in [100, 20000) with "
              "replacement, r = 0 masks the last token of the first copy)",
 }
+NO_END_SEP_NOTE = ("clean protocol without the final [SEP] (end_sep off, for a model trained without an end "
+                   "marker): [CLS] X X, distinct ordinary tokens, mask never at a copy's edge")
+
+
+def protocol_note(cfg: dict, causal: bool) -> str:
+    """How the sequences of a run with config ``cfg`` (its record) were framed, in words."""
+    if causal:
+        return CAUSAL_NOTE
+    if cfg["protocol"] == "clean" and not cfg.get("end_sep", True):
+        return NO_END_SEP_NOTE
+    return PROTOCOL_NOTES.get(cfg["protocol"], cfg["protocol"])
+
+
 CAUSAL_NOTE = ("causal model: BOS X X (X X when the tokenizer has no BOS; no [MASK]); the query is a token of the "
                "second copy, read left to right; 'after' is the prefix-matching target (the token that followed the "
                "previous instance)")
@@ -98,7 +116,7 @@ def describe(meta: dict) -> list[str]:
     from attnlab.induction.scores import verdict_line
 
     cfg = meta["config"]
-    note = CAUSAL_NOTE if meta.get("causal") else PROTOCOL_NOTES.get(cfg["protocol"], cfg["protocol"])
+    note = protocol_note(cfg, bool(meta.get("causal")))
     lines = [f"induction: {note}" + ("" if cfg["protocol"] == "paper" or meta.get("causal") else
                                      "; `reproduce` uses the paper protocol")]
     verdicts = meta.get("verdict") or {}

@@ -7,14 +7,14 @@ The record is :data:`attnlab.induction.experiment.INDUCTION`; its figures are dr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from attnlab.core.outputs import atomic_path, write_csv
 from attnlab.core.resources import check_fits
-from attnlab.induction.experiment import CAUSAL_NOTE, PROTOCOL_NOTES, InductionConfig
+from attnlab.induction.experiment import InductionConfig, protocol_note
 from attnlab.induction.protocols import make_protocol, token_spec_for
 from attnlab.induction.scores import InductionScores, TargetStats, induction_scores, target_stats, top_heads, verdict
 from attnlab.induction.variants import RRTBatch, build_batch, build_null, check_length, get_variant
@@ -91,7 +91,7 @@ def compute(cfg: InductionConfig, lm, ctx=None, *, keep_rows: int = VIEW_TRIALS)
     """Build the variant's trials and their null for ``lm`` and score them (nothing is written)."""
     variant = get_variant(cfg.variant)
     variant.check_model(lm)
-    protocol = make_protocol(cfg.protocol, token_spec_for(lm))
+    protocol = make_protocol(cfg.protocol, token_spec_for(lm), cfg.end_sep)
     n = variant.n_for(cfg.protocol, cfg.seq_len)
     seq = check_length(variant, protocol, n, lm.max_positions)  # before anything big is built
     check_trials_fit(cfg.trials, seq, lm.n_layers, lm.n_heads, len(variant.targets))
@@ -160,7 +160,7 @@ def _rounded(x) -> list:
 def summary(result: InductionResult, ctx=None) -> dict:
     """meta.json's account of the run: the maps (mean, SEM, null, lift), the verdict and the top heads per target."""
     cfg = result.config
-    note = CAUSAL_NOTE if result.causal else PROTOCOL_NOTES.get(cfg.protocol, cfg.protocol)
+    note = protocol_note(asdict(cfg), result.causal)
     maps, verdicts, tops = {}, {}, {}
     for target, st in result.stats.items():
         maps[target] = {"mean": _rounded(st.mean), "sem": _rounded(st.sem), "null": _rounded(st.null),

@@ -38,11 +38,11 @@ def _best(values: np.ndarray) -> tuple[str, float]:
     return f"L{layer}H{head}", float(values[layer, head])
 
 
-def previous_token_score(lm, n: int, seed: int, trials: int = 4) -> tuple[str, float]:
+def previous_token_score(lm, n: int, seed: int, trials: int = 4, end_sep: bool = True) -> tuple[str, float]:
     """The strongest head's previous-token score minus chance on a few [CLS] X X sequences (every query row)."""
     from attnlab.circuits.heads import pattern_scores
 
-    scores = pattern_scores(lm, trials, n, seed, ["previous_token"])
+    scores = pattern_scores(lm, trials, n, seed, ["previous_token"], end_sep)
     return _best(scores["previous_token"][2].numpy())
 
 
@@ -70,6 +70,12 @@ def icl_score(lm, recipe, text: torch.Tensor, trials: int, seed: int) -> float:
         return float(pick(early) - pick(late))
 
 
+def end_sep(recipe) -> bool:
+    """Whether the rrt sequences a checkpoint of ``recipe`` is measured on end in [SEP]: a masked model is framed as
+    it was trained (a recipe without ``sep_end`` never showed it one); decoders have none either way."""
+    return recipe.objective == "causal" or recipe.sep_end
+
+
 def checkpoint_row(path, step: int, cfg: DynamicsConfig, text: torch.Tensor, recipe) -> dict:
     """Every measurement of one checkpoint (a folder loadable by :func:`attnlab.load_model`)."""
     from attnlab.circuits.tasks import rrt_metrics, rrt_task
@@ -79,11 +85,12 @@ def checkpoint_row(path, step: int, cfg: DynamicsConfig, text: torch.Tensor, rec
 
     lm = load_model(str(path), masked_lm=True, device="cpu")
     target = "after" if lm.is_causal else "prev"
-    result = compute(InductionConfig(model=str(path), seq_len=cfg.seq_len, trials=cfg.trials, seed=cfg.seed), lm,
-                     keep_rows=0)
+    sep = end_sep(recipe)
+    result = compute(InductionConfig(model=str(path), seq_len=cfg.seq_len, trials=cfg.trials, seed=cfg.seed,
+                                     end_sep=sep), lm, keep_rows=0)
     head, lift = _best(result.stats[target].lift)
-    prev_head, prev = previous_token_score(lm, cfg.seq_len, cfg.seed)
-    metrics = rrt_metrics(lm, rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed))
+    prev_head, prev = previous_token_score(lm, cfg.seq_len, cfg.seed, end_sep=sep)
+    metrics = rrt_metrics(lm, rrt_task(lm, cfg.trials, cfg.seq_len, cfg.seed, sep))
     return {"step": step, "checkpoint": str(path.name), "induction_head": head, "induction_score": lift,
             "previous_token_head": prev_head, "previous_token": prev,
             "copying_gain": float(metrics["copying_gain"].mean()), "rrt_loss": float(metrics["ce_second"].mean()),
@@ -146,7 +153,7 @@ def measure(folder, out, cfg: DynamicsConfig, progress: bool = False, say=print)
         plot_dynamics(rows, step, FORMATION_RULE, f"{label} (seed {train_meta['seed']}): a small model trained here",
                       out / "dynamics.png")
         meta = {"experiment": "dynamics", "checkpoints": str(folder), "config": asdict(cfg), "rows": rows,
-                "formed_at": step, "rule": FORMATION_RULE, "target": rows[-1]["target"],
+                "end_sep": end_sep(recipe), "formed_at": step, "rule": FORMATION_RULE, "target": rows[-1]["target"],
                 "train_identity": train_meta.get("identity"), "code": code_identity()}
         write_json(out / "meta.json", meta)
     return meta

@@ -73,6 +73,29 @@ def test_targets_by_token_identity(protocol, seed):
             assert (ids[:, 0] == 102).all()
 
 
+def test_without_the_final_sep_the_sequences_and_targets_are_the_same_but_for_the_last_token():
+    """end_sep=False (a masked LM trained without an end marker) drops only the closing [SEP]: the same seed gives
+    the same tokens, [MASK] positions, targets and null, one column shorter."""
+    from attnlab.induction.variants import build_null
+
+    with_sep, without = make_protocol("clean", SPEC), make_protocol("clean", SPEC, end_sep=False)
+    for name in ("standard", "shuffled", "triple"):
+        v = get_variant(name)
+        a, b = (build_batch(v, p, 16, 20, seed=4) for p in (with_sep, without))
+        assert (a.input_ids[:, -1] == 102).all() and (b.input_ids[:, -1] != 102).all()
+        assert torch.equal(a.input_ids[:, :-1], b.input_ids) and torch.equal(a.mask_index, b.mask_index)
+        assert a.targets.keys() == b.targets.keys() and all(torch.equal(a.targets[k], b.targets[k]) for k in a.targets)
+        assert torch.equal(build_null(v, with_sep, a, 20, 4)[:, :-1], build_null(v, without, b, 20, 4))
+    no_sep = TokenSpec(1, None, 3, torch.arange(5, 100), 100)  # a masked tokenizer without [SEP]
+    with pytest.raises(InputError, match=r"needs \[SEP\]"):
+        make_protocol("clean", no_sep)
+    assert build_batch(get_variant("standard"), make_protocol("clean", no_sep, end_sep=False), 2, 10, 0).input_ids.shape[1] == 21
+    with pytest.raises(InputError, match="protocol 'paper' has no final"):
+        make_protocol("paper", SPEC, end_sep=False)
+    with pytest.raises(InputError, match="use protocol 'clean'"):
+        InductionConfig(protocol="paper", end_sep=False)
+
+
 def test_paper_protocol_layout():
     b = build_batch(get_variant("standard"), make_protocol("paper", SPEC), 200, 200, seed=3)
     assert b.input_ids.shape == (200, 401) and (b.input_ids[:, 0] == 102).all()

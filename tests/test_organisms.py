@@ -2,6 +2,7 @@
 attnlab, and the dynamics table equals what the individual commands give for the same checkpoints."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -93,14 +94,34 @@ def test_dynamics_equals_the_individual_commands(trained, tmp_path):
     assert float(last["copying_gain"]) == pytest.approx(float(gain["baseline"]), rel=1e-4, abs=1e-6)
 
 
-def test_a_masked_organism_trains_and_loads(corpus, tmp_path):
+def test_a_masked_organism_trains_loads_and_is_measured_as_it_was_trained(corpus, tmp_path):
+    """A masked organism trained without an end marker is measured on [CLS] X X (end_sep off) by `dynamics`, and
+    its rows equal what `induction --no-end-sep` and `ablate --no-end-sep` give; with the [SEP] they differ."""
     from transformers import AutoModelForMaskedLM
 
     _train(tmp_path / "m", corpus, recipe="smoke-mlm")
-    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "m" / "checkpoints" / "step-000040")
+    final = tmp_path / "m" / "checkpoints" / "step-000040"
+    model = AutoModelForMaskedLM.from_pretrained(final)
     assert model.config.model_type == "bert"
-    assert main(["induction", "--model", str(tmp_path / "m" / "checkpoints" / "step-000040"), "--seq-len", "8",
-                 "--trials", "4", "--out", str(tmp_path / "i"), "--device", "cpu", "--no-progress"]) == 0
+    out = tmp_path / "d"
+    common = ["--seq-len", "8", "--trials", "4", "--no-progress"]
+    assert main(["dynamics", "--checkpoints", str(tmp_path / "m"), "--out", str(out), *common]) == 0
+    assert json.loads((out / "meta.json").read_text())["end_sep"] is False
+    last = list(csv.DictReader(open(out / "dynamics.csv")))[-1]
+    lifts, gains = {}, {}
+    for flags in ([], ["--no-end-sep"]):
+        key = bool(flags)
+        assert main(["induction", "--model", str(final), "--out", str(tmp_path / f"i{key}"), "--device", "cpu",
+                     *common, *flags]) == 0
+        prev = [r for r in csv.DictReader(open(tmp_path / f"i{key}" / "scores.csv")) if r["target"] == "prev"]
+        lifts[key] = max(float(r["lift"]) for r in prev)
+        assert main(["ablate", "--model", str(final), "--heads", "L0H0", "--out", str(tmp_path / f"x{key}"),
+                     "--device", "cpu", *common, *flags]) == 0
+        gains[key] = next(float(r["baseline"]) for r in csv.DictReader(open(tmp_path / f"x{key}" / "ablation.csv"))
+                          if r["metric"] == "copying_gain")
+    assert float(last["induction_score"]) == pytest.approx(lifts[True], rel=1e-4, abs=1e-7)
+    assert float(last["copying_gain"]) == pytest.approx(gains[True], rel=1e-4, abs=1e-6)
+    assert gains[False] != pytest.approx(gains[True], rel=1e-3)  # the [SEP] changes what is measured
 
 
 def test_the_masked_recipe_predicts_only_masked_positions_with_the_same_loss():
@@ -129,8 +150,7 @@ def test_bert_framing_ends_every_sequence_in_sep_at_varied_lengths_and_never_mas
     from attnlab.organisms import data as D
     from attnlab.organisms.recipes import get_recipe
 
-    recipe = replace(get_recipe("induction-mlm"), batch=4)
-    assert recipe.sep_end and recipe.min_len
+    recipe = replace(get_recipe("induction-mlm"), batch=4, sep_end=True, min_len=64)  # the framing the recipe had
     text = torch.arange(D.ORDINARY, 600).repeat(4)
     sep = D.SPECIALS.index("[SEP]")
     lengths = set()
