@@ -11,7 +11,7 @@ from attnlab.core.corpus import DEFAULT_CORPUS
 from attnlab.core.errors import InputError
 from attnlab.core.runs import Experiment
 from attnlab.icl.experiment import CORPUS_HELP, check_icl_fits
-from attnlab.induction.experiment import dtype_option, model_option, revision_option
+from attnlab.induction.experiment import dtype_option, end_sep_option, model_option, revision_option
 
 MODES = ("zero", "mean", "resample")
 TASKS = ("rrt", "icl")
@@ -30,8 +30,7 @@ class HeadsConfig:
     trials: int = option(16, "rrt trials: the [MASK] detector, DLA and the ablation scan", minimum=2)
     detector_trials: int = option(4, "sequences whose full attention maps feed the other detectors", minimum=1)
     seq_len: int = option(50, "length n of the random block", minimum=3)
-    end_sep: bool = option(True, "masked LMs: leave out the rrt sequences' final [SEP] ([CLS] X X), for a model "
-                                 "trained without an end marker", flag="--no-end-sep")
+    end_sep: bool = end_sep_option()
     ablation: bool = option(True, "skip the per-head ablation scan", flag="--no-ablation")
     paths: int = option(2, "trace the key and query paths into the N strongest induction-like heads (induction score "
                         "at least 0.1 over chance; 0: none)", minimum=0)
@@ -55,8 +54,7 @@ class AblationConfig:
     task: str = option("rrt", "rrt (copying gain) or icl (the ICL score)", choices=TASKS)
     trials: int = option(50, "trials", minimum=2)
     seq_len: int = option(200, "rrt: length n of the random block", minimum=3)
-    end_sep: bool = option(True, "masked LMs: leave out the rrt sequences' final [SEP] ([CLS] X X), for a model "
-                                 "trained without an end marker", flag="--no-end-sep")
+    end_sep: bool = end_sep_option()
     corpus: str = option(DEFAULT_CORPUS, "icl: " + CORPUS_HELP)
     seed: int = option(0, "random seed")
     revision: str | None = revision_option()

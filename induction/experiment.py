@@ -34,14 +34,18 @@ def dtype_option():
     return option("float32", "model dtype", choices=DTYPES)
 
 
+def end_sep_option():
+    return option(True, "masked LMs: leave out the random-token sequences' final [SEP] ([CLS] X X, protocol clean), "
+                        "for a model trained without an end marker", flag="--no-end-sep")
+
+
 @dataclass
 class InductionConfig:
     model: str = model_option("bert-base-uncased")
     variant: str = option("standard", "RRT variant (list them with `attnlab variants`)")
     protocol: str = option("clean", "token protocol: clean (every target well defined) or paper (replicates its "
                                     "code; what `reproduce` uses)", choices=PROTOCOLS)
-    end_sep: bool = option(True, "masked LMs, protocol clean: leave out the final [SEP], for a model trained without "
-                                 "an end marker", flag="--no-end-sep")
+    end_sep: bool = end_sep_option()
     trials: int = option(50, "number of random sequences", minimum=1)
     seq_len: int | None = option(None, "length n of the random block X", minimum=3,
                                  show_default="200; triple 150")
