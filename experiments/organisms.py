@@ -61,6 +61,9 @@ def run_train(args) -> int:
           f"loss {m['rrt_loss_second']:.3f} (first copy {m['rrt_loss_first']:.3f}), copying gain "
           f"{m['copying_gain']:.3f}, top-1 on the second copy {m['rrt_acc_second']:.2f}")
     print(f"wrote {args.out}: {len(meta['checkpoints'])} checkpoints (checkpoints/), curves.csv, curves.png, meta.json")
+    if recipe.objective == "mlm" and not recipe.sep_end:
+        print("note: its training sequences never ended in [SEP]; measure it as trained with --no-end-sep "
+              "(induction, ablate, heads; dynamics does so itself)")
     return 0
 
 

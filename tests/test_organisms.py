@@ -94,12 +94,13 @@ def test_dynamics_equals_the_individual_commands(trained, tmp_path):
     assert float(last["copying_gain"]) == pytest.approx(float(gain["baseline"]), rel=1e-4, abs=1e-6)
 
 
-def test_a_masked_organism_trains_loads_and_is_measured_as_it_was_trained(corpus, tmp_path):
+def test_a_masked_organism_trains_loads_and_is_measured_as_it_was_trained(corpus, tmp_path, capsys):
     """A masked organism trained without an end marker is measured on [CLS] X X (end_sep off) by `dynamics`, and
     its rows equal what `induction --no-end-sep` and `ablate --no-end-sep` give; with the [SEP] they differ."""
     from transformers import AutoModelForMaskedLM
 
     _train(tmp_path / "m", corpus, recipe="smoke-mlm")
+    assert "measure it as trained with --no-end-sep" in capsys.readouterr().out
     final = tmp_path / "m" / "checkpoints" / "step-000040"
     model = AutoModelForMaskedLM.from_pretrained(final)
     assert model.config.model_type == "bert"
