@@ -133,15 +133,12 @@ def test_a_plot_worker_that_dies_leaves_the_figures_to_this_process(tmp_path, lm
 def test_a_closed_plotter_leaves_no_pool_thread_running_into_interpreter_exit():
     """close() waits for the pool's manager thread, even while the worker still warms up: left running, Python
     3.11's exit hook could write to the wake-up pipe the thread was closing (a traceback at exit, seen once)."""
-    import threading
-
     from attnlab.core.plotworker import Plotter
 
     p = Plotter()
-    manager = p._pool._executor_manager_thread
+    manager, dispatcher = p._pool._executor_manager_thread, p._thread
     p.close()  # at once: the worker is still importing matplotlib
-    assert manager is not None and not manager.is_alive()
-    assert not [t for t in threading.enumerate() if t.name.startswith("attnlab-plot")]
+    assert manager is not None and not manager.is_alive() and not dispatcher.is_alive()
 
 
 def test_an_error_while_drawing_in_the_worker_commits_nothing(tmp_path, lm, plotter):
