@@ -18,17 +18,17 @@ import torch
 from attnlab.core.architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture_of  # noqa: F401
 from attnlab.core.attention_impl import CAPTURE_IMPLEMENTATION, install_capture_attention
 from attnlab.core.errors import InputError, MissingHeadError, ModelNotAvailableError
-from attnlab.core.names import EMBEDDED_NAME, embedded_model_path, is_embedded, model_label  # noqa: F401
+from attnlab.core.names import (  # noqa: F401
+    EMBEDDED_NAME,
+    device_map_of,
+    embedded_model_path,
+    is_embedded,
+    model_label,
+)
 from attnlab.core.provenance import model_fingerprint, parameters_fingerprint
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 
-
-def device_map_of(device) -> str | None:
-    """``"map:auto"`` -> ``"auto"`` (accelerate's device_map, spelled as a device); None for a plain device."""
-    if isinstance(device, str) and device.startswith("map:"):
-        return device.split(":", 1)[1] or "auto"
-    return None
 
 _DTYPES = {
     "float32": torch.float32,

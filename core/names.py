@@ -1,4 +1,5 @@
-"""Model names for people: the embedded MiniLM's location and name, and short labels for titles (torch-free)."""
+"""Model names for people: the embedded MiniLM's location and name, short labels for titles, and how a device
+string names accelerate's device map (torch-free)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,10 @@ def model_label(name: str) -> str:
     if path.exists() or path.is_absolute() or str(name).startswith((".", "~")):
         return EMBEDDED_NAME if is_embedded(name) else (path.name or str(name))
     return str(name)
+
+
+def device_map_of(device) -> str | None:
+    """``"map:auto"`` -> ``"auto"`` (accelerate's device_map, spelled as a device); None for a plain device."""
+    if isinstance(device, str) and device.startswith("map:"):
+        return device.split(":", 1)[1] or "auto"
+    return None

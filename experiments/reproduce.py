@@ -710,7 +710,9 @@ def _run(args) -> int:
     if args.paper_figures and not Path(args.paper_figures).is_dir():
         raise InputError(f"paper figures folder {args.paper_figures} does not exist; pass the folder of the paper's "
                          "images (e.g. ../shared/reference/paper-figures)")
-    if args.device not in ("auto", "cpu") and not args.device.startswith("map:"):
+    from attnlab.core.names import device_map_of
+
+    if args.device not in ("auto", "cpu") and device_map_of(args.device) is None:
         from attnlab.core.models import resolve_device  # imports torch: only for a device that must be looked up
 
         resolve_device(args.device)  # a bad device fails now, not once per experiment
