@@ -168,7 +168,7 @@ class CleanProtocol(Protocol):
         super().__init__(spec, end_sep)
         if spec.causal:
             return
-        needed = (("[CLS]", spec.cls_id), ("[SEP]", spec.sep_id if end_sep else 0), ("[MASK]", spec.mask_id))
+        needed = [("[CLS]", spec.cls_id), *([("[SEP]", spec.sep_id)] if end_sep else []), ("[MASK]", spec.mask_id)]
         missing = [n for n, v in needed if v is None]
         if missing:
             raise InputError(f"protocol 'clean' needs {', '.join(missing)} token(s), which this model's tokenizer lacks")
