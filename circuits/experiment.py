@@ -94,8 +94,17 @@ def describe_heads(meta: dict) -> list[str]:
             best = entry["strongest"]
             named = ", ".join(entry["named"]) or "none named"
             lines.append(f"{path} path into {receiver}: {named} (strongest {best['sender']} removes {best['lost']:.1%} "
-                         f"of its attention to the target, 95% CI {best['ci_low']:.1%} .. {best['ci_high']:.1%})")
+                         f"of its attention to the target, 95% CI {best['ci_low']:.1%} .. {best['ci_high']:.1%}"
+                         + _alone(entry.get("most_sufficient")) + ")")
     return lines + [f"note: {n}" for n in meta.get("notes") or []]
+
+
+def _alone(row) -> str:
+    """How much the sender that restores most does alone in its layer, where its layer carries the path."""
+    if not row or not row["layer_lost"] >= 0.05:
+        return ""
+    return (f"; alone in its layer, {row['sender']} restores {row['restored']:.0%} of the {row['layer_lost']:.0%} "
+            f"its layer carries, 95% CI {row['restored_ci_low']:.0%} .. {row['restored_ci_high']:.0%}")
 
 
 def describe_ablation(meta: dict) -> list[str]:
@@ -136,12 +145,15 @@ heads.csv (layer, head, score, value), one row per head and score:
     ablation_copying_gain      change of the rrt copying gain when the head alone is zeroed (masked LMs)
 composition.csv (layer1, head1, layer2, head2, kind, score, baseline, baseline_se, corrected): Q/K/V composition of
 every earlier head with every later head, the random-matrix baseline subtracted.
-paths.csv (receiver, sender, path, clean, patched, lost, ci_low, ci_high, top_trial_share, named): composition
-measured in the forward pass, for the strongest induction-like heads (decoders: prefix matching; masked LMs:
-induction at the [MASK]): the share of the receiver's attention to its induction target lost when each earlier
-head is ablated on the receiver's keys (K) or queries (Q) alone, with a bootstrap CI over trials; meta.json's
-feeders name, per receiver and path, the heads the stated rule names (weight-based composition cannot see through
-LayerNorm, MLPs or rotary positions).
+paths.csv (receiver, sender, path, clean, patched, lost, ci_low, ci_high, top_trial_share, layer_lost, restored,
+restored_ci_low, restored_ci_high, restored_top_trial_share, named_by, named): composition measured in the forward
+pass, for the strongest induction-like heads (decoders: prefix matching; masked LMs: induction at the [MASK]): the
+share of the receiver's attention to its induction target lost when each earlier head is ablated on the receiver's
+keys (K) or queries (Q) alone, with a bootstrap CI over trials; the share the sender's whole layer carries
+(layer_lost) and the share of it the sender restores alone, the rest of its layer ablated (finds feeders that back
+each other up, which ablating one at a time misses); meta.json's feeders name, per receiver and path, the heads the
+stated rule names, as necessary, sufficient or both (weight-based composition cannot see through LayerNorm, MLPs or
+rotary positions).
 heads.png: one layers x heads map per score. story.png (after Olsson et al.): per head, induction at [MASK] (x)
 against OV copying (y), coloured by the ablation delta (else DLA).""",
     check="attnlab.circuits.heads:check", compute="attnlab.circuits.heads:compute", save="attnlab.circuits.heads:save",

@@ -20,6 +20,7 @@ from attnlab.induction.protocols import make_protocol, token_spec_for
 from attnlab.induction.variants import build_batch, get_variant
 
 PATHS_HEADER = ["receiver", "sender", "path", "clean", "patched", "lost", "ci_low", "ci_high", "top_trial_share",
+                "layer_lost", "restored", "restored_ci_low", "restored_ci_high", "restored_top_trial_share", "named_by",
                 "named"]
 COMPOSITION_HEADER = ["layer1", "head1", "layer2", "head2", "kind", "score", "baseline", "baseline_se", "corrected"]
 
@@ -199,12 +200,23 @@ def summary(result: HeadsResult, ctx=None) -> dict:
 
 
 def feeders(rows: list[dict]) -> dict:
-    """``{receiver: {path: {"named": [senders, most lost first], "strongest": row}}}`` from path patching rows."""
+    """``{receiver: {path: {"named": [senders], "strongest": row, "most_sufficient": row}}}`` from path patching rows:
+    the named senders, those the receiver needs (most lost first) before those that back each other up (most
+    restored first); the row that loses most when ablated, and the one that restores most alone in its layer."""
+    def rounded(row):
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+
+    def key(name):
+        return lambda r: -np.nan_to_num(r[name], nan=-np.inf)
+
     out: dict = {}
-    for row in sorted(rows, key=lambda r: -np.nan_to_num(r["lost"], nan=-np.inf)):
-        entry = out.setdefault(row["receiver"], {}).setdefault(row["path"], {"named": [], "strongest": None})
-        if entry["strongest"] is None:
-            entry["strongest"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
-        if row["named"]:
-            entry["named"].append(row["sender"])
+    for row in rows:
+        out.setdefault(row["receiver"], {}).setdefault(row["path"], []).append(row)
+    for receiver, paths in out.items():
+        for path, mine in paths.items():
+            necessary = [r["sender"] for r in sorted(mine, key=key("lost")) if "necessary" in r["named_by"]]
+            sufficient = [r["sender"] for r in sorted(mine, key=key("restored"))
+                          if r["named"] and r["sender"] not in necessary]
+            paths[path] = {"named": necessary + sufficient, "strongest": rounded(min(mine, key=key("lost"))),
+                           "most_sufficient": rounded(min(mine, key=key("restored")))}
     return out

@@ -15,7 +15,13 @@ every K-composition score sits at its random baseline. Here the question is put 
   patched rows need only both runs' layer-L queries and keys: one forward pass per sender.
 
 ``lost`` = (clean - patched) / clean, summed over trials: 0 when s does not feed g through the path, 1 when the
-path carries all of g's attention to the target. :data:`FEEDER_RULE` names a sender a feeder.
+path carries all of g's attention to the target.
+
+Ablating one head finds the heads a receiver *needs*; it misses feeders that back each other up (two previous-token
+heads that write the same thing: ablating either removes nothing). So each sender is also measured *alone in its
+layer* (denoising; Heimersheim and Nanda 2024): with every other head of its layer ablated, ``restored`` = (alone -
+floor) / (clean - floor), where ``floor`` has the whole layer ablated and ``layer_lost`` = (clean - floor) / clean is
+what the layer carries through the path. :data:`FEEDER_RULE` names a sender a feeder by either measure.
 """
 
 from __future__ import annotations
@@ -34,10 +40,13 @@ from attnlab.core.stats import bootstrap_ratio_ci, top_share
 
 PATHS = ("K", "Q")
 MIN_LOST = 0.25
+MIN_RESTORED = 0.5
 MAX_TOP_SHARE = 0.5
 FEEDER_RULE = (f"a sender is named a feeder of a receiver through a path when ablating it removes at least "
-               f"{MIN_LOST:.0%} of the receiver's attention to its target there, the 95% CI's lower bound is above 0, "
-               f"and no single trial carries more than {MAX_TOP_SHARE:.0%} of the loss")
+               f"{MIN_LOST:.0%} of the receiver's attention to its target there (necessary), or when, with the rest of "
+               f"its layer ablated, it alone restores at least {MIN_RESTORED:.0%} of what its layer carries there and "
+               f"the layer carries at least {MIN_LOST:.0%} (sufficient: feeders that back each other up); either way "
+               f"the 95% CI's lower bound is above 0 and no single trial carries more than {MAX_TOP_SHARE:.0%}")
 
 
 class _Stop(Exception):
@@ -87,12 +96,16 @@ def _to_targets(q, k, mask, scaling, causal, queries, targets) -> torch.Tensor:
 class PathResult:
     """``receivers``: the heads traced [(layer, head)]; ``clean``: ``[R, T]`` each receiver's attention to its
     targets per trial (mean over the trial's queries); ``patched[path]``: ``[R, L, H, T]`` the same with one sender
-    (layer, head) ablated on that path only; NaN where the sender is not in an earlier layer."""
+    (layer, head) ablated on that path only; ``alone[path]``: ``[R, L, H, T]`` with every head of the sender's layer
+    but the sender ablated; ``floor[path]``: ``[R, L, T]`` with the whole layer ablated. NaN where the sender is not
+    in an earlier layer."""
 
     receivers: list
     clean: np.ndarray
     patched: dict
     mode: str
+    alone: dict
+    floor: dict
 
     def lost(self, path: str) -> np.ndarray:
         """``[R, L, H]``: share of each receiver's attention to its targets that ablating the sender removes through
@@ -101,23 +114,46 @@ class PathResult:
         with np.errstate(invalid="ignore", divide="ignore"):
             return (total - self.patched[path].sum(-1)) / total
 
+    def layer_lost(self, path: str) -> np.ndarray:
+        """``[R, L]``: share of each receiver's attention to its targets that ablating a whole layer removes."""
+        total = self.clean.sum(-1)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (total - self.floor[path].sum(-1)) / total
+
+    def restored(self, path: str) -> np.ndarray:
+        """``[R, L, H]``: share of what its layer carries through ``path`` that the sender alone restores."""
+        floor = self.floor[path].sum(-1)[..., None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (self.alone[path].sum(-1) - floor) / (self.clean.sum(-1)[:, None, None] - floor)
+
     def table(self, seed: int) -> list[dict]:
         """One row per receiver, sender and path: lost share, its bootstrap 95% CI over trials, the largest trial's
-        share of the loss, and whether :data:`FEEDER_RULE` names the sender."""
+        share of the loss; the layer's lost share, the share the sender restores alone with its CI and largest
+        trial's share; ``named_by`` (necessary, sufficient, both or none) and ``named`` by :data:`FEEDER_RULE`."""
         rows = []
         for r, (rl, rh) in enumerate(self.receivers):
             for path in PATHS:
-                lost = self.lost(path)[r]
+                lost, layer_lost, restored = self.lost(path)[r], self.layer_lost(path)[r], self.restored(path)[r]
                 for sl in range(rl):
+                    floor = self.floor[path][r, sl]
                     for sh in range(lost.shape[1]):
-                        clean, patched = self.clean[r], self.patched[path][r, sl, sh]
+                        clean = self.clean[r]
+                        patched, alone = self.patched[path][r, sl, sh], self.alone[path][r, sl, sh]
                         lo, hi = bootstrap_ratio_ci(clean - patched, clean, seed)
                         top = float(top_share(clean - patched))
-                        named = bool(lost[sl, sh] >= MIN_LOST and lo > 0 and top <= MAX_TOP_SHARE)
+                        r_lo, r_hi = bootstrap_ratio_ci(alone - floor, clean - floor, seed)
+                        r_top = float(top_share(alone - floor))
+                        by = [name for name, ok in (
+                            ("necessary", lost[sl, sh] >= MIN_LOST and lo > 0 and top <= MAX_TOP_SHARE),
+                            ("sufficient", layer_lost[sl] >= MIN_LOST and restored[sl, sh] >= MIN_RESTORED
+                             and r_lo > 0 and r_top <= MAX_TOP_SHARE)) if ok]
                         rows.append({"receiver": f"L{rl}H{rh}", "sender": f"L{sl}H{sh}", "path": path,
                                      "clean": float(clean.mean()), "patched": float(patched.mean()),
                                      "lost": float(lost[sl, sh]), "ci_low": lo, "ci_high": hi,
-                                     "top_trial_share": top, "named": named})
+                                     "top_trial_share": top, "layer_lost": float(layer_lost[sl]),
+                                     "restored": float(restored[sl, sh]), "restored_ci_low": r_lo,
+                                     "restored_ci_high": r_hi, "restored_top_trial_share": r_top,
+                                     "named_by": "+".join(by), "named": bool(by)})
         return rows
 
 
@@ -134,8 +170,9 @@ def trace_paths(lm, ids, queries, targets, receivers, *, mode: str = "zero", ref
     """The K and Q paths from every head of an earlier layer into each receiver (see the module doc).
 
     ``ids`` ``[T, S]`` (no padding), ``queries``/``targets`` ``[T, Q]`` positions, ``receivers`` [(layer, head)].
-    Cost: one forward pass per sender, stopping at the last receiver layer; the patched rows of a receiver layer
-    only need its clean and ablated queries and keys (its input is clean in both patched runs)."""
+    Cost: two forward passes per sender (it ablated; it alone in its layer) and one per sender layer (all ablated),
+    stopping at the last receiver layer; the patched rows of a receiver layer only need its clean and ablated
+    queries and keys (its input is clean in both patched runs)."""
     ids, queries, targets = (torch.as_tensor(x) for x in (ids, queries, targets))
     receivers = sorted({(int(a), int(b)) for a, b in receivers})
     if not receivers:
@@ -148,19 +185,35 @@ def trace_paths(lm, ids, queries, targets, receivers, *, mode: str = "zero", ref
     clean = _capture(lm, ids, layers)
     clean_att = {layer: _to_targets(*clean[layer], queries, targets) for layer in layers}  # [T, H]
     n = ids.shape[0]
-    patched = {p: np.full((len(receivers), lm.n_layers, lm.n_heads, n), np.nan) for p in PATHS}
-    for sl in range(max(layers)):
+    patched, alone = ({p: np.full((len(receivers), lm.n_layers, lm.n_heads, n), np.nan) for p in PATHS}
+                      for _ in range(2))
+    floor = {p: np.full((len(receivers), lm.n_layers, n), np.nan) for p in PATHS}
+
+    def run(sl: int, ablated_heads: list[int]) -> dict:
+        """``{path: {receiver index: [T]}}`` with heads ``ablated_heads`` of layer ``sl`` ablated on each path."""
         later = [layer for layer in layers if layer > sl]
-        for sh in range(lm.n_heads):
-            ablated = _capture(lm, ids, later, HeadEdit(layer_index(lm), [(sl, sh)], mode, values))
-            for layer in later:
-                q, k, mask, scaling, causal = clean[layer]
-                q_abl, k_abl = ablated[layer][:2]
-                got = {"K": _to_targets(q, k_abl, mask, scaling, causal, queries, targets),
-                       "Q": _to_targets(q_abl, k, mask, scaling, causal, queries, targets)}
-                for r, (rl, rh) in enumerate(receivers):
-                    if rl == layer:
-                        for path in PATHS:
-                            patched[path][r, sl, sh] = got[path][:, rh].numpy()
+        ablated = _capture(lm, ids, later, HeadEdit(layer_index(lm), [(sl, h) for h in ablated_heads], mode, values))
+        out: dict = {path: {} for path in PATHS}
+        for layer in later:
+            q, k, mask, scaling, causal = clean[layer]
+            q_abl, k_abl = ablated[layer][:2]
+            got = {"K": _to_targets(q, k_abl, mask, scaling, causal, queries, targets),
+                   "Q": _to_targets(q_abl, k, mask, scaling, causal, queries, targets)}
+            for r, (rl, rh) in enumerate(receivers):
+                if rl == layer:
+                    for path in PATHS:
+                        out[path][r] = got[path][:, rh].numpy()
+        return out
+
+    everyone = list(range(lm.n_heads))
+    for sl in range(max(layers)):
+        for path, by_receiver in run(sl, everyone).items():
+            for r, values_r in by_receiver.items():
+                floor[path][r, sl] = values_r
+        for sh in everyone:
+            for target, heads in ((patched, [sh]), (alone, [h for h in everyone if h != sh])):
+                for path, by_receiver in run(sl, heads).items():
+                    for r, values_r in by_receiver.items():
+                        target[path][r, sl, sh] = values_r
     clean_rows = np.stack([clean_att[rl][:, rh].numpy() for rl, rh in receivers])
-    return PathResult(receivers, clean_rows, patched, mode)
+    return PathResult(receivers, clean_rows, patched, mode, alone, floor)

@@ -210,17 +210,19 @@ def _organism_map(runner, final: Path, title: str) -> dict:
             for sender in entry["named"]:
                 roles[sender] = ", ".join(filter(None, [roles.get(sender), f"feeds {receiver}'s "
                                                         f"{'keys' if path == 'K' else 'queries'}"]))
-            best = entry["strongest"]
+            best, alone = entry["strongest"], entry.get("most_sufficient")
+            backed = (f"; alone in its layer, {alone['sender']} restores {alone['restored']:.0%} of the "
+                      f"{alone['layer_lost']:.0%} the layer carries" if alone and alone["layer_lost"] >= 0.05 else "")
             feeding.append(f"{path} path into {receiver}: {', '.join(entry['named']) or 'no head'} named (strongest "
                            f"{best['sender']}, {best['lost']:.0%} of its attention to the target lost, 95% CI "
-                           f"{best['ci_low']:.0%} .. {best['ci_high']:.0%})")
+                           f"{best['ci_low']:.0%} .. {best['ci_high']:.0%}{backed})")
     comp = verdict["heads"] and _strongest_k_composition(s.out / "runs" / "organism_heads" / "composition.csv",
                                                          verdict["heads"][0])
     base, deltas = _ablation_table(s.out / "runs" / "organism_ablate" / "ablation.csv")
     rows = [(head, f"{d:.3f}", f"{-d / base:.0%}" if base > 0 else "n/a", roles.get(head, ""))
             for head, d in deltas[:5]]
     paths_text = (" Which earlier heads feed it, by path patching (each layer-0 head ablated on the induction head's "
-                  "keys or queries alone; " + FEEDER_RULE + "): " + "; ".join(feeding) + "." if feeding else
+                  "keys or queries alone, and kept alone with the rest of layer 0 ablated; " + FEEDER_RULE + "): " + "; ".join(feeding) + "." if feeding else
                   " No head passed the induction-score threshold for path patching.")
     if comp:
         paths_text += " " + _k_composition_text(verdict["heads"][0], comp)

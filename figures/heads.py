@@ -109,17 +109,18 @@ def plot(folder, meta: dict) -> dict:
 
 def paths_figure(csv_path, title: str, path=None):
     """From a heads run's ``paths.csv``: per receiver, the share of its attention to the target that zeroing each
-    earlier head removes through its keys (K) and its queries (Q), with the bootstrap 95% CI, the rule's 25% line,
-    and the senders the rule names marked."""
+    earlier head removes through its keys (K) and its queries (Q) (bars, with the bootstrap 95% CI and the rule's 25%
+    line), the share of its layer's part that each head restores alone (diamonds), and the senders the rule names
+    marked."""
     import csv
 
-    from attnlab.circuits.paths import MIN_LOST
+    from attnlab.circuits.paths import MIN_LOST, MIN_RESTORED
 
     with open(csv_path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     receivers = list(dict.fromkeys(r["receiver"] for r in rows))
     fig, axes = plt.subplots(len(receivers), 1, squeeze=False,
-                             figsize=(max(7.0, 0.22 * len(rows) / len(receivers) + 3), 3.4 * len(receivers)))
+                             figsize=(max(7.0, 0.22 * len(rows) / len(receivers) + 3) + 2.5, 3.6 * len(receivers)))
     for ax, receiver in zip(axes[:, 0], receivers):
         mine = [r for r in rows if r["receiver"] == receiver]
         senders = list(dict.fromkeys(r["sender"] for r in mine))
@@ -132,18 +133,26 @@ def paths_figure(csv_path, title: str, path=None):
             hi = np.array([float(by[s]["ci_high"]) for s in senders])
             ax.bar(x + offset, lost, 0.4, color=colour, label=f"{kind}: its {'keys' if kind == 'K' else 'queries'}",
                    yerr=np.nan_to_num([lost - lo, hi - lost]), capsize=2, error_kw={"lw": 0.8})
-            top, bottom = max(top, np.nanmax(hi)), min(bottom, np.nanmin(lo))
+            restored = np.array([float(by[s]["restored"]) if float(by[s]["layer_lost"]) >= MIN_LOST else np.nan
+                                 for s in senders])  # undefined where the layer carries (almost) nothing
+            if np.isfinite(restored).any():
+                ax.plot(x + offset, np.clip(restored, -0.5, 1.5), "D", ms=4.5, mfc="white", mec=colour, mew=1.2,
+                        label=f"{kind}: restored alone in its layer", ls="none")
+            top = max(top, np.nanmax(hi), np.nanmax(np.r_[np.clip(restored, -0.5, 1.5), 0]))
+            bottom = min(bottom, np.nanmin(lo), np.nanmin(np.r_[np.clip(restored, -0.5, 1.5), 0]))
             for i, s in enumerate(senders):
                 if by[s]["named"] == "1":
-                    ax.text(i + offset, max(lost[i], hi[i]) + 0.03, "*", ha="center", fontsize=12)
+                    ax.text(i + offset, np.nanmax([lost[i], hi[i], restored[i]]) + 0.03, "*", ha="center",
+                            fontsize=12)
         ax.set_ylim(bottom - 0.08, top + 0.15)  # room for the stars above the bars
         ax.axhline(MIN_LOST, color="#888888", lw=0.8, ls="--")
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xticks(x, senders, rotation=90 if len(senders) > 16 else 0, fontsize=9)
-        ax.set_ylabel("share of its attention\nto the target removed", fontsize=9.5)
-        ax.set_title(f"into {receiver}, each earlier head zeroed alone; * = a feeder by the rule (>= {MIN_LOST:.0%}, CI "
-                     "above 0, no trial over half)", fontsize=10)
-        ax.legend(fontsize=9, loc="upper right")
+        ax.set_ylabel("share of its attention\nto the target", fontsize=9.5)
+        ax.set_title(f"into {receiver}: bars, removed when each earlier head is zeroed; diamonds, restored by it alone "
+                     f"in its layer\n* = a feeder by the rule (removes >= {MIN_LOST:.0%} or restores >= "
+                     f"{MIN_RESTORED:.0%}, CI above 0, no trial over half)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a star
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return save_or_return(fig, path)

@@ -95,7 +95,7 @@ def planted_lag_gpt2(lag: int, positions: int = 256, vocab_size: int = 1000, sha
 RECENCY = 7.0
 
 
-def planted_induction_circuit(positions: int = 64, seed: int = 0, tiny: float = 1e-3):
+def planted_induction_circuit(positions: int = 64, seed: int = 0, tiny: float = 1e-3, backup: bool = False):
     """A 2-layer BERT masked LM whose answer is known: a previous-token head (L0H0) writes the previous token
     into a subspace; an induction head (L1H0) matches that subspace between query and keys, looks only
     backwards, and copies the attended token into the token subspace that the tied decoder reads. L0H1 and L1H1
@@ -103,7 +103,10 @@ def planted_induction_circuit(positions: int = 64, seed: int = 0, tiny: float = 
 
     Residual stream (d_model 256): tokens [0, 64) (random unit embeddings), positions [64, 128) (one-hot),
     previous token [128, 192), a constant and the relative position p / S at 192 and 193. Head dimension 128. Attention scores are scaled by 1/sqrt(128) in BERT; the
-    constants below are set with that and the LayerNorms' rescaling in mind."""
+    constants below are set with that and the LayerNorms' rescaling in mind.
+
+    ``backup``: L0H1 is a second previous-token head, a copy of L0H0 - each alone feeds the induction head fully,
+    so ablating either one changes nothing and ablating both removes it all."""
     from transformers import BertConfig, BertForMaskedLM
 
     vocab, d_model, n_heads, d_head = 30522, 256, 2, 128
@@ -135,8 +138,12 @@ def planted_induction_circuit(positions: int = 64, seed: int = 0, tiny: float = 
         a1.self.key.weight[64, 193] = 1.0  # matches itself) is later than the previous instance
         a1.self.value.weight[0:64, tok] = eye  # copy the attended token...
         a1.output.dense.weight[tok, 0:64] = 6.0 * eye  # ...into the token subspace the decoder reads
-        for layer in model.bert.encoder.layer:  # the other head of each layer: tiny random weights
-            h1 = slice(d_head, 2 * d_head)
+        h1 = slice(d_head, 2 * d_head)
+        if backup:
+            for lin in (a0.self.query, a0.self.key, a0.self.value):
+                lin.weight[h1] = lin.weight[:d_head]
+            a0.output.dense.weight[:, h1] = a0.output.dense.weight[:, :d_head]
+        for layer in model.bert.encoder.layer[int(backup):]:  # the other head of each layer: tiny random weights
             for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
                 lin.weight[h1] = tiny * torch.randn(d_head, d_model, generator=g)
             layer.attention.output.dense.weight[:, h1] = tiny * torch.randn(d_model, d_head, generator=g)

@@ -34,11 +34,11 @@ def _loud(model, std: float = 0.3):
     return model
 
 
-def _reference(model, ids, queries, targets, layers, *, projection, splice, out_proj):
+def _reference(model, ids, queries, targets, layers, *, projection, splice, out_proj, zeroed_heads=lambda sh: [sh]):
     """``{(sender, layer, path): [T, H]}``: each receiver layer's attention to the targets (mean over queries) with
-    that layer's queries or keys taken from a run in which the sender is zeroed, and ``{layer: [T, H]}`` clean - by
-    editing weights and hooking the projection modules in eager attention, nothing of attnlab's hook point
-    involved."""
+    that layer's queries or keys taken from a run in which the sender (``zeroed_heads(head)`` of its layer; head
+    None: the whole layer) is zeroed, and ``{layer: [T, H]}`` clean - by editing weights and hooking the projection
+    modules in eager attention, nothing of attnlab's hook point involved."""
     clean = _eager(model)
 
     def attention_to_targets(hooks, layer):
@@ -53,11 +53,12 @@ def _reference(model, ids, queries, targets, layers, *, projection, splice, out_
     out = {}
     heads = model.config.num_attention_heads
     for sl in range(max(layers)):
-        for sh in range(heads):
+        for sh, zeroed in [(sh, zeroed_heads(sh)) for sh in range(heads)] + [(None, range(heads))]:
             def zero_sender(m):
                 dense = out_proj(m, sl)
                 d = dense.weight.shape[1] // heads
-                dense.weight[:, sh * d:(sh + 1) * d] = 0
+                for h in zeroed:
+                    dense.weight[:, h * d:(h + 1) * d] = 0
 
             ablated, kept = _eager(model, zero_sender), {}
             later = [layer for layer in layers if layer > sl]
@@ -86,14 +87,23 @@ def test_path_patching_equals_eager_hooks_in_bert_through_a_layer_between():
                                                         "key" if path == "K" else "query"),
               splice=lambda out, other, path: other, out_proj=lambda m, layer: m.bert.encoder.layer[layer].attention.output.dense)
     ref, clean = _reference(model, ids, queries, targets, [1, 2], **kw)
+    alone, _ = _reference(model, ids, queries, targets, [1, 2],
+                          zeroed_heads=lambda sh: [h for h in range(4) if h != sh], **kw)
     for r, (rl, rh) in enumerate(result.receivers):
         for sender in [(sl, sh) for sl in range(rl) for sh in range(4)]:
             for path in ("K", "Q"):
                 got = result.patched[path][r, sender[0], sender[1]]
                 assert np.allclose(got, ref[(sender, rl, path)][:, rh].double().numpy(), atol=2e-6), (rl, rh, sender)
+                got = result.alone[path][r, sender[0], sender[1]]
+                assert np.allclose(got, alone[(sender, rl, path)][:, rh].double().numpy(), atol=2e-6), (rl, rh, sender)
+        for sl in range(rl):
+            for path in ("K", "Q"):
+                assert np.allclose(result.floor[path][r, sl], ref[((sl, None), rl, path)][:, rh].double().numpy(),
+                                   atol=2e-6), (rl, rh, sl)
         assert np.allclose(result.clean[r], clean[rl][:, rh].double().numpy(), atol=2e-6)
     for path in ("K", "Q"):  # the patches matter, so the equality above says something
         assert np.nanmax(np.abs(result.patched[path] - result.clean[:, None, None])) > 0.02
+        assert np.nanmax(np.abs(result.alone[path] - result.patched[path])) > 0.02
     assert np.isnan(result.patched["K"][0, 1]).all() and np.isnan(result.patched["K"][0, 2]).all()  # L1 receiver
 
 
@@ -155,6 +165,30 @@ def test_path_patching_names_the_planted_previous_token_head_on_both_paths():
     assert named == {("L1H0", "L0H0", "K"), ("L1H0", "L0H0", "Q")}, FEEDER_RULE
     lo = [r["ci_low"] for r in rows if (r["receiver"], r["sender"]) == ("L1H0", "L0H0")]
     assert min(lo) > 0.99
+    # alone in its layer, the previous-token head restores it all and the idle head nothing
+    assert {r["named_by"] for r in rows if r["named"]} == {"necessary+sufficient"}
+    assert all(r["restored"] < 0.01 for r in rows if (r["receiver"], r["sender"]) == ("L1H0", "L0H1"))
+
+
+def test_path_patching_names_previous_token_heads_that_back_each_other_up():
+    """Two identical previous-token heads: ablating either one removes nothing (the necessity test names neither),
+    ablating both removes it all, and each alone restores it all - both named, as sufficient."""
+    from attnlab.circuits.heads import feeders
+    from planted import planted_induction_circuit
+
+    lm = wrap_model(planted_induction_circuit(backup=True))
+    _, inputs = _planted_input(lm)
+    result = trace_paths(lm, *inputs, [(1, 0)])
+    assert result.clean[0].mean() > 0.99
+    for path in ("K", "Q"):
+        assert np.abs(result.lost(path)[0, 0]).max() < 0.01  # neither is needed
+        assert result.layer_lost(path)[0, 0] > 0.99  # the two together are
+        assert (result.restored(path)[0, 0] > 0.99).all()
+    rows = result.table(seed=0)
+    assert {(r["sender"], r["path"], r["named_by"]) for r in rows} == {
+        (s, p, "sufficient") for s in ("L0H0", "L0H1") for p in ("K", "Q")}, FEEDER_RULE
+    entry = feeders(rows)["L1H0"]["K"]
+    assert entry["named"] == ["L0H0", "L0H1"] and entry["most_sufficient"]["restored"] > 0.99
 
 
 def test_causal_targets_are_the_token_after_the_previous_instance():
