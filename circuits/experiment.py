@@ -101,8 +101,8 @@ def describe_heads(meta: dict) -> list[str]:
 
 def _alone(row) -> str:
     """How much the sender that restores most does alone in its layer, where its layer carries the path."""
-    if not row or not row["layer_lost"] >= 0.05:
-        return ""
+    if not row or not isinstance(row["restored"], float) or row["restored"] != row["restored"]:
+        return ""  # NaN (None once saved): its layer carries too little for a share of it to mean anything
     return (f"; alone in its layer, {row['sender']} restores {row['restored']:.0%} of the {row['layer_lost']:.0%} "
             f"its layer carries, 95% CI {row['restored_ci_low']:.0%} .. {row['restored_ci_high']:.0%}")
 

@@ -129,7 +129,8 @@ class PathResult:
     def table(self, seed: int) -> list[dict]:
         """One row per receiver, sender and path: lost share, its bootstrap 95% CI over trials, the largest trial's
         share of the loss; the layer's lost share, the share the sender restores alone with its CI and largest
-        trial's share; ``named_by`` (necessary, sufficient, both or none) and ``named`` by :data:`FEEDER_RULE`."""
+        trial's share (NaN where the layer carries under ``MIN_LOST``); ``named_by`` (necessary, sufficient, both
+        or none) and ``named`` by :data:`FEEDER_RULE`."""
         rows = []
         for r, (rl, rh) in enumerate(self.receivers):
             for path in PATHS:
@@ -141,8 +142,11 @@ class PathResult:
                         patched, alone = self.patched[path][r, sl, sh], self.alone[path][r, sl, sh]
                         lo, hi = bootstrap_ratio_ci(clean - patched, clean, seed)
                         top = float(top_share(clean - patched))
-                        r_lo, r_hi = bootstrap_ratio_ci(alone - floor, clean - floor, seed)
-                        r_top = float(top_share(alone - floor))
+                        if layer_lost[sl] >= MIN_LOST:
+                            r_lo, r_hi = bootstrap_ratio_ci(alone - floor, clean - floor, seed)
+                            r_top, r_mean = float(top_share(alone - floor)), float(restored[sl, sh])
+                        else:  # the layer carries (almost) nothing here: a share of it is noise over ~0
+                            r_lo = r_hi = r_top = r_mean = float("nan")
                         by = [name for name, ok in (
                             ("necessary", lost[sl, sh] >= MIN_LOST and lo > 0 and top <= MAX_TOP_SHARE),
                             ("sufficient", layer_lost[sl] >= MIN_LOST and restored[sl, sh] >= MIN_RESTORED
@@ -151,7 +155,7 @@ class PathResult:
                                      "clean": float(clean.mean()), "patched": float(patched.mean()),
                                      "lost": float(lost[sl, sh]), "ci_low": lo, "ci_high": hi,
                                      "top_trial_share": top, "layer_lost": float(layer_lost[sl]),
-                                     "restored": float(restored[sl, sh]), "restored_ci_low": r_lo,
+                                     "restored": r_mean, "restored_ci_low": r_lo,
                                      "restored_ci_high": r_hi, "restored_top_trial_share": r_top,
                                      "named_by": "+".join(by), "named": bool(by)})
         return rows

@@ -212,7 +212,8 @@ def _organism_map(runner, final: Path, title: str) -> dict:
                                                         f"{'keys' if path == 'K' else 'queries'}"]))
             best, alone = entry["strongest"], entry.get("most_sufficient")
             backed = (f"; alone in its layer, {alone['sender']} restores {alone['restored']:.0%} of the "
-                      f"{alone['layer_lost']:.0%} the layer carries" if alone and alone["layer_lost"] >= 0.05 else "")
+                      f"{alone['layer_lost']:.0%} the layer carries" if alone and isinstance(alone["restored"], float)
+                      and alone["restored"] == alone["restored"] else "")
             feeding.append(f"{path} path into {receiver}: {', '.join(entry['named']) or 'no head'} named (strongest "
                            f"{best['sender']}, {best['lost']:.0%} of its attention to the target lost, 95% CI "
                            f"{best['ci_low']:.0%} .. {best['ci_high']:.0%}{backed})")

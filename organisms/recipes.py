@@ -31,6 +31,16 @@ Why these choices (``docs/organisms.md`` has the measurements):
   still learns they are uniform: the first copy's loss is the copying gain's control, and leaving them all out
   (0.205 s a step) let it rise above ln 2048, overstating what the copy buys by about 2 nats. With a quarter, seed
   0's phase change came at steps 900-1,100 instead of 1,700-1,800, so the recipe stops at step 2,400.
+- **First-layer head dropout after the phase change** (``head_dropout`` 0.3; causal from step 1,200, masked from
+  step 3,200):
+  without it one previous-token head feeds the induction head alone, so zeroing that feeder removes the copying as
+  surely as zeroing the induction head (104%); with each layer-0 head dropped in 30% of the sequences after the
+  induction head has formed (seed 0 forms it at step 968, seed 2 at about 1,150), a second previous-token head
+  takes up the role, and neither feeder removes more than a tenth. From the start of training the same dropout
+  delayed the phase change past the budget (seeds 1 and 2 at p 0.3, seed 0 at p 0.25) or spread the induction
+  role over three layer-1 heads (seed 0 at p 0.2 and 0.3), none removing half of the gain. In the masked model
+  (seed 1: head formed at steps 2,600-3,000) it took the duplicate-token feeder L0H3 from 92% of the copying gain to
+  at most 5% for any layer-0 head: three duplicate-token heads now share the role.
 - **A 2,048-entry WordPiece vocabulary** chosen on the corpus (every character, then the most frequent words):
   every token is seen often enough in a few thousand steps, and the softmax over the vocabulary stays cheap.
 """
@@ -69,10 +79,17 @@ class Recipe:
     p_fragment: float = 0.0  # share of the second copies that are only a contiguous piece of X
     copy_mask: float = 0.0  # mlm: > 0 masks second copies apart (every other token, with this probability)
     first_copy_loss: float = 1.0  # causal: the share of spans' first-copy tokens (random) that the loss predicts
+    head_dropout: float = 0.0  # training only: each first-layer head's output is dropped with this probability,
+    # per sequence (DropHead; the kept ones scaled by 1 / (1 - p)), so no single first-layer head is necessary
+    head_dropout_from: int = 0  # ... from this step on (before it, training is the recipe's without head dropout)
     checkpoints: int = 8  # log-spaced checkpoints, the last one at ``steps``
     linear_checkpoints: int = 0  # plus this many evenly spaced ones: a phase change late in training is located
     eval_every: int = 100
     summary: str = ""
+
+    def __post_init__(self):
+        if not 0 <= self.head_dropout < 1:
+            raise InputError(f"recipe {self.name!r}: head_dropout must be in [0, 1), got {self.head_dropout}")
 
     def record(self) -> dict:
         return asdict(self)
@@ -81,15 +98,17 @@ class Recipe:
 RECIPES = {r.name: r for r in [
     Recipe("induction-causal", "causal", "gpt_neox", layers=2, d_model=128, heads=8, vocab_size=2048, seq_len=128,
            batch=32, steps=2400, lr=3e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2,
-           first_copy_loss=0.25, linear_checkpoints=8,
+           first_copy_loss=0.25, head_dropout=0.3, head_dropout_from=1200, linear_checkpoints=8,
            summary="2-layer GPT-NeoX (rotary), d_model 128, 8 heads; next-token loss on text and repeated random "
-                   "spans (a quarter of the first copies' random tokens)"),
+                   "spans (a quarter of the first copies' random tokens); from step 1,200, each layer-0 head "
+                   "dropped in 30% of the sequences"),
     Recipe("induction-mlm", "mlm", "modernbert", layers=2, d_model=128, heads=4, vocab_size=2048, seq_len=128,
            batch=32, steps=4200, lr=4e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.3,
-           linear_checkpoints=10,
+           head_dropout=0.3, head_dropout_from=3200, linear_checkpoints=10,
            summary="2-layer ModernBERT (a BERT-style encoder with rotary positions, every layer global), d_model "
                    "128, 4 heads; masked-LM loss (30% masked) on text and repeated random spans, 128 tokens after "
-                   "[CLS] with no end marker (measure it with end_sep off)"),
+                   "[CLS] with no end marker (measure it with end_sep off); from step 3,200, each layer-0 head "
+                   "dropped in 30% of the sequences"),
     Recipe("smoke", "causal", "gpt_neox", layers=2, d_model=32, heads=2, vocab_size=256, seq_len=48, batch=4,
            steps=40, lr=1e-3, warmup=5, span_min=3, span_max=10, gap_max=3, p_text=0.3, checkpoints=4, eval_every=10,
            summary="a seconds-long run for tests: checks the machinery, forms nothing"),

@@ -63,8 +63,36 @@ def build_model(recipe: Recipe, vocab: int, seed: int):
     else:
         raise InputError(f"recipe {recipe.name!r} names architecture {recipe.arch!r}; use gpt_neox, bert or "
                          "modernbert")
-    model.config._attn_implementation = "sdpa"
+    if recipe.head_dropout > 0:  # the hook point that drops heads: SDPA plus the edit
+        from attnlab.core.attention_impl import CAPTURE_IMPLEMENTATION, install_capture_attention
+
+        install_capture_attention()
+        model.config._attn_implementation = CAPTURE_IMPLEMENTATION
+    else:
+        model.config._attn_implementation = "sdpa"
     return model
+
+
+class HeadDropout:
+    """An editor for the one hook point (:class:`attnlab.core.attention_impl.editing`) that drops each head of the
+    first layer, per sequence, with probability ``p`` and scales the kept ones by ``1 / (1 - p)`` (DropHead, Zhou et
+    al. 2020). In training only: it spreads the first layer's roles over several heads, so that the induction head's
+    feeder is not one necessary head. ``out``: ``[B, S, H, d_head]``; the draws come from ``g``."""
+
+    def __init__(self, module, p: float, g: torch.Generator):
+        self.module, self.p, self.g = module, p, g
+
+    def edit(self, module, out):
+        if module is not self.module:
+            return out
+        keep = torch.rand((out.shape[0], 1, out.shape[2], 1), generator=self.g) >= self.p
+        return out * keep.to(out.dtype) / (1 - self.p)
+
+
+def _first_attention(model):
+    from attnlab.core.architectures import architecture_of
+
+    return architecture_of(model.config).attention_modules(model.base_model)[0]
 
 
 def _lr(recipe: Recipe, step: int) -> float:
@@ -126,6 +154,17 @@ def evaluate(model, recipe: Recipe, eval_text: torch.Tensor, rrt: torch.Tensor, 
     model.train()
     return {"text_loss": text, "rrt_loss_first": first.mean().item(), "rrt_loss_second": second.mean().item(),
             "rrt_acc_second": hit.mean().item(), "copying_gain": (first.mean() - second.mean()).item()}
+
+
+def _dropping(model, recipe: Recipe, seed: int, step: int):
+    """The training step's head dropout (a no-op context for a recipe without it)."""
+    from contextlib import nullcontext
+
+    if recipe.head_dropout <= 0 or step < recipe.head_dropout_from:
+        return nullcontext()
+    from attnlab.core.attention_impl import editing
+
+    return editing(HeadDropout(_first_attention(model), recipe.head_dropout, D.generator(seed, step, stream=2)))
 
 
 def _save_checkpoint(model, tokenizer, folder: Path) -> None:
@@ -222,7 +261,8 @@ def _train(recipe, out: Path, texts, key, seed, say, progress, versions, write_j
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ids, role = D.batch(recipe, train_text, vocab, seed, step)
-            loss = _loss(model, recipe, ids, vocab, D.generator(seed, step, stream=1), role)
+            with _dropping(model, recipe, seed, step):
+                loss = _loss(model, recipe, ids, vocab, D.generator(seed, step, stream=1), role)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

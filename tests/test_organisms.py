@@ -424,10 +424,13 @@ def test_the_causal_loss_with_a_share_of_first_copies_is_the_loss_without_the_ot
     assert 0.15 < kept[first].float().mean() < 0.35 and kept[~first].all()
 
 
-def test_the_first_copy_share_is_seeded_and_an_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path,
-                                                                                           monkeypatch):
-    """The loss's draw of first copies comes from (seed, step) alone: two runs give the same weights, and a run
-    interrupted at step 23 resumes to them."""
+@pytest.mark.parametrize("override", [{"first_copy_loss": 0.25}, {"head_dropout": 0.5}])
+def test_a_recipes_random_draws_are_seeded_and_an_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path,
+                                                                                              monkeypatch, trained,
+                                                                                              override):
+    """The loss's draw of first copies and the heads dropped come from (seed, step) alone: two runs give the same
+    weights, a run interrupted at step 23 resumes to them, and they differ from the plain recipe's (the draw is in
+    effect)."""
     from dataclasses import replace
 
     from attnlab.experiments.organisms import _texts
@@ -435,7 +438,7 @@ def test_the_first_copy_share_is_seeded_and_an_interrupted_run_resumes_to_the_sa
     from attnlab.organisms.recipes import get_recipe
     from attnlab.organisms.train import train
 
-    recipe = replace(get_recipe("smoke"), first_copy_loss=0.25)
+    recipe = replace(get_recipe("smoke"), **override)
     texts, digest, spec = _texts(str(corpus))
     train(recipe, tmp_path / "a", texts, digest, seed=0, say=lambda *_: None, corpus=spec)
     real = data.batch
@@ -452,3 +455,54 @@ def test_the_first_copy_share_is_seeded_and_an_interrupted_run_resumes_to_the_sa
     train(recipe, tmp_path / "b", texts, digest, seed=0, say=lambda *_: None, corpus=spec)
     a, b = (_weights(tmp_path / run / "checkpoints" / "step-000040") for run in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = _weights(trained / "checkpoints" / "step-000040")
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_head_dropout_from_a_step_leaves_the_training_before_it_as_the_plain_recipes(corpus, tmp_path, trained):
+    """Up to ``head_dropout_from`` the run is the plain recipe's, bit for bit (the hook point that drops heads is
+    SDPA itself until an edit is active); after it, the weights differ."""
+    from dataclasses import replace
+
+    from attnlab.experiments.organisms import _texts
+    from attnlab.organisms.recipes import get_recipe
+    from attnlab.organisms.train import train
+
+    texts, digest, spec = _texts(str(corpus))
+    recipe = replace(get_recipe("smoke"), head_dropout=0.5, head_dropout_from=30)
+    train(recipe, tmp_path / "a", texts, digest, seed=0, say=lambda *_: None, corpus=spec)
+    for step, same in (("step-000025", True), ("step-000040", False)):
+        a, plain = _weights(tmp_path / "a" / "checkpoints" / step), _weights(trained / "checkpoints" / step)
+        assert all(torch.equal(a[k], plain[k]) for k in a) == same, step
+
+
+def test_head_dropout_drops_first_layer_heads_per_sequence_and_scales_the_kept_ones():
+    """A training forward pass with ``head_dropout`` equals, sequence by sequence, the plain model whose first-layer
+    output projection has the dropped heads' columns zeroed and the kept ones scaled by 1 / (1 - p); later layers
+    are untouched, and the draw is the step's."""
+    from dataclasses import replace
+
+    from attnlab.organisms import data as D
+    from attnlab.organisms.recipes import get_recipe
+    from attnlab.organisms.train import _dropping, build_model
+
+    recipe = replace(get_recipe("smoke"), heads=4, head_dropout=0.5)
+    model = build_model(recipe, 256, 0).eval()
+    plain = build_model(replace(recipe, head_dropout=0.0), 256, 0).eval()
+    ids, _ = D.batch(replace(recipe, batch=8), torch.arange(D.ORDINARY, 250).repeat(8), 256, 0, 3)
+    with torch.no_grad(), _dropping(model, recipe, 0, 3):
+        ours = model(input_ids=ids).logits
+    keep = torch.rand((8, 1, 4, 1), generator=D.generator(0, 3, stream=2)) >= 0.5
+    assert 0 < keep.sum() < keep.numel()  # some heads dropped, some kept
+    dense = plain.gpt_neox.layers[0].attention.dense
+    weight = dense.weight.detach().clone()
+    d_head = weight.shape[1] // 4
+    for b in range(8):
+        scale = (keep[b, 0, :, 0].float() / 0.5).repeat_interleave(d_head)
+        with torch.no_grad():
+            dense.weight.copy_(weight * scale)
+            reference = plain(input_ids=ids[b:b + 1]).logits
+        assert torch.allclose(ours[b:b + 1], reference, atol=1e-5), b
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        assert torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)  # outside: none

@@ -168,6 +168,9 @@ def test_path_patching_names_the_planted_previous_token_head_on_both_paths():
     # alone in its layer, the previous-token head restores it all and the idle head nothing
     assert {r["named_by"] for r in rows if r["named"]} == {"necessary+sufficient"}
     assert all(r["restored"] < 0.01 for r in rows if (r["receiver"], r["sender"]) == ("L1H0", "L0H1"))
+    idle = [r for r in rows if r["receiver"] == "L1H1"]  # layer 0 carries nothing of the idle head's pattern: no
+    assert idle and all(abs(r["layer_lost"]) < 0.01 and np.isnan(r["restored"]) and np.isnan(r["restored_ci_low"])
+                        for r in idle)  # share of it (a ratio over ~0 would bootstrap to 1e299)
 
 
 def test_path_patching_names_previous_token_heads_that_back_each_other_up():
