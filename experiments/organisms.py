@@ -152,9 +152,9 @@ def organism_line(sections: list[dict]) -> str | None:
 def organism_sections(runner, folder: Path) -> list[dict]:
     """The report's organism sections: the induction map and verdict of the trained organism's last checkpoint
     with the ablation of its heads, and its dynamics. A trained organism is used when ``folder`` holds a finished
-    run of the recipe with this seed and corpus under this attnlab (its identity); training one takes about 8 minutes
-    here (508 s measured alone on 2 cores), more than the main job should add, so otherwise the section names the
-    command."""
+    run of the recipe with this seed and corpus under this attnlab (its identity); training one takes 5-9 minutes
+    on 2 cores (309 s and 508 s measured alone on two machines), more than the main job should add, so otherwise the
+    section names the command."""
     from attnlab.core.errors import AttnlabError
     from attnlab.core.outputs import read_json
     from attnlab.organisms.recipes import get_recipe
@@ -171,8 +171,8 @@ def organism_sections(runner, folder: Path) -> list[dict]:
     meta = read_json(folder / "meta.json")
     if not meta or not meta.get("finished") or meta.get("identity") != identity(recipe, s.seed, digest):
         return [{"title": title, "job": "organism", "error": (
-            f"no trained organism of this recipe, seed, corpus and training code at {folder}. Training one takes about "
-            f"8 minutes on a 2-core CPU; run `{command}` and then rerun this command")}]
+            f"no trained organism of this recipe, seed, corpus and training code at {folder}. Training one takes 5-9 "
+            f"minutes on a 2-core CPU; run `{command}` and then rerun this command")}]
     final = folder / "checkpoints" / checkpoint_name(recipe.steps)
     sections = []
     forming = "The organism's induction head forming during training"
