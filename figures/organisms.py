@@ -8,9 +8,19 @@ import numpy as np
 from attnlab.figures.style import plt, save
 
 
-def plot_curves(rows: list, header: list, title: str, path) -> None:
+def _dropout_mark(ax, dropout_from: int | None) -> None:
+    """A grey dash-dot line where first-layer head dropout starts (the recipe's ``head_dropout_from``)."""
+    if dropout_from is not None:
+        ax.axvline(max(dropout_from, 1), color="#777777", lw=1.0, ls="-.")
+
+
+def _dropout_note(dropout_from: int | None) -> str:
+    return "" if dropout_from is None else f"; grey dash-dot: head dropout in layer 0 from step {dropout_from:,}"
+
+
+def plot_curves(rows: list, header: list, title: str, path, dropout_from: int | None = None) -> None:
     """Loss on text, loss on the second copy of repeated tokens (and on the first), and the copying gain,
-    against training steps."""
+    against training steps; where first-layer head dropout starts marked (``dropout_from``; None: none)."""
     col = {name: i for i, name in enumerate(header)}
     data = np.array([[np.nan if v is None else float(v) for v in r] for r in rows], dtype=float)
     steps = np.maximum(data[:, col["step"]], 1)
@@ -30,15 +40,19 @@ def plot_curves(rows: list, header: list, title: str, path) -> None:
     b.set_xlabel("training step (log scale; step 0 drawn at 1)", fontsize=10)
     b.legend(fontsize=9)
     b.set_title("in-context copying", fontsize=11)
-    fig.suptitle(title, fontsize=11)
+    for ax in (a, b):
+        _dropout_mark(ax, dropout_from)
+    fig.suptitle(title + _dropout_note(dropout_from), fontsize=11)
     fig.tight_layout()
     save(fig, path)
 
 
-def plot_dynamics(rows: list[dict], formed_at: int | None, rule: str, title: str, path) -> None:
+def plot_dynamics(rows: list[dict], formed_at: int | None, rule: str, title: str, path,
+                  dropout_from: int | None = None) -> None:
     """Per checkpoint: the strongest induction head's score and the previous-token score (top), the copying gain and
     the ICL score (middle), the loss on repeated tokens (bottom), against training steps on a log scale; the step
-    where the induction head forms (``formed_at``, by ``rule``) marked on every panel."""
+    where the induction head forms (``formed_at``, by ``rule``) marked on every panel, and where first-layer head
+    dropout starts (``dropout_from``; None: none)."""
     steps = np.maximum(np.array([r["step"] for r in rows], dtype=float), 1)
 
     def series(name):
@@ -59,10 +73,11 @@ def plot_dynamics(rows: list[dict], formed_at: int | None, rule: str, title: str
         ax.set_xscale("log")
         if formed_at is not None:
             ax.axvline(max(formed_at, 1), color="#d62728", lw=1.2, ls=":")
+        _dropout_mark(ax, dropout_from)
         ax.legend(fontsize=9, loc="best")
         ax.grid(alpha=0.3)
     mark = f"dotted red: the induction head forms at step {formed_at}" if formed_at is not None else \
         "no checkpoint meets the formation rule"
-    fig.suptitle(f"{title}\n{mark}\nrule: {rule}", fontsize=10)
+    fig.suptitle(f"{title}\n{mark}{_dropout_note(dropout_from)}\nrule: {rule}", fontsize=10)
     fig.tight_layout()
     save(fig, path)

@@ -151,7 +151,7 @@ def measure(folder, out, cfg: DynamicsConfig, progress: bool = False, say=print)
         write_csv(out / "dynamics.csv", COLUMNS, [[csv_cell(r[c]) for c in COLUMNS] for r in rows])
         label = train_meta["recipe"]["name"]
         plot_dynamics(rows, step, FORMATION_RULE, f"{label} (seed {train_meta['seed']}): a small model trained here",
-                      out / "dynamics.png")
+                      out / "dynamics.png", recipe.dropout_from)
         meta = {"experiment": "dynamics", "checkpoints": str(folder), "config": asdict(cfg), "rows": rows,
                 "end_sep": end_sep(recipe), "formed_at": step, "rule": FORMATION_RULE, "target": rows[-1]["target"],
                 "train_identity": train_meta.get("identity"), "code": code_identity()}

@@ -94,6 +94,11 @@ class Recipe:
     def record(self) -> dict:
         return asdict(self)
 
+    @property
+    def dropout_from(self) -> int | None:
+        """The step first-layer head dropout starts at (None: the recipe has none); the figures mark it."""
+        return self.head_dropout_from if self.head_dropout > 0 else None
+
 
 RECIPES = {r.name: r for r in [
     Recipe("induction-causal", "causal", "gpt_neox", layers=2, d_model=128, heads=8, vocab_size=2048, seq_len=128,

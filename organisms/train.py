@@ -286,7 +286,8 @@ def _train(recipe, out: Path, texts, key, seed, say, progress, versions, write_j
     write_csv(out / "curves.csv", CURVES, [[csv_cell(v) for v in r] for r in rows])
     from attnlab.figures.organisms import plot_curves
 
-    plot_curves(rows, CURVES, f"{recipe.name} (seed {seed}): a small model trained here", out / "curves.png")
+    plot_curves(rows, CURVES, f"{recipe.name} (seed {seed}): a small model trained here", out / "curves.png",
+                recipe.dropout_from)
     final = dict(zip(CURVES, rows[-1]))
     meta = {"experiment": "train", "recipe": recipe.record(), "seed": seed, "corpus": corpus, "identity": key,
             "finished": True,

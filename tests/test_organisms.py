@@ -459,18 +459,25 @@ def test_a_recipes_random_draws_are_seeded_and_an_interrupted_run_resumes_to_the
     assert not all(torch.equal(a[k], plain[k]) for k in a)
 
 
-def test_head_dropout_from_a_step_leaves_the_training_before_it_as_the_plain_recipes(corpus, tmp_path, trained):
+def test_head_dropout_from_a_step_leaves_the_training_before_it_as_the_plain_recipes(corpus, tmp_path, trained,
+                                                                                    monkeypatch):
     """Up to ``head_dropout_from`` the run is the plain recipe's, bit for bit (the hook point that drops heads is
-    SDPA itself until an edit is active); after it, the weights differ."""
+    SDPA itself until an edit is active); after it, the weights differ. The curves mark where it starts."""
     from dataclasses import replace
 
+    import attnlab.figures.organisms as figures
     from attnlab.experiments.organisms import _texts
     from attnlab.organisms.recipes import get_recipe
     from attnlab.organisms.train import train
 
+    marked = []
+    real = figures.plot_curves
+    monkeypatch.setattr(figures, "plot_curves", lambda *a, **k: marked.append(a[4:]) or real(*a, **k))
     texts, digest, spec = _texts(str(corpus))
     recipe = replace(get_recipe("smoke"), head_dropout=0.5, head_dropout_from=30)
+    assert get_recipe("smoke").dropout_from is None and get_recipe("induction-causal").dropout_from == 1200
     train(recipe, tmp_path / "a", texts, digest, seed=0, say=lambda *_: None, corpus=spec)
+    assert marked == [(30,)]
     for step, same in (("step-000025", True), ("step-000040", False)):
         a, plain = _weights(tmp_path / "a" / "checkpoints" / step), _weights(trained / "checkpoints" / step)
         assert all(torch.equal(a[k], plain[k]) for k in a) == same, step
