@@ -12,7 +12,7 @@ every K-composition score sits at its random baseline. Here the question is put 
 - g's pattern is recomputed with only its **keys** (path K) or only its **queries** (path Q) from the ablated run,
   everything else clean: g's attention to its target there, against the clean run's, is what flows from s to g
   through that path (directly or through the layers between). Layer L's input is clean in such a run, so the
-  patched rows need only both runs' layer-L queries and keys: one forward pass per sender.
+  patched rows need only both runs' layer-L queries and keys: one forward pass per ablation.
 
 ``lost`` = (clean - patched) / clean, summed over trials: 0 when s does not feed g through the path, 1 when the
 path carries all of g's attention to the target.
