@@ -95,12 +95,13 @@ def describe_heads(meta: dict) -> list[str]:
             named = ", ".join(entry["named"]) or "none named"
             lines.append(f"{path} path into {receiver}: {named} (strongest {best['sender']} removes {best['lost']:.1%} "
                          f"of its attention to the target, 95% CI {best['ci_low']:.1%} .. {best['ci_high']:.1%}"
-                         + _alone(entry.get("most_sufficient")) + ")")
+                         + alone_clause(entry.get("most_sufficient")) + ")")
     return lines + [f"note: {n}" for n in meta.get("notes") or []]
 
 
-def _alone(row) -> str:
-    """How much the sender that restores most does alone in its layer, where its layer carries the path."""
+def alone_clause(row) -> str:
+    """"; alone in its layer, ..." for a paths row (the sender that restores most), where its layer carries the path;
+    "" otherwise."""
     if not row or not isinstance(row["restored"], float) or row["restored"] != row["restored"]:
         return ""  # NaN (None once saved): its layer carries too little for a share of it to mean anything
     return (f"; alone in its layer, {row['sender']} restores {row['restored']:.0%} of the {row['layer_lost']:.0%} "

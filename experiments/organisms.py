@@ -186,7 +186,7 @@ def organism_sections(runner, folder: Path) -> list[dict]:
 
 
 def _organism_map(runner, final: Path, title: str) -> dict:
-    from attnlab.circuits.experiment import AblationConfig, HeadsConfig
+    from attnlab.circuits.experiment import AblationConfig, HeadsConfig, alone_clause
     from attnlab.circuits.paths import FEEDER_RULE
     from attnlab.induction.experiment import InductionConfig
     from attnlab.induction.scores import verdict_line
@@ -210,13 +210,11 @@ def _organism_map(runner, final: Path, title: str) -> dict:
             for sender in entry["named"]:
                 roles[sender] = ", ".join(filter(None, [roles.get(sender), f"feeds {receiver}'s "
                                                         f"{'keys' if path == 'K' else 'queries'}"]))
-            best, alone = entry["strongest"], entry.get("most_sufficient")
-            backed = (f"; alone in its layer, {alone['sender']} restores {alone['restored']:.0%} of the "
-                      f"{alone['layer_lost']:.0%} the layer carries" if alone and isinstance(alone["restored"], float)
-                      and alone["restored"] == alone["restored"] else "")
+            best = entry["strongest"]
             feeding.append(f"{path} path into {receiver}: {', '.join(entry['named']) or 'no head'} named (strongest "
                            f"{best['sender']}, {best['lost']:.0%} of its attention to the target lost, 95% CI "
-                           f"{best['ci_low']:.0%} .. {best['ci_high']:.0%}{backed})")
+                           f"{best['ci_low']:.0%} .. {best['ci_high']:.0%}"
+                           f"{alone_clause(entry.get('most_sufficient'))})")
     comp = verdict["heads"] and _strongest_k_composition(s.out / "runs" / "organism_heads" / "composition.csv",
                                                          verdict["heads"][0])
     base, deltas = _ablation_table(s.out / "runs" / "organism_ablate" / "ablation.csv")

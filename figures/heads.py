@@ -133,8 +133,8 @@ def paths_figure(csv_path, title: str, path=None):
             hi = np.array([float(by[s]["ci_high"]) for s in senders])
             ax.bar(x + offset, lost, 0.4, color=colour, label=f"{kind}: its {'keys' if kind == 'K' else 'queries'}",
                    yerr=np.nan_to_num([lost - lo, hi - lost]), capsize=2, error_kw={"lw": 0.8})
-            restored = np.array([float(by[s]["restored"]) if float(by[s]["layer_lost"]) >= MIN_LOST else np.nan
-                                 for s in senders])  # undefined where the layer carries (almost) nothing
+            restored = np.array([float(by[s]["restored"] or "nan") for s in senders])  # empty: the layer carries
+            # too little of the path for a share of it
             if np.isfinite(restored).any():
                 ax.plot(x + offset, np.clip(restored, -0.5, 1.5), "D", ms=4.5, mfc="white", mec=colour, mew=1.2,
                         label=f"{kind}: restored alone in its layer", ls="none")
