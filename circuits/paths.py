@@ -193,11 +193,11 @@ def trace_paths(lm, ids, queries, targets, receivers, *, mode: str = "zero", ref
                       for _ in range(2))
     floor = {p: np.full((len(receivers), lm.n_layers, n), np.nan) for p in PATHS}
 
-    def run(sl: int, ablated_heads: list[int]) -> dict:
-        """``{path: {receiver index: [T]}}`` with heads ``ablated_heads`` of layer ``sl`` ablated on each path."""
+    def run(sl: int, ablated_heads: list[int], into: dict, where: tuple) -> None:
+        """Each later receiver r's attention to its targets ``[T]``, with heads ``ablated_heads`` of layer ``sl``
+        ablated on each path, into ``into[path][(r, *where)]``."""
         later = [layer for layer in layers if layer > sl]
         ablated = _capture(lm, ids, later, HeadEdit(layer_index(lm), [(sl, h) for h in ablated_heads], mode, values))
-        out: dict = {path: {} for path in PATHS}
         for layer in later:
             q, k, mask, scaling, causal = clean[layer]
             q_abl, k_abl = ablated[layer][:2]
@@ -206,18 +206,13 @@ def trace_paths(lm, ids, queries, targets, receivers, *, mode: str = "zero", ref
             for r, (rl, rh) in enumerate(receivers):
                 if rl == layer:
                     for path in PATHS:
-                        out[path][r] = got[path][:, rh].numpy()
-        return out
+                        into[path][(r, *where)] = got[path][:, rh].numpy()
 
     everyone = list(range(lm.n_heads))
     for sl in range(max(layers)):
-        for path, by_receiver in run(sl, everyone).items():
-            for r, values_r in by_receiver.items():
-                floor[path][r, sl] = values_r
+        run(sl, everyone, floor, (sl,))
         for sh in everyone:
-            for target, heads in ((patched, [sh]), (alone, [h for h in everyone if h != sh])):
-                for path, by_receiver in run(sl, heads).items():
-                    for r, values_r in by_receiver.items():
-                        target[path][r, sl, sh] = values_r
+            run(sl, [sh], patched, (sl, sh))
+            run(sl, [h for h in everyone if h != sh], alone, (sl, sh))
     clean_rows = np.stack([clean_att[rl][:, rh].numpy() for rl, rh in receivers])
     return PathResult(receivers, clean_rows, patched, mode, alone, floor)
