@@ -138,7 +138,8 @@ heads.csv (layer, head, score, value), one row per head and score:
     ov_copying                 sum(eig)/sum(|eig|) of the full OV circuit W_E W_V W_O W_U, with the model's own
                                unembedding (meta.json says which)
     <detector>                 attention-pattern detectors on clean RRT sequences X X with one [MASK], each minus
-                               the share uniform attention over the visible keys would give (0 = chance):
+                               the share uniform attention over the keys visible in that layer would give (0 =
+                               chance; empty where a sliding-window layer never sees the template):
                                previous_token, next_token, self, duplicate_token, prefix_matching, suffix_matching,
                                cls, sep, mask at the unmasked queries; induction_at_mask at the [MASK] (the
                                induction map's "previous instance" target)

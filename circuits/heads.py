@@ -29,7 +29,8 @@ COMPOSITION_HEADER = ["layer1", "head1", "layer2", "head2", "kind", "score", "ba
 class HeadsResult:
     """``scores``: {name: [L, H] numpy} for every head; ``composition``: (layer1, head1, layer2, head2, kind,
     score, baseline, corrected) rows and ``baseline``: {kind: {mean, se, samples, median_corrected}};
-    ``chance``: each detector's uniform-attention level; ``sources``: which embedding and unembedding the OV
+    ``chance``: each detector's uniform-attention level (a number, or one per layer where the layers see different
+    keys: sliding-window layers); ``sources``: which embedding and unembedding the OV
     scores used; ``notes``: what was skipped and why; ``paths``: path patching rows
     (:meth:`attnlab.circuits.paths.PathResult.table`), empty when no receiver was traced."""
 
@@ -47,7 +48,8 @@ class HeadsResult:
         from attnlab.core.notebook import block, heat_table
 
         parts = [heat_table(np.asarray(v, dtype=float), name, ".3f",
-                            note=f"uniform attention gives {self.chance[name]:.3g}" if name in self.chance else "")
+                            note=f"uniform attention gives {_chance_text(self.chance[name])}" if name in self.chance
+                            else "")
                  for name, v in self.scores.items()]
         return block("attnlab heads", *parts)
 
@@ -62,8 +64,9 @@ def pattern_scores(lm, trials: int, n: int, seed: int, names: list[str], end_sep
     final [SEP] when not ``end_sep``)."""
     protocol = make_protocol("clean", token_spec_for(lm), end_sep)
     batch = build_batch(get_variant("standard"), protocol, trials, n, seed, max_positions=lm.max_positions)
-    att = extract_attention(lm, batch.input_ids).attention  # [B, S, L, H, S]: every query row
-    return detector_scores(att, batch.input_ids, _specials(protocol), causal=lm.is_causal, names=names)
+    rows = extract_attention(lm, batch.input_ids)  # attention [B, S, L, H, S]: every query row
+    return detector_scores(rows.attention, batch.input_ids, _specials(protocol), causal=lm.is_causal, names=names,
+                           visible=rows.visible)
 
 
 def check(cfg: HeadsConfig, lm, ctx=None) -> None:
@@ -99,14 +102,15 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
     task_batch = build_batch(variant, protocol, cfg.trials, cfg.seq_len, cfg.seed, max_positions=lm.max_positions)
     if not lm.is_causal:  # induction at the [MASK]
         q = task_batch.mask_index[:, None]
-        rows = extract_attention(lm, task_batch.input_ids, None, q).attention  # [T, 1, L, H, S]
-        detected.update(detector_scores(rows, task_batch.input_ids, specials, causal=False, query_positions=q,
+        rows = extract_attention(lm, task_batch.input_ids, None, q)  # attention [T, 1, L, H, S]
+        detected.update(detector_scores(rows.attention, task_batch.input_ids, specials, causal=False,
+                                        query_positions=q, visible=rows.visible,
                                         names=["induction_at_mask"]))
     chance = {}
     for name in DETECTORS:
-        if name in detected and np.isfinite(detected[name][1]):
+        if name in detected and np.isfinite(detected[name][1]).any():
             scores[name] = detected[name][2].numpy()
-            chance[name] = detected[name][1]
+            chance[name] = layer_chance(detected[name][1])
     has_head = lm.has_lm_head and lm.lm_head() is not None
     bert_style = lm.arch.bert_layers is not None  # DLA follows a post-LN BERT-style (masked LM) encoder
     if has_head:
@@ -131,7 +135,10 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
     else:
         notes.append("no LM head: dla and ablation_copying_gain need one and were skipped")
     for name, values in scores.items():
-        if not np.isfinite(values).all():
+        # a layer that never sees a detector's template (a sliding window narrower than a duplicate's distance) has
+        # no score there: NaN by design, and only there
+        blind = [c is None for c in chance[name]] if isinstance(chance.get(name), list) else [False] * len(values)
+        if not np.isfinite(values[~np.array(blind)]).all():
             raise InputError(f"model '{lm.name}' gave non-finite {name} scores; its weights may hold NaN or inf")
     rows, baseline = composition_scores(w, seed=cfg.seed)
     paths = _paths(cfg, lm, scores, task_batch, notes) if cfg.paths else []
@@ -167,9 +174,11 @@ def _paths(cfg: HeadsConfig, lm, scores: dict, batch, notes: list) -> list[dict]
 
 
 def save(folder, result: HeadsResult, ctx=None) -> list[str]:
-    """heads.csv (layer, head, score, value) and composition.csv of ``result`` into ``folder``."""
+    """heads.csv (layer, head, score, value; an empty value where the head's layer never sees the detector's
+    template) and composition.csv of ``result`` into ``folder``."""
     layers, heads = next(iter(result.scores.values())).shape
-    rows = [[layer, head, name, f"{values[layer, head]:.6g}"] for name, values in result.scores.items()
+    # empty where a layer never sees the detector's template (csv_cell: an empty field for NaN)
+    rows = [[layer, head, name, csv_cell(float(values[layer, head]))] for name, values in result.scores.items()
             for layer in range(layers) for head in range(heads)]
     write_csv(folder / "heads.csv", ["layer", "head", "score", "value"], rows)
     se = {kind: b["se"] for kind, b in result.baseline.items()}
@@ -187,10 +196,31 @@ def _top(values, k: int = 5) -> list:
     return [[int(i // values.shape[1]), int(i % values.shape[1]), float(values.ravel()[i])] for i in order]
 
 
+def layer_chance(chance) -> float | list:
+    """A detector's chance ``[L]`` as one number where every layer sees the same keys, else one per layer (None
+    where a layer never sees the template: a sliding window narrower than its distance)."""
+    values = [float(c) for c in np.asarray(chance, dtype=np.float64)]
+    finite = [c for c in values if np.isfinite(c)]
+    if len(finite) == len(values) and max(finite) - min(finite) <= 1e-12:
+        return finite[0]
+    return [c if np.isfinite(c) else None for c in values]
+
+
+def _chance_text(chance) -> str:
+    if not isinstance(chance, list):
+        return f"{chance:.3g}"
+    return "per layer " + ", ".join("-" if c is None else f"{c:.3g}" for c in chance)
+
+
+def _rounded(chance):
+    return [None if c is None else float(f"{c:.6g}") for c in chance] if isinstance(chance, list) else \
+        float(f"{chance:.6g}")
+
+
 def summary(result: HeadsResult, ctx=None) -> dict:
     comp = sorted(result.composition, key=lambda r: -r[7])[:10]
     return {"notes": result.notes, "top_heads": {name: _top(v) for name, v in result.scores.items()},
-            "chance": {name: float(f"{c:.6g}") for name, c in result.chance.items()},
+            "chance": {name: _rounded(c) for name, c in result.chance.items()},
             "ov_sources": result.sources,
             "composition_baseline": {k: {key: (float(f"{v:.6g}") if isinstance(v, float) else v)
                                          for key, v in b.items()} for k, b in result.baseline.items()},

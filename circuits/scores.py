@@ -250,36 +250,47 @@ def templates(ids: torch.Tensor, specials: dict) -> dict:
 
 
 def detector_scores(attention: torch.Tensor, ids: torch.Tensor, specials: dict, *, causal: bool = False,
-                    query_positions: torch.Tensor | None = None, names=DETECTORS) -> dict:
-    """Chance-corrected detector scores per head: ``{name: (score [L, H], chance, corrected [L, H])}``.
+                    query_positions: torch.Tensor | None = None, names=DETECTORS,
+                    visible: torch.Tensor | None = None) -> dict:
+    """Chance-corrected detector scores per head: ``{name: (score [L, H], chance [L], corrected [L, H])}``.
 
     attention ``[B, Q, L, H, S]``: the rows of the queries at ``query_positions [B, Q]`` (default: every
-    position, Q = S, as the extractor returns with query_positions=None). Each detector is read at the queries
-    it is defined for - ``induction_at_mask`` at [MASK] queries, every other at the other queries - and only where
-    its template holds a key the query can see (causal models: keys at or before it). score = mean attention
-    mass on the template keys; chance = the same for uniform attention over the keys the query can see
-    (``|template| / |visible|``, so a uniform head scores exactly its chance); corrected = score - chance."""
+    position, Q = S, as the extractor returns with query_positions=None). ``visible`` ``[B, Q, L, S]``: the keys
+    each row could see in each layer (the extractor's ``visible``, read from the model's own masks; default: every
+    key, or those at or before the query when ``causal``). Each detector is read at the queries it is defined for -
+    ``induction_at_mask`` at [MASK] queries, every other at the other queries - and, per layer, only where its
+    template holds a key the query can see there. score = mean attention mass on the template keys; chance = the
+    same for uniform attention over the keys the query can see in that layer (``|template| / |visible|``, so a
+    uniform head scores exactly its chance: a sliding-window layer's previous-token chance is 1 / its window, not
+    1 / S); corrected = score - chance."""
     b, s = ids.shape
+    n_layers = attention.shape[2]
     if query_positions is None:
         query_positions = torch.arange(s).expand(b, s)
     rows = torch.arange(b)[:, None]
     tpl = templates(ids, specials)
-    visible = torch.ones(s, s, dtype=torch.bool) if not causal else torch.ones(s, s, dtype=torch.bool).tril()
-    visible = visible[query_positions]  # [B, Q, S]
+    if visible is None:
+        every = torch.ones(s, s, dtype=torch.bool) if not causal else torch.ones(s, s, dtype=torch.bool).tril()
+        visible = every[query_positions][:, :, None, :].expand(-1, -1, n_layers, -1)  # [B, Q, L, S]
+    visible = visible.to(attention.device)
+    seen = visible.sum(-1).double()  # [B, Q, L]
     mask_id = specials.get("mask")
     at_mask = (ids[rows, query_positions] == mask_id) if mask_id is not None else torch.zeros_like(query_positions,
                                                                                                    dtype=torch.bool)
     out = {}
     for name in names:
-        t = tpl[name][rows, query_positions] & visible  # [B, Q, S]
+        t = tpl[name][rows, query_positions][:, :, None, :] & visible  # [B, Q, L, S]
         wanted = at_mask if name in AT_MASK else ~at_mask
-        has = (t.sum(-1) > 0) & wanted
+        has = (t.sum(-1) > 0) & wanted[:, :, None]  # [B, Q, L]
         if not has.any():
             nan = torch.full(attention.shape[2:4], math.nan)
-            out[name] = (nan, math.nan, nan.clone())
+            out[name] = (nan, torch.full((n_layers,), math.nan, dtype=torch.float64), nan.clone())
             continue
-        mass = torch.einsum("bqlhk,bqk->bqlh", attention, t.to(attention.dtype))  # [B, Q, L, H]
-        score = mass[has].mean(0)
-        chance = float((t.sum(-1)[has].double() / visible.sum(-1)[has].double()).mean())
-        out[name] = (score, chance, score - chance)
+        mass = torch.einsum("bqlhk,bqlk->bqlh", attention, t.to(attention.dtype))  # [B, Q, L, H]
+        w = has.to(mass.dtype)
+        count = w.sum((0, 1))  # [L]
+        score = (mass * w[..., None]).sum((0, 1)) / count[:, None]  # [L, H]; NaN for a layer that never sees it
+        share = torch.where(has, t.sum(-1).double() / seen.clamp_min(1), 0.0)
+        chance = share.sum((0, 1)) / has.sum((0, 1)).double()  # [L]
+        out[name] = (score, chance, score - chance[:, None].to(score.dtype))
     return out

@@ -39,6 +39,9 @@ class AttentionRows:
     keys: torch.Tensor | None
     query_positions: torch.Tensor
     attention_mask: torch.Tensor
+    #: ``[B, Q, L, S]`` bool (with ``attention``): the keys each row could see in each layer, read from the mask the
+    #: model applied there - a sliding-window layer sees fewer keys than a global one, so its chance level differs
+    visible: torch.Tensor | None = None
 
     def to_bertviz(self) -> tuple[torch.Tensor, ...]:
         """The layout bertviz's ``head_view``/``model_view`` and CircuitsVis take: one ``[batch, heads, q, k]`` tensor
@@ -91,6 +94,7 @@ class _RowRecorder:
         self.scores = [None] * n_layers
         self.queries = [None] * n_layers
         self.keys = [None] * n_layers
+        self.visible = [None] * n_layers
         self.recorded: set[int] = set()
 
     def record(self, module, q, k, mask, scaling, causal):
@@ -115,6 +119,7 @@ class _RowRecorder:
             empty = torch.zeros(batch, 0, q.shape[1], k.shape[2], device=q.device)
             self.attention[layer] = empty if self.want_attention else None
             self.scores[layer] = empty if self.want_scores else None
+            self.visible[layer] = empty[:, :, 0].bool() if self.want_attention else None
             return
         qpos = self.qpos.to(q.device)  # a device-mapped model's layers live on several devices (no-op otherwise)
         scores = row_scores(q, k, qpos, scaling)
@@ -122,6 +127,9 @@ class _RowRecorder:
             self.scores[layer] = scores
         if self.want_attention:
             self.attention[layer] = torch.softmax(apply_mask(scores, mask, causal, qpos), dim=-1)
+            # -inf (bool masks) or the dtype's minimum (additive ones) where the mask hides the key
+            hidden = apply_mask(scores.new_zeros(scores.shape[:2] + (1, scores.shape[-1])), mask, causal, qpos)
+            self.visible[layer] = hidden[:, :, 0] > torch.finfo(torch.float32).min / 2  # [B, Q, S]
 
     def stacked(self, name):
         parts = [getattr(self, name)[layer] for layer in self.layers]
@@ -328,7 +336,8 @@ def extract_attention(
     batch_size = max(1, min(int(batch_size), batch))
     device = lm.device
     layer_of = LayerIndex(lm)
-    wanted = {"attention": return_attention, "scores": return_scores, "queries": return_qk, "keys": return_qk}
+    wanted = {"attention": return_attention, "scores": return_scores, "queries": return_qk, "keys": return_qk,
+              "visible": return_attention}
     pieces: dict[str, list] = {name: [] for name, want in wanted.items() if want}
 
     starts = range(0, batch, batch_size)
@@ -359,7 +368,7 @@ def extract_attention(
                 pad = seq - width  # restore the caller's width: keys (or positions) beyond the chunk are padding
                 if pad:
                     shape = list(part.shape)
-                    if name in {"attention", "scores"}:
+                    if name in {"attention", "scores", "visible"}:
                         shape[-1] = pad
                         part = torch.cat([part, part.new_zeros(shape)], dim=-1)
                     else:
@@ -369,7 +378,7 @@ def extract_attention(
     out = {name: torch.cat(parts) for name, parts in pieces.items()}
     if query_positions_given is None:
         padding_rows = ~attention_mask.bool().to(out_device)  # [B, S] query rows that are padding
-        for name in ("attention", "scores"):
+        for name in ("attention", "scores", "visible"):
             if name in out:
                 out[name][padding_rows] = 0
     if "attention" in out:
@@ -381,4 +390,5 @@ def extract_attention(
         keys=out.get("keys"),
         query_positions=query_positions,
         attention_mask=attention_mask,
+        visible=out.get("visible"),
     )

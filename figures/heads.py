@@ -20,7 +20,8 @@ LABELS = {
 
 
 def score_maps(scores: dict, title: str, path=None):
-    """One layers x heads map per score, each on its own diverging scale centred on 0."""
+    """One layers x heads map per score, each on its own diverging scale centred on 0; hatched grey where a score is
+    NaN (a layer that never sees the detector's template)."""
     names = list(scores)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
@@ -31,7 +32,11 @@ def score_maps(scores: dict, title: str, path=None):
     for ax, name in zip(axes.flat, names):
         values = np.asarray(scores[name], dtype=float)
         extent = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-        mesh = ax.pcolormesh(values, cmap="RdBu_r", vmin=-(extent or 1), vmax=extent or 1)
+        mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-(extent or 1), vmax=extent or 1)
+        if not np.isfinite(values).all():  # hatched grey, not white (= 0): a layer that never sees the template
+            ax.set_facecolor("#d9d9d9")
+            ax.patch.set_hatch("//")
+            ax.patch.set_edgecolor("#bdbdbd")
         ax.set_ylim(layers, 0)
         # wrapped to the panel's width so that a long title never runs into its neighbour
         ax.set_title(textwrap.fill(LABELS.get(name, name.replace("_", " ")), 38), fontsize=9)
@@ -85,7 +90,8 @@ def _read_scores(path) -> dict:
     heads = 1 + max(int(r["head"]) for r in rows)
     out: dict = {}
     for r in rows:
-        out.setdefault(r["score"], np.full((layers, heads), np.nan))[int(r["layer"]), int(r["head"])] = float(r["value"])
+        value = float(r["value"]) if r["value"] else np.nan  # empty: the layer never sees the detector's template
+        out.setdefault(r["score"], np.full((layers, heads), np.nan))[int(r["layer"]), int(r["head"])] = value
     return out
 
 

@@ -101,7 +101,7 @@ def compute(cfg: InductionConfig, lm, ctx=None, *, keep_rows: int = VIEW_TRIALS)
     scores = induction_scores(lm, batch, null_ids=null_ids, batch_size=getattr(ctx, "batch_size", None),
                               progress=getattr(ctx, "progress", False), keep_rows=keep_rows)
     stats = {t: target_stats(scores.per_trial[t].numpy(), scores.null_per_trial[t].numpy(), scores.chance.numpy(),
-                             cfg.seed) for t in scores.per_trial}
+                             cfg.seed, scores.layer_chance[t].numpy()) for t in scores.per_trial}
     kept = 0 if scores.rows is None else scores.rows.shape[0]
     return InductionResult(cfg, batch, null_ids, scores, stats, n, seq, lm.is_causal,
                            _view_tokens(lm, batch, kept, scores.top),
@@ -121,7 +121,7 @@ def score_rows(result: InductionResult):
             for head in range(st.mean.shape[1]):
                 lh = (layer, head)
                 yield [cfg.model, cfg.variant, cfg.protocol, target, layer, head, _g(st.mean[lh]), _g(st.sem[lh]),
-                       _g(st.ci_low[lh]), _g(st.ci_high[lh]), _g(st.chance), _g(st.null[lh]), _g(st.lift[lh]),
+                       _g(st.ci_low[lh]), _g(st.ci_high[lh]), _g(st.layer_chance[layer]), _g(st.null[lh]), _g(st.lift[lh]),
                        _g(st.top_trial_share[lh]), int(named[lh]), result.scores.n_trials, share]
 
 
@@ -165,6 +165,8 @@ def summary(result: InductionResult, ctx=None) -> dict:
     for target, st in result.stats.items():
         maps[target] = {"mean": _rounded(st.mean), "sem": _rounded(st.sem), "null": _rounded(st.null),
                         "lift": _rounded(st.lift), "chance": float(f"{st.chance:.6g}")}
+        if np.abs(st.layer_chance - st.chance).max() > 1e-9:  # sliding-window layers: each layer's own chance
+            maps[target]["layer_chance"] = [float(f"{c:.6g}") for c in st.layer_chance]
         verdicts[target] = verdict(st, cfg.min_lift)
         tops[target] = top_heads(st, st.named(cfg.min_lift))
     return {"seq_len": result.seq_len, "sequence_tokens": result.sequence_tokens, "protocol_note": note,

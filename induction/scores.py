@@ -42,7 +42,9 @@ VERDICT_RULE = ("named when lift = mean - null >= {min_lift:g}, the 95% CI's low
 @dataclass
 class InductionScores:
     """per_trial and null_per_trial: target -> ``[T, L, H]`` attention on the trials and on their control
-    sequences; chance: ``[T]`` uniform attention's share per key for each trial's query; rows: the full query
+    sequences; chance: ``[T]`` uniform attention's share per key for each trial's query (every key of the query
+    visible); layer_chance: target -> ``[T, L]`` the same per layer, 0 where the layer hides the target (read from
+    the masks the model applied: a sliding-window layer sees fewer keys); rows: the full query
     attention rows ``[k, L, H, S]`` of the first ``k`` trials when asked for (``keep_rows``), else None;
     top: target -> (``[L, H]`` the trial with the most attention on the target, ``[L, H, S]`` that trial's row
     of that head) - the trial that contributes most to each head's mean, for the view (with ``keep_rows``)."""
@@ -52,6 +54,7 @@ class InductionScores:
     chance: torch.Tensor
     rows: torch.Tensor | None = None
     top: dict | None = None
+    layer_chance: dict | None = None
 
     @property
     def n_trials(self) -> int:
@@ -69,7 +72,9 @@ class InductionScores:
 
 @dataclass
 class TargetStats:
-    """Everything a conclusion about one target needs, per head ``[L, H]`` (chance is one number)."""
+    """Everything a conclusion about one target needs, per head ``[L, H]`` (chance is one number: uniform attention
+    where the query sees every key; ``layer_chance`` ``[L]`` is each layer's, which differs in sliding-window
+    layers)."""
 
     mean: np.ndarray
     sem: np.ndarray
@@ -78,6 +83,11 @@ class TargetStats:
     chance: float
     null: np.ndarray
     top_trial_share: np.ndarray
+    layer_chance: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.layer_chance is None:
+            self.layer_chance = np.full(self.mean.shape[0], self.chance)
 
     @property
     def lift(self) -> np.ndarray:
@@ -92,19 +102,22 @@ class TargetStats:
         """``[L, H]`` bool: the heads :data:`AVOID_RULE` finds (the repeat at least halves their attention to the
         target, beyond the CI, where they gave it at least chance without the repeat)."""
         with np.errstate(invalid="ignore"):
-            return (self.mean <= self.null / 2) & (self.ci_high < self.null) & (self.null >= self.chance)
+            return ((self.mean <= self.null / 2) & (self.ci_high < self.null)
+                    & (self.null >= self.layer_chance[:, None]))
 
 
-def target_stats(per_trial, null_per_trial, chance, seed: int) -> TargetStats:
-    """:class:`TargetStats` of one target from ``[T, L, H]`` attention (and its null) and ``[T]`` chance."""
+def target_stats(per_trial, null_per_trial, chance, seed: int, layer_chance=None) -> TargetStats:
+    """:class:`TargetStats` of one target from ``[T, L, H]`` attention (and its null), ``[T]`` chance and
+    (optional) ``[T, L]`` per-layer chance."""
     x = np.asarray(per_trial, dtype=np.float64)
     t = x.shape[0]
     lo, hi = bootstrap_ci(x, seed)
     sem = x.std(0, ddof=1) / math.sqrt(t) if t > 1 else np.full(x.shape[1:], np.nan)
     null = np.asarray(null_per_trial, dtype=np.float64).mean(0) if null_per_trial is not None else \
         np.full(x.shape[1:], np.nan)
+    by_layer = None if layer_chance is None else np.asarray(layer_chance, dtype=np.float64).mean(0)
     return TargetStats(x.mean(0), sem, lo, hi, float(np.mean(np.asarray(chance, dtype=np.float64))), null,
-                       top_share(x))
+                       top_share(x), by_layer)
 
 
 def chance_levels(batch: RRTBatch, causal: bool) -> torch.Tensor:
@@ -118,6 +131,7 @@ def _read_targets(model, ids, batch: RRTBatch, *, batch_size, progress, trials_p
     keep_rows = min(keep_rows, trials_per_pass)
     n = ids.shape[0]
     parts = {name: [] for name in batch.targets}
+    chance = {name: [] for name in batch.targets}  # [t, L] per pass: uniform attention's share on the target
     kept = None
     top: dict = {}  # target -> (best value [L, H], its trial [L, H], its row [L, H, S])
     starts = range(0, n, trials_per_pass)
@@ -129,12 +143,14 @@ def _read_targets(model, ids, batch: RRTBatch, *, batch_size, progress, trials_p
         e = min(s + trials_per_pass, n)
         rows = extract_attention(model, ids[s:e], None, batch.mask_index[s:e, None], batch_size=batch_size)
         att = rows.attention[:, 0]  # [t, L, H, S]
+        visible = rows.visible[:, 0].double()  # [t, L, S]
         if s == 0 and keep_rows:
             kept = att[:keep_rows].clone()
         trial = torch.arange(e - s)
         for name, pos in batch.targets.items():
             values = att[trial, :, :, pos[s:e]]  # [t, L, H]
             parts[name].append(values)
+            chance[name].append(visible[trial, :, pos[s:e]] / visible.sum(-1).clamp_min(1))  # [t, L]
             if keep_rows:  # strictly greater: the earliest trial wins ties, as an argmax over all trials would
                 best, which = values.max(0)
                 row = att.gather(0, which[None, :, :, None].expand(1, *att.shape[1:]))[0]  # [L, H, S]
@@ -146,7 +162,7 @@ def _read_targets(model, ids, batch: RRTBatch, *, batch_size, progress, trials_p
                     top[name] = (torch.where(better, best, old_best), torch.where(better, which + s, old_which),
                                  torch.where(better[..., None], row, old_row))
     top = {name: (which, row) for name, (_, which, row) in top.items()} if keep_rows else None
-    return {name: torch.cat(p) for name, p in parts.items()}, kept, top
+    return {name: torch.cat(p) for name, p in parts.items()}, kept, top, {n: torch.cat(c) for n, c in chance.items()}
 
 
 def induction_scores(model, batch: RRTBatch, *, null_ids: torch.Tensor | None = None, batch_size=None,
@@ -163,11 +179,12 @@ def induction_scores(model, batch: RRTBatch, *, null_ids: torch.Tensor | None = 
 
     lm = as_loaded(model)
     kwargs = dict(batch_size=batch_size, progress=progress, trials_per_pass=trials_per_pass)
-    per_trial, kept, top = _read_targets(lm, batch.input_ids, batch, keep_rows=keep_rows, desc="induction", **kwargs)
+    per_trial, kept, top, layer_chance = _read_targets(lm, batch.input_ids, batch, keep_rows=keep_rows,
+                                                       desc="induction", **kwargs)
     null = None
     if null_ids is not None:
-        null, _, _ = _read_targets(lm, null_ids, batch, keep_rows=0, desc="induction null", **kwargs)
-    return InductionScores(per_trial, null, chance_levels(batch, lm.is_causal), kept, top)
+        null, _, _, _ = _read_targets(lm, null_ids, batch, keep_rows=0, desc="induction null", **kwargs)
+    return InductionScores(per_trial, null, chance_levels(batch, lm.is_causal), kept, top, layer_chance)
 
 
 def head_name(layer: int, head: int) -> str:

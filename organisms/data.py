@@ -72,7 +72,7 @@ def generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 
 
 def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator,
-             length: int | None = None) -> tuple[list[int], list[int]]:
+             length: int | None = None, p_text: float | None = None) -> tuple[list[int], list[int]]:
     """One training sequence ``[length]`` (default ``seq_len``) starting with [CLS], built from blocks: plain text
     (``p_text``) or a random span X of ``span_min..span_max`` tokens, 0..``gap_max`` tokens of text, and X again -
     or, with probability ``p_fragment``, only a contiguous piece of X (at least ``span_min`` tokens). With
@@ -83,10 +83,11 @@ def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator,
         return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
     length = length or recipe.seq_len
+    p_text = recipe.p_text if p_text is None else p_text
     body = length - 1 if recipe.sep_end else length
     ids, role = [2], [OTHER]
     while len(ids) < body:
-        if float(torch.rand(1, generator=g)) < recipe.p_text:
+        if float(torch.rand(1, generator=g)) < p_text:
             n = rint(8, 40)
             s = rint(0, len(text) - n)
             ids += text[s:s + n].tolist()
@@ -94,6 +95,11 @@ def sequence(recipe, text: torch.Tensor, vocab: int, g: torch.Generator,
         else:
             n = rint(recipe.span_min, recipe.span_max)
             span = torch.randint(ORDINARY, vocab, (n,), generator=g).tolist()
+            if recipe.p_pooled and float(torch.rand(1, generator=g)) < recipe.p_pooled:
+                # each token about twice in X: "the one token of X whose duplicate is missing" names nothing, so
+                # only the neighbours (a previous-token head feeding the induction head) find the masked token
+                pool = span[:max(2, n // 2)]
+                span = [pool[k] for k in torch.randint(0, len(pool), (n,), generator=g).tolist()]
             gap = rint(0, recipe.gap_max)
             s = rint(0, len(text) - gap)
             again = span
@@ -120,7 +126,8 @@ def batch(recipe, text: torch.Tensor, vocab: int, seed: int, step: int,
     g = generator(seed, step)
     if length is None and recipe.min_len:
         length = int(torch.randint(recipe.min_len, recipe.seq_len + 1, (1,), generator=g))
-    rows = [sequence(recipe, text, vocab, g, length) for _ in range(recipe.batch)]
+    p_text = 1.0 if step < recipe.text_until else None
+    rows = [sequence(recipe, text, vocab, g, length, p_text) for _ in range(recipe.batch)]
     return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.int8)
 
 

@@ -15,12 +15,21 @@ Why these choices (``docs/organisms.md`` has the measurements):
   positions (lr 2e-3, 20% masked) showed no copying gain in 2,500 steps (10 min).
 - **A learning rate of 3e-3** (constant after warm-up): at 1e-3 the causal model was still on its plateau at
   step 1,700; at 3e-3 the phase change came at step 1,300-1,400.
-- **No end marker in the masked model's data, and 4,200 steps**: sequences are 128 tokens of blocks after [CLS],
-  as in the run that formed a head the verdict names (seed 1: L1H0, lift 0.64 on the previous instance, measured
-  with ``end_sep=False``, the protocol framed as the model was trained). Ending every sequence in [SEP] at varied
+- **No end marker in the masked model's data**: sequences are 128 tokens of blocks after [CLS], measured with
+  ``end_sep=False`` (the protocol framed as the model was trained). Ending every sequence in [SEP] at varied
   lengths, as BERT's inputs do (tried in two seeds, and with fragment copies, a third layer, copies masked apart,
-  a curriculum and corrupted copies), formed no head in any run. After step 4,200 the control (the same [MASK]
-  with no copy to read) drifts above ln V - the model grows overconfident in copying - so the recipe stops there.
+  a curriculum and corrupted copies), formed no head in any run.
+- **A local first layer in the masked model** (``local_first`` 2: layer 0 is a ModernBERT sliding-window layer
+  that sees two tokens either side; layer 1 is global). With a global first layer the masked model either formed
+  no head (three seeds of four) or fed its induction head from duplicate-token heads: every first-copy token finds
+  its duplicate in the second copy except the masked one, whose duplicate is the [MASK] - a route with no
+  previous-token head in it. A first layer that cannot reach a duplicate leaves matching the neighbours as the only
+  route: in seeds 0 and 1 a layer-0 previous-token head formed and fed a layer-1 head at the [MASK] through both
+  its queries and its keys (the masked token is hidden, so the query needs its neighbour too), with phase changes at
+  steps 3,100 and 3,900. Neither text first (1,000 steps of text only: the previous- and next-token heads formed in
+  layer 1, where no induction head can read them; no copying gain by step 2,200) nor spans that repeat their own
+  tokens (``p_pooled`` 0.5: faster copying, gain 6.1 at step 2,400, but again duplicate-token heads in layer 0)
+  did this.
 - **Eight heads of 16 dimensions in the causal model**: with four heads of 32, seed 0 formed its induction head only
   at step 3,000 (three layer-0 heads each necessary to it) and seed 1 formed none in 3,000 steps; with eight, seed
   0's phase change came at step 1,800 (one previous-token head feeding one induction head) and seed 1's at steps
@@ -32,15 +41,16 @@ Why these choices (``docs/organisms.md`` has the measurements):
   (0.205 s a step) let it rise above ln 2048, overstating what the copy buys by about 2 nats. With a quarter, seed
   0's phase change came at steps 900-1,100 instead of 1,700-1,800, so the recipe stops at step 2,400.
 - **First-layer head dropout after the phase change** (``head_dropout`` 0.3; causal from step 1,200, masked from
-  step 3,200):
+  step 3,400):
   without it one previous-token head feeds the induction head alone, so zeroing that feeder removes the copying as
   surely as zeroing the induction head (104%); with each layer-0 head dropped in 30% of the sequences after the
   induction head has formed (seed 0 forms it at step 968, seed 2 at about 1,150), a second previous-token head
   takes up the role, and neither feeder removes more than a tenth. From the start of training the same dropout
   delayed the phase change past the budget (seeds 1 and 2 at p 0.3, seed 0 at p 0.25) or spread the induction
   role over three layer-1 heads (seed 0 at p 0.2 and 0.3), none removing half of the gain. In the masked model
-  (seed 1: head formed at steps 2,600-3,000) it took the duplicate-token feeder L0H3 from 92% of the copying gain to
-  at most 5% for any layer-0 head: three duplicate-token heads now share the role.
+  with its local first layer (seed 0: head formed at steps 3,000-3,200), zeroing the one previous-token feeder L0H3
+  removed 78% of the copying gain without the dropout (step 4,000); with it no layer-0 head removes more than 0.9%
+  (step 5,000), and all four layer-0 heads are previous-token heads.
 - **A 2,048-entry WordPiece vocabulary** chosen on the corpus (every character, then the most frequent words):
   every token is seen often enough in a few thousand steps, and the softmax over the vocabulary stays cheap.
 """
@@ -78,6 +88,10 @@ class Recipe:
     min_len: int = 0  # > 0: one sequence length per batch, drawn from min_len..seq_len ([SEP] at varied positions)
     p_fragment: float = 0.0  # share of the second copies that are only a contiguous piece of X
     copy_mask: float = 0.0  # mlm: > 0 masks second copies apart (every other token, with this probability)
+    p_pooled: float = 0.0  # share of the spans whose n tokens are drawn with replacement from n // 2 random tokens
+    # (each token about twice in X): no token of X lacks a duplicate, so only matching the neighbours finds it
+    local_first: int = 0  # modernbert: > 0 makes layer 0 a sliding-window layer that sees tokens up to this far
+    text_until: int = 0  # steps before this one train on text blocks only (then the recipe's mix)
     first_copy_loss: float = 1.0  # causal: the share of spans' first-copy tokens (random) that the loss predicts
     head_dropout: float = 0.0  # training only: each first-layer head's output is dropped with this probability,
     # per sequence (DropHead; the kept ones scaled by 1 / (1 - p)), so no single first-layer head is necessary
@@ -90,6 +104,9 @@ class Recipe:
     def __post_init__(self):
         if not 0 <= self.head_dropout < 1:
             raise InputError(f"recipe {self.name!r}: head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.local_first and self.arch != "modernbert":
+            raise InputError(f"recipe {self.name!r}: local_first needs the modernbert architecture (its sliding-window "
+                             f"layers), not {self.arch!r}")
 
     def record(self) -> dict:
         return asdict(self)
@@ -108,12 +125,12 @@ RECIPES = {r.name: r for r in [
                    "spans (a quarter of the first copies' random tokens); from step 1,200, each layer-0 head "
                    "dropped in 30% of the sequences"),
     Recipe("induction-mlm", "mlm", "modernbert", layers=2, d_model=128, heads=4, vocab_size=2048, seq_len=128,
-           batch=32, steps=4200, lr=4e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.3,
-           head_dropout=0.3, head_dropout_from=3200, linear_checkpoints=10,
-           summary="2-layer ModernBERT (a BERT-style encoder with rotary positions, every layer global), d_model "
-                   "128, 4 heads; masked-LM loss (30% masked) on text and repeated random spans, 128 tokens after "
-                   "[CLS] with no end marker (measure it with end_sep off); from step 3,200, each layer-0 head "
-                   "dropped in 30% of the sequences"),
+           batch=32, steps=5000, lr=4e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.3,
+           local_first=2, head_dropout=0.3, head_dropout_from=3400, linear_checkpoints=10,
+           summary="2-layer ModernBERT (a BERT-style encoder with rotary positions), d_model 128, 4 heads; layer 0 a "
+                   "sliding-window layer that sees two tokens either side, layer 1 global; masked-LM loss (30% "
+                   "masked) on text and repeated random spans, 128 tokens after [CLS] with no end marker (measure "
+                   "it with end_sep off); from step 3,400, each layer-0 head dropped in 30% of the sequences"),
     Recipe("smoke", "causal", "gpt_neox", layers=2, d_model=32, heads=2, vocab_size=256, seq_len=48, batch=4,
            steps=40, lr=1e-3, warmup=5, span_min=3, span_max=10, gap_max=3, p_text=0.3, checkpoints=4, eval_every=10,
            summary="a seconds-long run for tests: checks the machinery, forms nothing"),

@@ -51,9 +51,16 @@ def build_model(recipe: Recipe, vocab: int, seed: int):
     elif recipe.arch == "modernbert":  # BERT-style masked LM with rotary positions, every layer global
         from transformers import ModernBertConfig, ModernBertForMaskedLM
 
+        # a local first layer (as ModernBERT's own local layers, narrower) sees only the neighbours: it cannot match
+        # a token with its duplicate far away, which a global one does instead of forming a previous-token head
+        layer_types = ["full_attention"] * recipe.layers
+        if recipe.local_first:
+            layer_types[0] = "sliding_attention"
+
         cfg = ModernBertConfig(vocab_size=vocab, hidden_size=recipe.d_model, num_hidden_layers=recipe.layers,
                                num_attention_heads=recipe.heads, intermediate_size=2 * recipe.d_model,
-                               max_position_embeddings=512, layer_types=["full_attention"] * recipe.layers,
+                               max_position_embeddings=512, layer_types=layer_types,
+                               **({"local_attention": 2 * recipe.local_first} if recipe.local_first else {}),
                                pad_token_id=0, cls_token_id=2, bos_token_id=2, sep_token_id=3, eos_token_id=3,
                                tie_word_embeddings=True,
                                # the output head only at the predicted positions: the same loss, 37% less time a

@@ -113,6 +113,65 @@ def test_modernbert_local_layers_put_no_weight_outside_the_window():
     assert "sliding_attention" in model.config.layer_types and "full_attention" in model.config.layer_types
 
 
+def test_a_sliding_window_layers_chance_is_one_over_its_window_not_one_over_the_sequence():
+    """The extractor reports which keys each row saw per layer, from the model's own masks; the detectors' chance
+    follows it. A head uniform over its window scores exactly its chance on a local layer: with one chance for the
+    whole model (1 / S, as before) it would be a previous-token head 0.09 over chance."""
+    from attnlab.circuits.scores import detector_scores
+
+    model = tiny_family("modernbert")
+    lm = wrap_model(model)
+    half = model.config.local_attention // 2
+    s = 40
+    seq = torch.randint(3, VOCAB, (2, s), generator=torch.Generator().manual_seed(9))
+    rows = extract_attention(lm, seq)
+    near = (torch.arange(s)[:, None] - torch.arange(s)[None, :]).abs() <= half  # [q, k]
+    local = [kind == "sliding_attention" for kind in model.config.layer_types]
+    for layer, is_local in enumerate(local):
+        assert torch.equal(rows.visible[:, :, layer], (near if is_local else torch.ones(s, s, dtype=torch.bool))
+                           .expand(2, s, s))
+    uniform = rows.visible.double() / rows.visible.double().sum(-1, keepdim=True)  # [B, Q, L, S]
+    uniform = uniform[:, :, :, None, :].expand(-1, -1, -1, lm.n_heads, -1)
+    specials = {"cls": None, "sep": None, "mask": None}
+    det = detector_scores(uniform, seq, specials, visible=rows.visible)
+    score, chance, corrected = det["previous_token"]
+    assert corrected.abs().max() < 1e-12
+    interior = 1 / (2 * half + 1)  # most queries see the whole window; the first and last see less of it
+    for layer, is_local in enumerate(local):
+        assert chance[layer] == pytest.approx(interior if is_local else 1 / s, rel=0.15 if is_local else 1e-12)
+    assert chance[local.index(True)] > 4 * chance[local.index(False)]
+    old = detector_scores(uniform, seq, specials)["previous_token"][2]  # every key assumed visible
+    assert old[local.index(True)].min() > 0.08
+
+
+def test_the_induction_maps_chance_is_each_layers_own_in_a_sliding_window_model():
+    """The previous instance lies beyond a ModernBERT local layer's window: uniform attention there puts 0 on it
+    (scores.csv's chance for that layer), while a global layer's chance stays 1 / S; the verdict's number is the
+    global one."""
+    from attnlab.induction.protocols import TokenSpec, make_protocol
+    from attnlab.induction.scores import induction_scores, target_stats
+    from attnlab.induction.variants import build_batch, get_variant
+
+    model = tiny_family("modernbert")
+    lm = wrap_model(model)
+    n = 3 * model.config.local_attention  # the copy lies 3 windows away
+    spec = TokenSpec(1, 2, 3, torch.arange(5, VOCAB), VOCAB)  # the family's [CLS], [SEP], [MASK]
+    batch = build_batch(get_variant("standard"), make_protocol("clean", spec), 6, n, seed=0)
+    scores = induction_scores(lm, batch)
+    s = batch.input_ids.shape[1]
+    for layer, kind in enumerate(model.config.layer_types):
+        for target in ("prev", "before", "after"):
+            got = scores.layer_chance[target][:, layer]
+            assert torch.equal(got, torch.zeros(6, dtype=got.dtype)) if kind == "sliding_attention" else \
+                torch.allclose(got, torch.full((6,), 1 / s, dtype=got.dtype))
+            if kind == "sliding_attention":
+                assert (scores.per_trial[target][:, layer] == 0).all()  # it cannot attend there at all
+    st = target_stats(scores.per_trial["prev"].numpy(), scores.per_trial["prev"].numpy(), scores.chance.numpy(), 0,
+                      scores.layer_chance["prev"].numpy())
+    assert st.chance == pytest.approx(1 / s) and list(st.layer_chance) == [
+        0.0 if kind == "sliding_attention" else pytest.approx(1 / s) for kind in model.config.layer_types]
+
+
 def test_albert_shared_layers_give_identical_weights_and_distinct_rows():
     model = tiny_family("albert")
     lm = wrap_model(model)

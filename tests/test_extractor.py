@@ -34,6 +34,9 @@ def assert_matches_eager(lm_model, ref, seqs, ids, mask, qpos, **kw):
             got = rows.attention[b, j]
             torch.testing.assert_close(got[..., : len(seq)], full[:, :, q, :], atol=1e-5, rtol=0)
             assert (got[..., len(seq):] == 0).all(), "padded keys must get zero attention"
+            # the keys each layer let the row see: eager's non-zero entries (padding and causal masks), none beyond
+            assert torch.equal(rows.visible[b, j, :, :len(seq)], full[:, 0, q, :] > 0)
+            assert not rows.visible[b, j, :, len(seq):].any()
     return rows
 
 
@@ -171,7 +174,7 @@ def test_api_rejects_silent_truncation_and_bad_sizes(inside):
         with pytest.raises(InputError):
             extract_attention(lm, **call)
     rows = extract_attention(lm, ids, query_positions=torch.zeros(2, 0, dtype=torch.long))  # [B, 0]: empty rows
-    assert rows.attention.shape == (2, 0, 3, 4, 10)
+    assert rows.attention.shape == (2, 0, 3, 4, 10) and rows.visible.shape == (2, 0, 3, 10)
 
 
 def test_chosen_layers_only_and_the_pass_stops_after_the_last(monkeypatch):

@@ -395,6 +395,65 @@ def test_each_first_copy_is_marked_and_followed_by_its_second_copy():
     assert checked > 30
 
 
+def test_pooled_spans_repeat_their_tokens_and_text_until_gives_text_only():
+    """``p_pooled`` 1: every span draws its n tokens from n // 2 of them, so each first copy repeats tokens and
+    its second copy is still the same tokens; ``text_until``: batches before that step are text only (every role
+    OTHER), those from it on the recipe's mix."""
+    from dataclasses import replace
+
+    from attnlab.organisms import data as D
+    from attnlab.organisms.recipes import get_recipe
+
+    text = torch.arange(D.ORDINARY, 600).repeat(4)
+    pooled = replace(get_recipe("induction-mlm"), batch=8, p_pooled=1.0, text_until=5)
+    spans = 0
+    for step in (5, 6):
+        ids, role = D.batch(pooled, text, 2048, 0, step)
+        for row, marks in zip(ids.tolist(), role.tolist()):
+            starts = [p for p in range(len(row)) if marks[p] == D.FIRST and (p == 0 or marks[p - 1] != D.FIRST)]
+            for p in starts:
+                end = p
+                while end < len(row) and marks[end] == D.FIRST:
+                    end += 1
+                n = end - p
+                if end < len(row) and n >= 8:  # a whole span (not cut by the end)
+                    assert len(set(row[p:end])) <= n // 2
+                    spans += 1
+    assert spans > 10
+    for step in (1, 4):
+        assert (D.batch(pooled, text, 2048, 0, step)[1] == D.OTHER).all()
+    plain = replace(pooled, p_pooled=0.0)
+    ids, role = D.batch(plain, text, 2048, 0, 5)
+    firsts = [row[p:p + 8] for row, marks in zip(ids.tolist(), role.tolist()) for p in range(len(row) - 8)
+              if all(m == D.FIRST for m in marks[p:p + 8])]
+    assert firsts and max(len(f) - len(set(f)) for f in firsts) <= 1  # distinct tokens (from 2,043) without it
+
+
+def test_a_local_first_layer_sees_only_its_neighbours_and_survives_a_reload(tmp_path):
+    """``local_first`` 2: layer 0 of the masked model puts no attention beyond two tokens away (so it cannot match a
+    token with a far duplicate), layer 1 still sees the whole sequence, and the saved checkpoint reloads with the
+    same layers and the same outputs."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForMaskedLM
+
+    from attnlab.organisms.recipes import get_recipe
+    from attnlab.organisms.train import build_model
+
+    recipe = replace(get_recipe("smoke-mlm"), arch="modernbert", local_first=2)
+    model = build_model(recipe, 256, 0).eval()
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(5, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    with torch.no_grad():
+        first, second = reloaded(input_ids=ids, output_attentions=True).attentions
+        assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    far = (torch.arange(24)[:, None] - torch.arange(24)[None, :]).abs() > 2
+    assert first[..., far].abs().max() == 0 and first[..., ~far].min() > 0
+    assert second[..., far].min() > 0  # global: every key gets some attention
+    assert reloaded.config.layer_types == ["sliding_attention", "full_attention"]
+
+
 def test_the_causal_loss_with_a_share_of_first_copies_is_the_loss_without_the_others():
     """``first_copy_loss`` < 1: the loss equals transformers' own loss with the dropped first-copy targets labelled
     -100 (ignored), the kept share is about ``first_copy_loss``, and at 1 it is transformers' loss unchanged."""
