@@ -121,8 +121,8 @@ def score_rows(result: InductionResult):
             for head in range(st.mean.shape[1]):
                 lh = (layer, head)
                 yield [cfg.model, cfg.variant, cfg.protocol, target, layer, head, _g(st.mean[lh]), _g(st.sem[lh]),
-                       _g(st.ci_low[lh]), _g(st.ci_high[lh]), _g(st.layer_chance[layer]), _g(st.null[lh]), _g(st.lift[lh]),
-                       _g(st.top_trial_share[lh]), int(named[lh]), result.scores.n_trials, share]
+                       _g(st.ci_low[lh]), _g(st.ci_high[lh]), _g(st.layer_chance[layer]), _g(st.null[lh]),
+                       _g(st.lift[lh]), _g(st.top_trial_share[lh]), int(named[lh]), result.scores.n_trials, share]
 
 
 def save(folder: Path, result: InductionResult, ctx=None) -> list[str]:
