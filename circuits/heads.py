@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from attnlab.circuits.experiment import HeadsConfig
 from attnlab.circuits.scores import DETECTORS, composition_scores, detector_scores, ov_copying_scores
@@ -108,7 +109,7 @@ def compute(cfg: HeadsConfig, lm, ctx=None) -> HeadsResult:
                                         names=["induction_at_mask"]))
     chance = {}
     for name in DETECTORS:
-        if name in detected and np.isfinite(detected[name][1]).any():
+        if name in detected and torch.isfinite(detected[name][1]).any():
             scores[name] = detected[name][2].numpy()
             chance[name] = layer_chance(detected[name][1])
     has_head = lm.has_lm_head and lm.lm_head() is not None
