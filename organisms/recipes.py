@@ -126,7 +126,7 @@ RECIPES = {r.name: r for r in [
                    "dropped in 30% of the sequences"),
     Recipe("induction-mlm", "mlm", "modernbert", layers=2, d_model=128, heads=4, vocab_size=2048, seq_len=128,
            batch=32, steps=5000, lr=4e-3, warmup=100, span_min=4, span_max=40, gap_max=8, p_text=0.2, mask_prob=0.3,
-           local_first=2, head_dropout=0.3, head_dropout_from=3400, linear_checkpoints=10,
+           local_first=2, head_dropout=0.3, head_dropout_from=3400, linear_checkpoints=25,
            summary="2-layer ModernBERT (a BERT-style encoder with rotary positions), d_model 128, 4 heads; layer 0 a "
                    "sliding-window layer that sees two tokens either side, layer 1 global; masked-LM loss (30% "
                    "masked) on text and repeated random spans, 128 tokens after [CLS] with no end marker (measure "
