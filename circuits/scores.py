@@ -288,9 +288,9 @@ def detector_scores(attention: torch.Tensor, ids: torch.Tensor, specials: dict, 
             continue
         mass = torch.einsum("bqlhk,bqlk->bqlh", attention, t.to(attention.dtype))  # [B, Q, L, H]
         w = has.to(mass.dtype)
-        count = w.sum((0, 1))  # [L]
+        count = w.sum((0, 1))  # [L] queries scored per layer
         score = (mass * w[..., None]).sum((0, 1)) / count[:, None]  # [L, H]; NaN for a layer that never sees it
         share = torch.where(has, t.sum(-1).double() / seen.clamp_min(1), 0.0)
-        chance = share.sum((0, 1)) / has.sum((0, 1)).double()  # [L]
+        chance = share.sum((0, 1)) / count.double()  # [L]
         out[name] = (score, chance, score - chance[:, None].to(score.dtype))
     return out

@@ -221,7 +221,8 @@ def _organism_map(runner, final: Path, title: str) -> dict:
     rows = [(head, f"{d:.3f}", f"{-d / base:.0%}" if base > 0 else "n/a", roles.get(head, ""))
             for head, d in deltas[:5]]
     paths_text = (" Which earlier heads feed it, by path patching (each layer-0 head ablated on the induction head's "
-                  "keys or queries alone, and kept alone with the rest of layer 0 ablated; " + FEEDER_RULE + "): " + "; ".join(feeding) + "." if feeding else
+                  "keys or queries alone, and kept alone with the rest of layer 0 ablated; " + FEEDER_RULE + "): "
+                  + "; ".join(feeding) + "." if feeding else
                   " No head passed the induction-score threshold for path patching.")
     if comp:
         paths_text += " " + _k_composition_text(verdict["heads"][0], comp)

@@ -141,11 +141,12 @@ def paths_figure(csv_path, title: str, path=None):
                    yerr=np.nan_to_num([lost - lo, hi - lost]), capsize=2, error_kw={"lw": 0.8})
             restored = np.array([float(by[s]["restored"] or "nan") for s in senders])  # empty: the layer carries
             # too little of the path for a share of it
+            drawn = np.clip(restored, -0.5, 1.5)
             if np.isfinite(restored).any():
-                ax.plot(x + offset, np.clip(restored, -0.5, 1.5), "D", ms=4.5, mfc="white", mec=colour, mew=1.2,
+                ax.plot(x + offset, drawn, "D", ms=4.5, mfc="white", mec=colour, mew=1.2,
                         label=f"{kind}: restored alone in its layer", ls="none")
-            top = max(top, np.nanmax(hi), np.nanmax(np.r_[np.clip(restored, -0.5, 1.5), 0]))
-            bottom = min(bottom, np.nanmin(lo), np.nanmin(np.r_[np.clip(restored, -0.5, 1.5), 0]))
+            top = max(top, np.nanmax(hi), np.nanmax(np.r_[drawn, 0]))
+            bottom = min(bottom, np.nanmin(lo), np.nanmin(np.r_[drawn, 0]))
             for i, s in enumerate(senders):
                 if by[s]["named"] == "1":
                     ax.text(i + offset, np.nanmax([lost[i], hi[i], restored[i]]) + 0.03, "*", ha="center",

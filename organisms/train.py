@@ -48,7 +48,7 @@ def build_model(recipe: Recipe, vocab: int, seed: int):
                          num_attention_heads=recipe.heads, intermediate_size=4 * recipe.d_model,
                          max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         model = BertForMaskedLM(cfg)
-    elif recipe.arch == "modernbert":  # BERT-style masked LM with rotary positions, every layer global
+    elif recipe.arch == "modernbert":  # BERT-style masked LM with rotary positions; global layers but for local_first
         from transformers import ModernBertConfig, ModernBertForMaskedLM
 
         # a local first layer (as ModernBERT's own local layers, narrower) sees only the neighbours: it cannot match
